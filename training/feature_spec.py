@@ -1,0 +1,197 @@
+"""The feature spec: which features feed which tower, and how.
+
+A spec is written by the user as TOML and parsed once into frozen objects; every later
+stage (training, export, serving) reads these objects, never the raw file. Example::
+
+    [columns]                 # names of the id and time columns of the input tables
+    user_id = "user_id"
+    item_id = "item_id"
+    timestamp = "timestamp"   # seconds since the Unix epoch, UTC
+
+    [features.user_id]        # the user id itself is a categorical user feature
+    tower = "user"
+    kind = "categorical"
+    embedding_dim = 32
+
+    [features.hour_of_day]    # context derived from the event time
+    tower = "context"
+    kind = "categorical"
+    dtype = "int"
+    derive = "hour_of_day"
+
+Kinds: ``categorical`` (one id per example, looked up in a vocabulary with OOV buckets),
+``numeric`` (a float, normalised with training statistics), ``bag`` (a set of ids per
+example, mean-pooled; "|"-separated in CSV), ``history`` (the user's earlier item ids,
+most recent first, mean-pooled; computed from the interactions, never a column).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from training.errors import FeatureSpecError
+
+Tower = Literal["user", "item", "context"]
+Kind = Literal["categorical", "numeric", "bag", "history"]
+Derivation = Literal["hour_of_day", "day_of_week"]
+
+TOWERS: tuple[str, ...] = ("user", "item", "context")
+KINDS: tuple[str, ...] = ("categorical", "numeric", "bag", "history")
+DERIVATIONS: tuple[str, ...] = ("hour_of_day", "day_of_week")
+BAG_SEPARATOR = "|"
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input feature of one tower."""
+
+    name: str
+    tower: Tower
+    kind: Kind
+    embedding_dim: int = 16
+    oov_buckets: int = 1
+    dtype: Literal["string", "int"] = "string"
+    max_length: int = 20
+    derive: Derivation | None = None
+
+    @property
+    def uses_vocabulary(self) -> bool:
+        return self.kind in ("categorical", "bag")
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.kind in ("bag", "history")
+
+
+@dataclass(frozen=True)
+class Columns:
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    columns: Columns
+    features: tuple[Feature, ...]
+
+    def tower(self, tower: Tower) -> tuple[Feature, ...]:
+        return tuple(f for f in self.features if f.tower == tower)
+
+    @property
+    def user_input_features(self) -> tuple[Feature, ...]:
+        """Inputs of the exported user tower: user features, then context features."""
+        return self.tower("user") + self.tower("context")
+
+    def feature(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, stored in model manifests."""
+        features = {}
+        for f in self.features:
+            d = dataclasses.asdict(f)
+            d.pop("name")
+            features[f.name] = {k: v for k, v in d.items() if v is not None}
+        return {"columns": dataclasses.asdict(self.columns), "features": features}
+
+
+_FEATURE_KEYS = {f.name for f in dataclasses.fields(Feature)} - {"name"}
+
+
+def parse_feature_spec(doc: dict[str, Any], path: str = "<spec>") -> FeatureSpec:
+    """Validate a parsed TOML (or manifest JSON) document into a FeatureSpec."""
+    _reject_unknown(doc, {"columns", "features"}, path, "")
+    columns_doc = doc.get("columns", {})
+    _reject_unknown(columns_doc, {"user_id", "item_id", "timestamp"}, path, "columns.")
+    for key, value in columns_doc.items():
+        if not isinstance(value, str) or not value:
+            raise FeatureSpecError(path, f"columns.{key}", f"must be a column name (got {value!r})")
+    columns = Columns(**columns_doc)
+    features_doc = doc.get("features")
+    if not isinstance(features_doc, dict) or not features_doc:
+        raise FeatureSpecError(path, "features", "at least one [features.NAME] table is needed")
+    features = tuple(_parse_feature(n, d, path) for n, d in features_doc.items())
+    spec = FeatureSpec(columns=columns, features=features)
+    _check_towers(spec, path)
+    return spec
+
+
+def load_feature_spec(path: str | Path) -> FeatureSpec:
+    path = str(path)
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise FeatureSpecError(path, "(file)", "no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise FeatureSpecError(path, "(syntax)", str(exc)) from exc
+    return parse_feature_spec(doc, path)
+
+
+def _parse_feature(name: str, doc: Any, path: str) -> Feature:
+    key = f"features.{name}"
+    if not isinstance(doc, dict):
+        raise FeatureSpecError(path, key, "must be a table")
+    _reject_unknown(doc, _FEATURE_KEYS, path, key + ".")
+    _require_choice(doc, "tower", TOWERS, path, key)
+    _require_choice(doc, "kind", KINDS, path, key)
+    if "dtype" in doc:
+        _require_choice(doc, "dtype", ("string", "int"), path, key)
+    if "derive" in doc:
+        _require_choice(doc, "derive", DERIVATIONS, path, key)
+    for int_key, low in (("embedding_dim", 1), ("oov_buckets", 1), ("max_length", 1)):
+        value = doc.get(int_key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise FeatureSpecError(
+                path, f"{key}.{int_key}", f"must be an integer >= {low} (got {value!r})"
+            )
+    feature = Feature(name=name, **doc)
+    if feature.derive is not None and feature.tower != "context":
+        raise FeatureSpecError(path, f"{key}.derive", "only context features can be derived")
+    if feature.kind == "history" and feature.tower != "user":
+        raise FeatureSpecError(path, f"{key}.kind", "history is a user-tower feature")
+    return feature
+
+
+def _check_towers(spec: FeatureSpec, path: str) -> None:
+    cols = spec.columns
+    if not any(f.name == cols.user_id for f in spec.tower("user")):
+        raise FeatureSpecError(
+            path, f"features.{cols.user_id}",
+            f"the user tower needs the user id column {cols.user_id!r} as a categorical feature",
+        )
+    if not any(f.name == cols.item_id for f in spec.tower("item")):
+        raise FeatureSpecError(
+            path, f"features.{cols.item_id}",
+            f"the item tower needs the item id column {cols.item_id!r} as a categorical feature",
+        )
+    for f in spec.features:
+        if f.name in (cols.user_id, cols.item_id) and f.kind != "categorical":
+            raise FeatureSpecError(path, f"features.{f.name}.kind", "an id must be categorical")
+
+
+def _require_choice(doc: dict, key: str, choices: tuple[str, ...], path: str, prefix: str) -> None:
+    value = doc.get(key)
+    if value not in choices:
+        raise FeatureSpecError(
+            path, f"{prefix}.{key}", f"must be one of {', '.join(choices)} (got {value!r})"
+        )
+
+
+def _reject_unknown(doc: Any, allowed: set[str], path: str, prefix: str) -> None:
+    if not isinstance(doc, dict):
+        raise FeatureSpecError(path, prefix.rstrip(".") or "(top)", "must be a table")
+    for key in doc:
+        if key not in allowed:
+            raise FeatureSpecError(
+                path, f"{prefix}{key}",
+                f"unknown key; expected one of {', '.join(sorted(allowed))}",
+            )

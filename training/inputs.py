@@ -1,0 +1,173 @@
+"""Raw model inputs, built the same way in training and at serving time.
+
+Both towers take a dict of NumPy arrays keyed by feature name:
+
+* categorical → object array of str, shape [n] ("" = unknown, looked up as OOV)
+* numeric     → float32, shape [n] (NaN = unknown, replaced by the training mean)
+* bag/history → object array of str, shape [n, max_length], padded with ""
+
+Context features derived from the event time (hour of day, day of week, UTC) are computed
+here and nowhere else, so training and serving cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from training.dataset import Dataset
+from training.feature_spec import Feature, FeatureSpec
+
+PAD = ""
+SECONDS_PER_HOUR = 3600
+SECONDS_PER_DAY = 86400
+EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday = 0
+
+
+def derive_context(derivation: str, timestamps: np.ndarray) -> np.ndarray:
+    """Context values from event times in seconds since the epoch (UTC), as id strings."""
+    ts = np.asarray(timestamps, dtype=np.int64)
+    if derivation == "hour_of_day":
+        values = (ts // SECONDS_PER_HOUR) % 24
+    elif derivation == "day_of_week":
+        values = (ts // SECONDS_PER_DAY + EPOCH_WEEKDAY) % 7
+    else:
+        raise ValueError(f"unknown derivation {derivation!r}")
+    return values.astype(str).astype(object)
+
+
+def pad_sequences(rows: Sequence[Sequence[str]], max_length: int) -> np.ndarray:
+    """[n] sequences of ids → [n, max_length] object array, truncated, padded with ""."""
+    out = np.full((len(rows), max_length), PAD, dtype=object)
+    for i, row in enumerate(rows):
+        row = tuple(row)[:max_length]
+        out[i, : len(row)] = row
+    return out
+
+
+def item_inputs(spec: FeatureSpec, items: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Item-tower inputs for every row of an item table."""
+    return {f.name: _column(f, items[f.name]) for f in spec.tower("item")}
+
+
+def training_examples(dataset: Dataset) -> dict[str, np.ndarray]:
+    """One example per interaction: user, context and item features, and the user's
+    history strictly before the event (most recent first), so nothing leaks from the future.
+    """
+    spec, inter = dataset.spec, dataset.interactions
+    cols = spec.columns
+    examples: dict[str, np.ndarray] = {}
+    user_rows = _join_rows(inter[cols.user_id], dataset.users[cols.user_id])
+    item_rows = _join_rows(inter[cols.item_id], dataset.items[cols.item_id])
+    for f in spec.features:
+        if f.kind == "history":
+            examples[f.name] = _histories(inter, cols, f.max_length)
+        elif f.name in (cols.user_id, cols.item_id) or (f.tower == "context" and not f.derive):
+            examples[f.name] = _column(f, inter[f.name])
+        elif f.derive:
+            examples[f.name] = derive_context(f.derive, inter[cols.timestamp])
+        elif f.tower == "user":
+            examples[f.name] = _column(f, _take(dataset.users[f.name], user_rows, f))
+        else:
+            examples[f.name] = _column(f, _take(dataset.items[f.name], item_rows, f))
+    return examples
+
+
+def _column(f: Feature, values: np.ndarray) -> np.ndarray:
+    if f.kind == "numeric":
+        return np.asarray(values, dtype=np.float32)
+    if f.is_sequence:
+        return pad_sequences(values, f.max_length)
+    return np.asarray(values, dtype=object)
+
+
+def _join_rows(keys: np.ndarray, table_keys: np.ndarray) -> np.ndarray:
+    """Row of each key in the table, -1 where absent."""
+    if len(table_keys) == 0:
+        return np.full(len(keys), -1)
+    order = np.argsort(table_keys.astype(str))
+    sorted_keys = table_keys.astype(str)[order]
+    pos = np.searchsorted(sorted_keys, keys.astype(str)).clip(0, len(sorted_keys) - 1)
+    found = sorted_keys[pos] == keys.astype(str)
+    return np.where(found, order[pos], -1)
+
+
+def _take(values: np.ndarray, rows: np.ndarray, f: Feature) -> np.ndarray:
+    missing = rows < 0
+    taken = values[np.where(missing, 0, rows)] if len(values) else np.empty(len(rows), object)
+    if f.kind == "numeric":
+        taken = taken.astype(np.float32)
+        taken[missing] = np.nan
+    elif f.kind == "bag":
+        taken[missing] = ()
+    else:
+        taken[missing] = PAD
+    return taken
+
+
+def _histories(inter: Mapping[str, np.ndarray], cols, max_length: int) -> np.ndarray:
+    users = inter[cols.user_id].astype(str)
+    order = np.lexsort((np.arange(len(users)), inter[cols.timestamp], users))
+    items_sorted = inter[cols.item_id][order]
+    users_sorted = users[order]
+    history_sorted = np.full((len(users), max_length), PAD, dtype=object)
+    for lag in range(1, max_length + 1):
+        same_user = np.zeros(len(users), dtype=bool)
+        same_user[lag:] = users_sorted[lag:] == users_sorted[:-lag]
+        history_sorted[lag:, lag - 1][same_user[lag:]] = items_sorted[:-lag][same_user[lag:]]
+    history = np.empty_like(history_sorted)
+    history[order] = history_sorted
+    return history
+
+
+def user_inputs(spec: FeatureSpec, requests: Sequence[UserRequest]) -> dict[str, np.ndarray]:
+    """User-tower inputs for online requests, one row per request.
+
+    Unknown values are left unknown the way training saw them: "" for categorical
+    (→ OOV bucket), NaN for numeric (→ training mean), empty bags and histories.
+    """
+    cols = spec.columns
+    out: dict[str, np.ndarray] = {}
+    for f in spec.user_input_features:
+        if f.name == cols.user_id:
+            out[f.name] = np.array([r.user_id for r in requests], dtype=object)
+        elif f.kind == "history":
+            out[f.name] = pad_sequences([r.history for r in requests], f.max_length)
+        elif f.derive:
+            out[f.name] = _derived(f, requests)
+        else:
+            values = np.empty(len(requests), dtype=object)
+            for i, r in enumerate(requests):
+                source = r.context if f.tower == "context" else r.features
+                values[i] = _value(f, source.get(f.name))
+            out[f.name] = _column(f, values)
+    return out
+
+
+class UserRequest:
+    """What one request knows about its user: stored features, history and context."""
+
+    __slots__ = ("user_id", "features", "history", "context", "event_time")
+
+    def __init__(self, user_id: str, features: Mapping[str, object], history: Sequence[str],
+                 context: Mapping[str, object], event_time: int) -> None:
+        self.user_id, self.features, self.history = user_id, features, tuple(history)
+        self.context, self.event_time = context, event_time
+
+
+def _derived(f: Feature, requests: Sequence[UserRequest]) -> np.ndarray:
+    derived = derive_context(f.derive, np.array([r.event_time for r in requests], np.int64))
+    given = [r.context.get(f.name) for r in requests]
+    return np.array([d if g is None else str(g) for d, g in zip(derived, given, strict=True)],
+                    dtype=object)
+
+
+def _value(f: Feature, value: object) -> object:
+    if value is None:
+        return np.nan if f.kind == "numeric" else (() if f.kind == "bag" else PAD)
+    if f.kind == "categorical":
+        return str(value)
+    if f.kind == "bag":
+        return tuple(str(v) for v in value)
+    return value
