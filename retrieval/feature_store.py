@@ -1,0 +1,342 @@
+"""User features for serving, behind one small interface.
+
+    FeatureStore                 get_user / put_users / ping / close
+    ├── InMemoryFeatureStore     a dict in this process: the embedded default
+    └── RedisFeatureStore        redis.asyncio: the store shared by a deployment
+
+Redis key layout. This is a contract between every writer (batch loaders, online updaters)
+and every reader; change it only together with the prefix version (default ``tt:v1``)::
+
+    {prefix}:user:{user_id}      HASH  one field per stored user feature (every user-tower
+                                       feature except the user id and the history); the value
+                                       is JSON text: a number for a numeric feature, a string
+                                       for a categorical one, a list of strings for a bag.
+                                       Example: age -> 31.5, country -> "fr",
+                                       genres -> ["jazz","rock"]
+    {prefix}:history:{user_id}   LIST  the user's latest item ids, most recent first (LPUSH
+                                       order), at most history_length long. An online writer
+                                       records an interaction with LPUSH then
+                                       LTRIM 0 history_length-1.
+
+A user is unknown (``get_user`` returns None) when both keys are missing; Redis keeps no empty
+hashes or lists, so a user with no features and no history is unknown too. ``get_user`` reads
+both keys in one pipelined round trip; ``put_users`` replaces each user's keys (DEL, then
+HSET / RPUSH), one MULTI/EXEC round trip per batch, so re-loading is idempotent and a reader
+never sees a user half-written. The in-memory store follows the same rules.
+
+Errors (redis exceptions are translated in one place, ``RedisFeatureStore._translate``)::
+
+    TwoTowerError                       (training.errors)
+    └── FeatureStoreError               Redis failed, or holds data this layout cannot read
+        └── FeatureStoreUnavailable     Redis cannot be reached or did not answer in time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from numbers import Real
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from training.dataset import Dataset, table_columns
+from training.errors import DataError, TwoTowerError
+
+logger = logging.getLogger(__name__)
+
+FeatureValue = str | float | tuple[str, ...]
+
+DEFAULT_HISTORY_LENGTH = 20
+DEFAULT_KEY_PREFIX = "tt:v1"
+DEFAULT_TIMEOUT_S = 0.25
+DEFAULT_BATCH_SIZE = 1000
+
+
+class FeatureStoreError(TwoTowerError):
+    """The feature store failed, or holds data that does not follow the key layout."""
+
+
+class FeatureStoreUnavailable(FeatureStoreError):
+    """The feature store cannot be reached or did not answer within its timeout."""
+
+
+@dataclass(frozen=True)
+class StoredUser:
+    """What the store keeps for one user. Values are normalised on construction: numbers
+    become float, bags become tuples of str; anything else is a TypeError."""
+
+    features: Mapping[str, FeatureValue]  # user-tower features by name, except id and history
+    history: tuple[str, ...]  # the user's latest item ids, most recent first
+
+    def __post_init__(self) -> None:
+        features = {str(name): _feature_value(name, v) for name, v in self.features.items()}
+        object.__setattr__(self, "features", MappingProxyType(features))
+        object.__setattr__(self, "history", tuple(_item_id(i) for i in self.history))
+
+
+class FeatureStore(Protocol):
+    async def get_user(self, user_id: str) -> StoredUser | None:
+        """The stored user, or None when the user is unknown."""
+        ...
+
+    async def put_users(self, users: Mapping[str, StoredUser]) -> None:
+        """Replace what is stored for each of these users."""
+        ...
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise FeatureStoreUnavailable otherwise."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class InMemoryFeatureStore:
+    """A dict in this process, with the same rules as Redis: histories are cut to
+    ``history_length``, and a user with no features and no history reads as None."""
+
+    def __init__(self, *, history_length: int = DEFAULT_HISTORY_LENGTH) -> None:
+        self._history_length = _check_history_length(history_length)
+        self._users: dict[str, StoredUser] = {}
+
+    async def get_user(self, user_id: str) -> StoredUser | None:
+        return self._users.get(user_id)
+
+    async def put_users(self, users: Mapping[str, StoredUser]) -> None:
+        for user_id, user in users.items():
+            kept = StoredUser(user.features, user.history[: self._history_length])
+            if kept.features or kept.history:
+                self._users[user_id] = kept
+            else:
+                self._users.pop(user_id, None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisFeatureStore:
+    """The Redis implementation; see the module docstring for the key layout.
+
+    ``client`` must be a ``redis.asyncio.Redis``; the store owns it and closes it in
+    ``close``. Prefer ``from_url``, which sets the timeouts and turns retries off.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        history_length: int = DEFAULT_HISTORY_LENGTH,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if not isinstance(key_prefix, str) or not key_prefix:
+            raise ValueError(f"key_prefix must be a non-empty string (got {key_prefix!r})")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+        self._client = client
+        self._history_length = _check_history_length(history_length)
+        self._prefix = key_prefix
+        self._batch_size = batch_size
+        self._where = _describe(client)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        history_length: int = DEFAULT_HISTORY_LENGTH,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> RedisFeatureStore:
+        """A store on ``url`` (``redis://host:port/db``). Connecting and each reply are
+        bounded by ``timeout_s`` seconds; there are no retries, so a failure surfaces
+        within about one timeout and the caller's deadline decides what to do."""
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, Real) or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be a number of seconds > 0 (got {timeout_s!r})")
+        try:
+            client = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as exc:
+            raise ValueError(f"{exc} (expected a URL like redis://127.0.0.1:6379/0)") from exc
+        return cls(
+            client, history_length=history_length, key_prefix=key_prefix, batch_size=batch_size
+        )
+
+    async def get_user(self, user_id: str) -> StoredUser | None:
+        user_key, history_key = self._keys(user_id)
+        async with self._translate(f"reading user {user_id!r}"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(user_key)
+                pipe.lrange(history_key, 0, self._history_length - 1)
+                fields, history = await pipe.execute()
+        if not fields and not history:
+            return None
+        return _decode_user(user_key, fields, history)
+
+    async def put_users(self, users: Mapping[str, StoredUser]) -> None:
+        pending = list(users.items())
+        for start in range(0, len(pending), self._batch_size):
+            batch = pending[start : start + self._batch_size]
+            async with self._translate(f"writing {len(batch)} users"):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    for user_id, user in batch:
+                        self._queue_replace(pipe, user_id, user)
+                    await pipe.execute()
+        logger.info("wrote %d users to Redis at %s", len(pending), self._where)
+
+    async def ping(self) -> None:
+        async with self._translate("pinging"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        async with self._translate("closing the connection"):
+            await self._client.aclose()
+
+    def _keys(self, user_id: str) -> tuple[str, str]:
+        return f"{self._prefix}:user:{user_id}", f"{self._prefix}:history:{user_id}"
+
+    def _queue_replace(self, pipe: Any, user_id: str, user: StoredUser) -> None:
+        user_key, history_key = self._keys(user_id)
+        pipe.delete(user_key, history_key)
+        if user.features:
+            pipe.hset(user_key, mapping={n: _encode(v) for n, v in user.features.items()})
+        if user.history:
+            pipe.rpush(history_key, *user.history[: self._history_length])
+
+    @asynccontextmanager
+    async def _translate(self, action: str) -> AsyncIterator[None]:
+        """The one place where redis exceptions become feature-store errors."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise FeatureStoreUnavailable(
+                f"Redis at {self._where} is unavailable while {action}: {exc}. "
+                "Check that redis-server runs there and is reachable, or raise timeout_s."
+            ) from exc
+        except RedisError as exc:
+            raise FeatureStoreError(f"Redis at {self._where} failed while {action}: {exc}") from exc
+
+
+def users_from_dataset(
+    dataset: Dataset, history_length: int = DEFAULT_HISTORY_LENGTH
+) -> dict[str, StoredUser]:
+    """Every user of the dataset as the store keeps them: the users-table features (every
+    user-tower feature except the user id and history) and the last ``history_length``
+    item ids by timestamp, most recent first; on equal timestamps the later row is the more
+    recent. Users seen only in interactions get no features; users seen only in the users
+    table get no history. One sort over the interactions: 1M rows take about a second."""
+    _check_history_length(history_length)
+    features = _user_features(dataset)
+    histories = _latest_items(dataset, history_length)
+    user_ids = dict.fromkeys([*features, *histories])
+    return {u: StoredUser(features.get(u, {}), histories.get(u, ())) for u in user_ids}
+
+
+def _user_features(dataset: Dataset) -> dict[str, dict[str, Any]]:
+    spec, users = dataset.spec, dataset.users
+    names = [c.name for c in table_columns(spec)["users"] if not isinstance(c, str)]
+    for name in (spec.columns.user_id, *names):
+        if name not in users:
+            raise DataError("<users table>", f"missing column (has: {', '.join(users)})",
+                            column=name)
+    columns = {name: users[name].tolist() for name in names}
+    user_ids = [str(u) for u in users[spec.columns.user_id].tolist()]
+    return {u: {n: values[i] for n, values in columns.items()} for i, u in enumerate(user_ids)}
+
+
+def _latest_items(dataset: Dataset, history_length: int) -> dict[str, tuple[str, ...]]:
+    cols = dataset.spec.columns
+    user_ids = np.asarray(dataset.interactions[cols.user_id]).astype(str)
+    if len(user_ids) == 0:
+        return {}
+    item_ids = np.asarray(dataset.interactions[cols.item_id]).astype(str)
+    timestamps = np.asarray(dataset.interactions[cols.timestamp], dtype=np.int64)
+    users, user_codes = np.unique(user_ids, return_inverse=True)
+    rows = np.arange(len(user_ids))
+    # Group by user, newest first; among equal timestamps the later row is the newer.
+    order = np.lexsort((-rows, -timestamps, user_codes))
+    sorted_codes = user_codes[order]
+    first = np.searchsorted(sorted_codes, np.arange(len(users)))
+    keep = order[rows - first[sorted_codes] < history_length]
+    counts = np.bincount(user_codes[keep], minlength=len(users))
+    chunks = np.split(item_ids[keep], np.cumsum(counts)[:-1])
+    return {u: tuple(c.tolist()) for u, c in zip(users.tolist(), chunks, strict=True)}
+
+
+def _check_history_length(history_length: int) -> int:
+    if isinstance(history_length, bool) or not isinstance(history_length, int) or (
+        history_length < 1
+    ):
+        raise ValueError(f"history_length must be an integer >= 1 (got {history_length!r})")
+    return history_length
+
+
+def _feature_value(name: object, value: object) -> FeatureValue:
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Real) and not isinstance(value, bool):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"feature {name!r} must be a finite number (got {value!r})")
+        return number
+    if isinstance(value, tuple | list) and all(isinstance(t, str) for t in value):
+        return tuple(str(t) for t in value)
+    raise TypeError(
+        f"feature {name!r} must be a number, a string or a sequence of strings "
+        f"(got {type(value).__name__} {value!r})"
+    )
+
+
+def _item_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"history item ids must be strings (got {type(value).__name__} {value!r})")
+    return str(value)
+
+
+def _encode(value: FeatureValue) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+
+def _decode_user(user_key: str, fields: Mapping[Any, Any], history: list[Any]) -> StoredUser:
+    features = {}
+    for name, raw in fields.items():
+        try:
+            features[_text(name)] = _feature_value(_text(name), json.loads(raw))
+        except (ValueError, TypeError) as exc:
+            raise FeatureStoreError(
+                f"{user_key} field {_text(name)!r} holds {raw!r}, which is not a feature value "
+                f"({exc}); expected JSON text: a number, a string or a list of strings"
+            ) from exc
+    return StoredUser(features, tuple(_text(i) for i in history))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _describe(client: aioredis.Redis) -> str:
+    """Where the client points, without credentials."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

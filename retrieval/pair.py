@@ -1,0 +1,73 @@
+"""A model and the index built from it, loaded together and served together.
+
+The pair is the unit of serving: the user tower of one model version and an index whose
+manifest names that same version. A mismatch is refused at load time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.artifact import load_index_artifact
+from retrieval.candidate_index import CandidateIndex
+from training.artifact import ModelManifest, load_model_manifest
+from training.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+class SavedModelUserTower:
+    """The exported user tower: raw input dict → user_emb [n, d] float32."""
+
+    def __init__(self, manifest: ModelManifest) -> None:
+        from training.tf_env import tf
+
+        self._tf = tf
+        path = manifest.path / "user_tower"
+        try:
+            self._fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(str(path), f"cannot load the user tower SavedModel: {exc}") from exc
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = {k: self._tf.constant(v) for k, v in inputs.items()}
+        return self._fn(**tensors)["user_emb"].numpy()
+
+
+@dataclass(frozen=True)
+class ServingPair:
+    model: ModelManifest
+    user_tower: SavedModelUserTower
+    index: CandidateIndex
+
+    @property
+    def model_version(self) -> str:
+        return self.model.model_version
+
+    @property
+    def index_version(self) -> str:
+        return self.index.artifact.index_version
+
+
+def load_pair(model_dir: str | Path, index_dir: str | Path) -> ServingPair:
+    """Load and cross-check; raises ArtifactError naming the file and what did not match."""
+    model = load_model_manifest(model_dir)
+    index = load_index_artifact(index_dir)
+    manifest = index.path / "manifest.json"
+    if index.model_version != model.model_version:
+        raise ArtifactError(str(manifest), f"index was built from model {index.model_version!r} "
+                            f"but the model to serve is {model.model_version!r}")
+    if index.embedding_dim != model.embedding_dim:
+        raise ArtifactError(str(manifest), f"embedding_dim {index.embedding_dim} does not match "
+                            f"the model's {model.embedding_dim}")
+    if index.similarity != model.similarity:
+        raise ArtifactError(str(manifest), f"similarity {index.similarity!r} does not match the "
+                            f"model's {model.similarity!r}")
+    pair = ServingPair(model, SavedModelUserTower(model), CandidateIndex(index))
+    log.info("loaded model %s with index %s (%d items)", pair.model_version,
+             pair.index_version, pair.index.size)
+    return pair

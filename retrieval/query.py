@@ -1,0 +1,73 @@
+"""A Retrieve request as a plain, validated value; no protobuf below the servicer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from retrieval.errors import InvalidArgument
+from training.feature_spec import Feature, FeatureSpec
+
+ContextValue = str | int | float
+DERIVED_RANGES = {"hour_of_day": range(24), "day_of_week": range(7)}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_k: int = 1000
+    max_user_id_bytes: int = 256
+    max_recent_items: int = 1000
+    max_exclude_items: int = 10000
+
+
+@dataclass(frozen=True)
+class RetrieveQuery:
+    user_id: str
+    k: int
+    context: dict[str, ContextValue]
+    event_time: int                  # seconds since the epoch, UTC
+    recent_item_ids: tuple[str, ...]  # most recent first; replaces stored history when set
+    exclude_item_ids: frozenset[str]
+    request_id: str
+
+
+def validate_query(query: RetrieveQuery, spec: FeatureSpec, limits: Limits) -> None:
+    """Raise InvalidArgument naming the first bad field."""
+    if not 1 <= query.k <= limits.max_k:
+        raise InvalidArgument("k", f"must be in [1, {limits.max_k}] (got {query.k})")
+    if not query.user_id:
+        raise InvalidArgument("user_id", "must be non-empty")
+    if len(query.user_id.encode()) > limits.max_user_id_bytes:
+        raise InvalidArgument("user_id", f"must be at most {limits.max_user_id_bytes} bytes "
+                              f"(got {len(query.user_id.encode())})")
+    _check_count("recent_item_ids", len(query.recent_item_ids), limits.max_recent_items)
+    _check_count("exclude_item_ids", len(query.exclude_item_ids), limits.max_exclude_items)
+    if query.event_time < 0:
+        raise InvalidArgument("event_time_unix_seconds", f"must be >= 0 (got {query.event_time})")
+    known = {f.name: f for f in spec.tower("context")}
+    for key, value in query.context.items():
+        if key not in known:
+            raise InvalidArgument(f"context[{key!r}]", "unknown context feature; the model "
+                                  f"knows: {', '.join(sorted(known)) or '(none)'}")
+        _check_context_value(f"context[{key!r}]", known[key], value)
+
+
+def _check_count(field: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise InvalidArgument(field, f"at most {limit} ids (got {count})")
+
+
+def _check_context_value(field: str, feature: Feature, value: ContextValue) -> None:
+    if feature.kind == "numeric":
+        if isinstance(value, str):
+            raise InvalidArgument(field, f"expected double_value or int_value (got string {value!r})")
+        if not math.isfinite(value):
+            raise InvalidArgument(field, f"must be finite (got {value})")
+    elif feature.dtype == "int":
+        if not isinstance(value, int):
+            raise InvalidArgument(field, f"expected int_value (got {type(value).__name__} {value!r})")
+        allowed = DERIVED_RANGES.get(feature.derive or "")
+        if allowed is not None and value not in allowed:
+            raise InvalidArgument(field, f"must be in [{allowed.start}, {allowed.stop - 1}] (got {value})")
+    elif not isinstance(value, str):
+        raise InvalidArgument(field, f"expected string_value (got {type(value).__name__} {value!r})")

@@ -1,0 +1,118 @@
+"""The server factory: gRPC service, health, reflection, interceptor, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from retrieval.feature_store import (
+    FeatureStore, InMemoryFeatureStore, RedisFeatureStore, users_from_dataset,
+)
+from retrieval.pair import load_pair
+from retrieval.query import Limits
+from retrieval.retriever import Retriever
+from retrieval.servicer import ErrorInterceptor, RetrievalServicer
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_dir: Path
+    index_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051          # 0: any free port (the bound port is returned)
+    redis_url: str | None = None
+    features_from: Path | None = None  # dataset dir that fills the in-process store
+    history_length: int = 20
+    faiss_threads: int = 1
+    grace_seconds: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    retriever: Retriever
+    health: health.aio.HealthServicer
+
+    async def load(self, config: ServerConfig) -> None:
+        """Load the model/index pair (off the event loop), then report SERVING."""
+        pair = await asyncio.to_thread(load_pair, config.model_dir, config.index_dir)
+        await self.retriever.store.ping()
+        self.retriever.set_pair(pair)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so probes move away
+        await self.server.stop(grace)
+        await self.retriever.store.close()
+
+
+async def create_server(config: ServerConfig) -> RunningServer:
+    """Build and start the server, NOT_SERVING until ``RunningServer.load``."""
+    import faiss
+
+    faiss.omp_set_num_threads(config.faiss_threads)
+    retriever = Retriever(await _feature_store(config), config.limits)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(retriever), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    await server.start()
+    log.info("listening on %s:%d (NOT_SERVING until the model and index are loaded)",
+             config.host, port)
+    return RunningServer(server, port, retriever, health_servicer)
+
+
+async def _feature_store(config: ServerConfig) -> FeatureStore:
+    if config.redis_url:
+        return RedisFeatureStore.from_url(config.redis_url, history_length=config.history_length)
+    store = InMemoryFeatureStore(history_length=config.history_length)
+    if config.features_from is not None:
+        from training.dataset import load_dataset
+
+        dataset = await asyncio.to_thread(load_dataset, config.features_from)
+        await store.put_users(users_from_dataset(dataset, config.history_length))
+    return store
+
+
+async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
+    """Run until SIGTERM/SIGINT: load, serve, then drain in-flight calls and stop."""
+    running = await create_server(config)
+    try:
+        await running.load(config)
+    except BaseException:
+        await running.stop(0)
+        raise
+    log.info("SERVING model %s with index %s", running.retriever.pair.model_version,
+             running.retriever.pair.index_version)
+    if port_file is not None:
+        port_file.write_text(str(running.port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: NOT_SERVING, draining for up to %.1fs", config.grace_seconds)
+    await running.stop(config.grace_seconds)

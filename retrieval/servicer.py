@@ -1,0 +1,83 @@
+"""Thin gRPC layer: decode proto → Retriever → encode proto, and the error interceptor."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+
+from retrieval.errors import InvalidArgument, status_of
+from retrieval.query import RetrieveQuery
+from retrieval.retriever import RetrieveResult, Retriever
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
+    def __init__(self, retriever: Retriever) -> None:
+        self.retriever = retriever
+
+    async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
+        query = decode_retrieve(request)
+        result = await self.retriever.retrieve(query)
+        return encode_retrieve(result, query.request_id)
+
+
+def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:
+    context = {}
+    for key, value in request.context.items():
+        which = value.WhichOneof("value")
+        if which is None:
+            raise InvalidArgument(f"context[{key!r}]", "no value set")
+        context[key] = getattr(value, which)
+    return RetrieveQuery(
+        user_id=request.user_id,
+        k=request.k,
+        context=context,
+        event_time=request.event_time_unix_seconds or int(time.time()),
+        recent_item_ids=tuple(request.recent_item_ids),
+        exclude_item_ids=frozenset(request.exclude_item_ids),
+        request_id=request.request_id or uuid.uuid4().hex,
+    )
+
+
+def encode_retrieve(result: RetrieveResult, request_id: str) -> pb.RetrieveResponse:
+    c = result.candidates
+    return pb.RetrieveResponse(
+        candidates=[pb.Candidate(item_id=i, score=s) for i, s in zip(c.item_ids, c.scores, strict=True)],
+        model_version=result.model_version,
+        index_version=result.index_version,
+        request_id=request_id,
+    )
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place exceptions become statuses (retrieval.errors.status_of)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, method = handler.unary_unary, handler_call_details.method
+
+        async def guarded(request, context):
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the boundary: everything is mapped here
+                status = status_of(exc)
+                if status is None:
+                    log.exception("internal error in %s", method)
+                    status = (grpc.StatusCode.INTERNAL, "internal error")
+                await context.abort(*status)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
