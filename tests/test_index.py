@@ -1,0 +1,74 @@
+"""The index: recall against exact search, the artifact contract, pairing with a model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from indexer.artifact import load_index_artifact
+from indexer.build import IndexSpec, build_index, recall_against_exact
+from training.errors import ArtifactError
+
+
+def _clustered(n=4000, d=32, clusters=50, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, d))
+    x = centers[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("spec, floor", [
+    (IndexSpec("Flat", search={}), 1.0),
+    (IndexSpec("HNSW32", ef_construction=200, search={"ef_search": 256}), 0.95),
+    (IndexSpec("IVF64,Flat", search={"nprobe": 16}), 0.9),
+])
+def test_index_types_reach_their_recall_against_exact_search(spec, floor):
+    xb = _clustered()
+    xq = _clustered(n=100, seed=1)
+    index = build_index(xb, spec, "dot")
+    assert recall_against_exact(index, spec, xb, xq, k=100) >= floor
+
+
+def test_index_uses_the_inner_product_of_a_dot_product_model():
+    import faiss
+
+    index = build_index(_clustered(n=100), IndexSpec(), "dot")
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def test_unknown_similarity_and_factory_are_refused():
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        build_index(_clustered(n=10), IndexSpec(), "l2")
+    with pytest.raises(ValueError, match="invalid Faiss factory string 'NoSuchIndex'"):
+        build_index(_clustered(n=10), IndexSpec("NoSuchIndex", search={}), "dot")
+
+
+def test_index_manifest_names_the_model_it_was_built_from(pipeline):
+    artifact = load_index_artifact(pipeline.index_dir)
+    assert artifact.model_version == pipeline.model_dir.name
+    assert artifact.spec.factory == "HNSW32" and artifact.index.ntotal == 200
+    assert artifact.measured["recall@100"] > 0.8
+
+
+def test_truncated_index_file_is_refused(pipeline, tmp_path):
+    copy = tmp_path / "i"
+    shutil.copytree(pipeline.index_dir, copy)
+    data = (copy / "index.faiss").read_bytes()
+    (copy / "index.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="index.faiss: checksum mismatch"):
+        load_index_artifact(copy)
+
+
+def test_pair_from_different_model_versions_is_refused(pipeline, tmp_path):
+    from retrieval.pair import load_pair
+
+    copy = tmp_path / "i"
+    shutil.copytree(pipeline.index_dir, copy)
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc["model_version"] = "m-other"
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match=r"manifest.json: index was built from model 'm-other'"):
+        load_pair(pipeline.model_dir, copy)

@@ -1,0 +1,135 @@
+"""The gRPC service as a caller sees it: a real server process on a loopback port."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from retrieval.client import build_request
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+from tests.conftest import start_server, stop_server
+
+NIGHT = {"hour_of_day": 22, "device": "tv"}
+WEDNESDAY = 1_700_611_200
+
+
+@pytest.fixture(params=["in-process store", "redis store"])
+def address(request) -> str:
+    if request.param == "in-process store":
+        return request.getfixturevalue("server").address
+    running, _ = request.getfixturevalue("redis_backed_server")
+    return running.address
+
+
+@pytest.fixture
+def stub(address):
+    with grpc.insecure_channel(address) as channel:
+        yield pb_grpc.RetrievalServiceStub(channel)
+
+
+def retrieve(stub, user="u1", k=10, context=NIGHT, **kw):
+    return stub.Retrieve(build_request(user, k, context, WEDNESDAY, **kw), timeout=10)
+
+
+def test_health_is_serving_once_loaded(address):
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "two_tower.retrieval.v1.RetrievalService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_retrieve_returns_k_distinct_items_best_first_with_versions(stub, pipeline):
+    reply = retrieve(stub, k=50)
+    ids = [c.item_id for c in reply.candidates]
+    scores = [c.score for c in reply.candidates]
+    assert len(ids) == 50 and len(set(ids)) == 50
+    assert scores == sorted(scores, reverse=True)
+    assert reply.model_version == pipeline.model_dir.name
+    assert reply.index_version == pipeline.index_dir.name
+
+
+def test_excluded_items_are_absent_and_k_is_still_met(stub):
+    first = [c.item_id for c in retrieve(stub, k=10).candidates]
+    reply = retrieve(stub, k=10, exclude=first[:5] + ["retired-item-not-in-index"])
+    ids = [c.item_id for c in reply.candidates]
+    assert len(ids) == 10 and not set(ids) & set(first[:5])
+    assert ids[:5] == first[5:]
+
+
+def test_context_changes_the_candidates(stub):
+    day = [c.item_id for c in retrieve(stub, context={"hour_of_day": 10, "device": "mobile"}).candidates]
+    night = [c.item_id for c in retrieve(stub, context=NIGHT).candidates]
+    assert day != night
+
+
+def test_recent_items_in_the_request_change_the_candidates(stub):
+    plain = [c.item_id for c in retrieve(stub, user="never-seen").candidates]
+    recent = [c.item_id for c in retrieve(stub, user="never-seen", recent=["i1", "i2", "i3"]).candidates]
+    assert plain != recent
+
+
+def test_unknown_user_is_answered_from_context(stub):
+    reply = retrieve(stub, user="a-user-nobody-has-seen", k=20)
+    assert len(reply.candidates) == 20
+
+
+def test_request_id_is_echoed(stub):
+    assert retrieve(stub, request_id="abc-123").request_id == "abc-123"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(k=0), "k"),
+    (dict(k=5000), "k"),
+    (dict(user=""), "user_id"),
+    (dict(context={"weather": "rain"}), "context['weather']"),
+    (dict(context={"device": 3}), "context['device']"),
+    (dict(context={"hour_of_day": "22"}), "context['hour_of_day']"),
+    (dict(context={"hour_of_day": 24}), "context['hour_of_day']"),
+])
+def test_bad_input_is_invalid_argument_naming_the_field(stub, kwargs, field):
+    with pytest.raises(grpc.RpcError) as err:
+        retrieve(stub, **kwargs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_query_command_prints_the_candidates_as_a_table(server):
+    out = subprocess.run(
+        [sys.executable, "-m", "retrieval.cli", "query", "--address", server.address,
+         "--user-id", "u3", "--k", "5", "--context", "hour_of_day=22", "--context", "device=tv"],
+        capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 5 and "item_id" in out and "model m-" in out
+
+
+def test_query_command_reports_the_status_of_a_bad_request(server):
+    done = subprocess.run(
+        [sys.executable, "-m", "retrieval.cli", "query", "--address", server.address,
+         "--user-id", "u3", "--k", "0"], capture_output=True, text=True)
+    assert done.returncode == 1 and "INVALID_ARGUMENT: k: must be in [1, 1000]" in done.stderr
+
+
+def test_server_refuses_to_start_on_a_mismatched_pair(pipeline, tmp_path):
+    import json
+    import shutil
+
+    index_copy = tmp_path / "index"
+    shutil.copytree(pipeline.index_dir, index_copy)
+    doc = json.loads((index_copy / "manifest.json").read_text())
+    doc["model_version"] = "m-some-other-model"
+    (index_copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(RuntimeError) as err:
+        start_server(["--model", str(pipeline.model_dir), "--index", str(index_copy)], tmp_path)
+    assert "index was built from model 'm-some-other-model'" in str(err.value)
+    assert str(index_copy / "manifest.json") in str(err.value)
+
+
+def test_sigterm_stops_the_server_cleanly(pipeline, tmp_path):
+    running = start_server(["--model", str(pipeline.model_dir), "--index",
+                            str(pipeline.index_dir)], tmp_path)
+    assert stop_server(running) == 0

@@ -1,0 +1,75 @@
+"""Training and the model artifact, as the indexer and the service rely on them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from training.artifact import load_item_embeddings, load_model_manifest
+from training.errors import ArtifactError
+
+
+def test_trained_model_beats_popularity_by_a_clear_margin(pipeline):
+    recall = pipeline.summary["evaluation"]["recall"]
+    for k in ("10", "50"):  # at 100 of 200 items both approach 1
+        assert recall["model"][k] >= 1.4 * recall["popularity"][k], recall
+
+
+def test_exported_user_tower_gives_the_training_embeddings(pipeline):
+    """The SavedModel the service loads must agree with the Keras tower it came from."""
+    from retrieval.pair import SavedModelUserTower
+    from training.dataset import load_dataset
+    from training.inputs import training_examples
+    from training.model import TowerConfig
+    from training.train import TrainConfig, train
+
+    dataset = load_dataset(pipeline.data_dir)
+    examples = {k: v[:64] for k, v in training_examples(dataset).items()}
+    trained = train(dataset, TrainConfig(epochs=1, tower=TowerConfig(embedding_dim=8)), examples)
+    from training.artifact import export_model
+
+    exported = load_model_manifest(export_model(trained, pipeline.model_dir.parent / "rt", {}))
+    expected = trained.user_embeddings(examples)
+    got = SavedModelUserTower(exported)({k: examples[k] for k in
+                                         [f.name for f in dataset.spec.user_input_features]})
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    item_emb, _ = load_item_embeddings(exported)
+    np.testing.assert_allclose(item_emb, trained.item_embeddings(), atol=1e-5, rtol=0)
+
+
+def test_manifest_describes_the_model(pipeline):
+    manifest = load_model_manifest(pipeline.model_dir)
+    assert manifest.model_version == pipeline.model_dir.name
+    assert manifest.similarity == "dot" and manifest.embedding_dim == 32
+    assert {f.name for f in manifest.feature_spec.tower("context")} == {
+        "hour_of_day", "day_of_week", "device"}
+    item_emb, item_ids = load_item_embeddings(manifest)
+    assert item_emb.shape == (200, 32) and len(set(item_ids.tolist())) == 200
+
+
+def test_altered_artifact_file_is_refused_naming_it(pipeline, tmp_path):
+    copy = tmp_path / pipeline.model_dir.name
+    shutil.copytree(pipeline.model_dir, copy)
+    with open(copy / "item_embeddings.npy", "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ArtifactError, match="item_embeddings.npy: checksum mismatch"):
+        load_model_manifest(copy)
+
+
+def test_directory_without_manifest_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="manifest.json: missing"):
+        load_model_manifest(tmp_path)
+
+
+def test_manifest_of_another_format_is_refused(pipeline, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(pipeline.model_dir, copy)
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc["format"] = "something-else/9"
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="format must be 'two-tower-model/1'"):
+        load_model_manifest(copy)
