@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` (the main job end to end) and `make test`.
+# Everything they need is installed here: the virtualenv and its pip packages, and
+# redis-server from Debian's packages for the tests.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install demo test redis proto clean
+
+help:
+	@echo "make demo     generate data, train, build the index, serve, query (end to end)"
+	@echo "make test     run the test suite (installs what it needs)"
+	@echo "make proto    regenerate the Python stubs from proto/"
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	touch $@
+
+install: $(STAMP)
+
+redis:
+	@if command -v redis-server >/dev/null 2>&1; then \
+		echo "redis-server: $$(command -v redis-server)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing redis-server from Debian's packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	else \
+		echo "redis-server is missing: install it (e.g. sudo apt-get install redis-server) and rerun"; \
+		exit 1; \
+	fi
+
+demo: install
+	$(BIN)/two-tower demo --workdir demo-run
+
+test: install redis
+	$(BIN)/python -m pytest -q
+
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/retrieval/v1/retrieval.proto
+
+clean:
+	rm -rf demo-run build *.egg-info
