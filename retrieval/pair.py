@@ -16,6 +16,7 @@ from indexer.artifact import load_index_artifact
 from retrieval.candidate_index import CandidateIndex
 from training.artifact import ModelManifest, load_model_manifest
 from training.errors import ArtifactError
+from training.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ class ServingPair:
     def index_version(self) -> str:
         return self.index.artifact.index_version
 
+    def warm_up(self) -> None:
+        """One cold-start request through tower and index: the first real call is not slow."""
+        request = UserRequest(user_id="", features={}, history=(), context={}, event_time=0)
+        user_emb = self.user_tower(user_inputs(self.model.feature_spec, [request]))
+        self.index.search(user_emb, 1, [frozenset()])
+
 
 def load_pair(model_dir: str | Path, index_dir: str | Path) -> ServingPair:
     """Load and cross-check; raises ArtifactError naming the file and what did not match."""
@@ -68,6 +75,7 @@ def load_pair(model_dir: str | Path, index_dir: str | Path) -> ServingPair:
         raise ArtifactError(str(manifest), f"similarity {index.similarity!r} does not match the "
                             f"model's {model.similarity!r}")
     pair = ServingPair(model, SavedModelUserTower(model), CandidateIndex(index))
+    pair.warm_up()
     log.info("loaded model %s with index %s (%d items)", pair.model_version,
              pair.index_version, pair.index.size)
     return pair
