@@ -77,7 +77,7 @@ def export_model(trained, store: str | Path, training_summary: dict[str, Any]) -
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "embedding_dim": int(item_emb.shape[1]),
             "similarity": SIMILARITY,
-            "normalized": False,
+            "normalized": bool(trained.config.tower.normalize),
             "num_items": int(item_emb.shape[0]),
             "feature_spec": spec.to_dict(),
             "training": training_summary,

@@ -5,8 +5,11 @@ feature is encoded (vocabulary lookup + embedding, normalisation, or masked mean
 the encodings are concatenated and an MLP maps them to the embedding. The user tower's
 history feature shares the item-id vocabulary and embedding table with the item tower.
 
-Training is in-batch softmax (``tfrs.tasks.Retrieval``): each positive item is scored
-against the other items of the batch; scores are dot products.
+Training is a sampled softmax (``tfrs.tasks.Retrieval``): each positive item is scored
+against the other items of the batch and, optionally, items drawn from the whole corpus
+(mixed negative sampling), each candidate's logit corrected by the log of its sampling
+probability (logQ, training.sampling); scores are dot products of the (optionally
+L2-normalised) tower outputs divided by a temperature.
 """
 
 from __future__ import annotations
@@ -24,6 +27,38 @@ from training.tf_env import keras, tf, tfrs
 class TowerConfig:
     embedding_dim: int = 32
     hidden_dims: tuple[int, ...] = (64,)
+    normalize: bool = False  # L2-normalise tower outputs (scores become cosines)
+    output_layer: bool = True  # False: the concatenated encodings are the embedding (the
+                               # TFRS tutorial's plain id-embedding towers)
+
+
+LOGQ_MODES = ("none", "exact", "streaming")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The sampled softmax. ``logq``: none | exact (training counts) | streaming (Yi et al.).
+    ``corpus_negatives``: extra negatives per batch drawn from the catalogue by
+    ``corpus_distribution`` (uniform | unigram, count^corpus_beta). ``hard_negatives``:
+    keep only the top-scoring negatives per row (0 = all)."""
+
+    logq: str = "exact"
+    corpus_negatives: int = 0
+    corpus_distribution: str = "unigram"
+    corpus_beta: float = 0.75
+    remove_accidental_hits: bool = True
+    temperature: float = 1.0
+    hard_negatives: int = 0
+    streaming_buckets: int = 1 << 20
+    streaming_alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.logq not in LOGQ_MODES:
+            raise ValueError(f"logq must be one of {', '.join(LOGQ_MODES)} (got {self.logq!r})")
+        if self.corpus_negatives < 0 or self.hard_negatives < 0:
+            raise ValueError("corpus_negatives and hard_negatives must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature})")
 
 
 @dataclass(frozen=True)
@@ -80,6 +115,11 @@ class MaskedMeanPool(keras.layers.Layer):
         return total / count
 
 
+class L2Normalize(keras.layers.Layer):
+    def call(self, x):
+        return tf.math.l2_normalize(x, axis=-1)
+
+
 class Towers:
     """Builds the user and item towers; holds the layers they share."""
 
@@ -100,7 +140,11 @@ class Towers:
         x = keras.layers.Concatenate()(encoded) if len(encoded) > 1 else encoded[0]
         for i, width in enumerate(self.config.hidden_dims):
             x = keras.layers.Dense(width, activation="relu", name=f"{name}_hidden{i}")(x)
-        out = keras.layers.Dense(self.config.embedding_dim, name=f"{name}_out")(x)
+        out = x
+        if self.config.output_layer or self.config.hidden_dims:
+            out = keras.layers.Dense(self.config.embedding_dim, name=f"{name}_out")(x)
+        if self.config.normalize:
+            out = L2Normalize(name=f"{name}_l2")(out)
         return keras.Model(inputs=inputs, outputs=out, name=name)
 
     def _encode(self, f: Feature, x):
@@ -133,17 +177,68 @@ def _input(f: Feature):
     return keras.Input(shape=shape, dtype=tf.string, name=f.name)
 
 
-class TwoTowerModel(tfrs.Model):
-    """In-batch softmax over dot-product scores of the two towers."""
+CANDIDATE_Q = "_candidate_q"  # per-example feature: expected count of the positive in a batch
 
-    def __init__(self, user_tower: keras.Model, item_tower: keras.Model) -> None:
+
+class TwoTowerModel(tfrs.Model):
+    """Sampled softmax over dot-product scores of the two towers (see the module docstring).
+
+    ``corpus`` (item-tower inputs of every catalogue item) and ``corpus_probs`` (the
+    probability of drawing each) are needed only with corpus negatives.
+    """
+
+    def __init__(self, user_tower: keras.Model, item_tower: keras.Model, item_id: str,
+                 loss: LossConfig = LossConfig(), batch_size: int = 256,
+                 corpus: Mapping[str, np.ndarray] | None = None,
+                 corpus_probs: np.ndarray | None = None) -> None:
         super().__init__()
         self.user_tower, self.item_tower = user_tower, item_tower
         self.user_keys = tuple(user_tower.input.keys())
         self.item_keys = tuple(item_tower.input.keys())
-        self.task = tfrs.tasks.Retrieval()
+        self.item_id, self.loss_config, self.batch_size = item_id, loss, float(batch_size)
+        self.task = tfrs.tasks.Retrieval(
+            temperature=loss.temperature,
+            num_hard_negatives=loss.hard_negatives or None,
+            remove_accidental_hits=loss.remove_accidental_hits,
+        )
+        self.estimator = None
+        if loss.logq == "streaming":
+            from training.sampling import StreamingFrequencyEstimator
+
+            self.estimator = StreamingFrequencyEstimator(loss.streaming_buckets,
+                                                         loss.streaming_alpha)
+        self._corpus = None
+        if loss.corpus_negatives:
+            if corpus is None or corpus_probs is None:
+                raise ValueError("corpus negatives need the corpus and its sampling probabilities")
+            self._corpus = {k: tf.constant(corpus[k]) for k in self.item_keys}
+            self._corpus_log_probs = tf.constant(np.log(corpus_probs)[None, :], tf.float32)
+            self._corpus_probs = tf.constant(corpus_probs, tf.float32)
 
     def compute_loss(self, features, training: bool = False):
         user_emb = self.user_tower({k: features[k] for k in self.user_keys}, training=training)
         item_emb = self.item_tower({k: features[k] for k in self.item_keys}, training=training)
-        return self.task(user_emb, item_emb, compute_metrics=False)
+        ids = features[self.item_id]
+        q = self._in_batch_q(features, ids)
+        if self._corpus is not None:
+            neg_emb, neg_ids, neg_q = self._corpus_negatives(training)
+            item_emb = tf.concat([item_emb, neg_emb], axis=0)
+            ids = tf.concat([ids, neg_ids], axis=0)
+            q = None if q is None else tf.concat([q, neg_q], axis=0)
+        return self.task(user_emb, item_emb, candidate_sampling_probability=q,
+                         candidate_ids=ids, compute_metrics=False)
+
+    def _in_batch_q(self, features, ids):
+        """Expected number of times each in-batch candidate appears in a batch."""
+        if self.loss_config.logq == "exact":
+            return features[CANDIDATE_Q] * self.batch_size
+        if self.loss_config.logq == "streaming":
+            return self.estimator.update_and_estimate(ids)
+        return None
+
+    def _corpus_negatives(self, training: bool):
+        m = self.loss_config.corpus_negatives
+        rows = tf.random.categorical(self._corpus_log_probs, m)[0]
+        features = {k: tf.gather(v, rows) for k, v in self._corpus.items()}
+        emb = self.item_tower(features, training=training)
+        return emb, features[self.item_id], tf.gather(self._corpus_probs, rows) * float(m)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from training.dataset import Dataset
+from training.distributed import training_strategy
 from training.inputs import item_inputs, training_examples
-from training.model import FeatureStats, Towers, TowerConfig, TwoTowerModel, compute_feature_stats
+from training.model import (
+    CANDIDATE_Q, FeatureStats, LossConfig, Towers, TowerConfig, TwoTowerModel,
+    compute_feature_stats,
+)
+from training.sampling import corpus_sampling_weights, exact_item_frequencies
 from training.tf_env import keras, tf
 
 log = logging.getLogger(__name__)
@@ -19,10 +26,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     tower: TowerConfig = field(default_factory=TowerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     epochs: int = 5
     batch_size: int = 256
     learning_rate: float = 0.01
     seed: int = 0
+    checkpoint_dir: str | None = None    # resume from the latest checkpoint found there
+    tensorboard_dir: str | None = None
+    early_stopping_patience: int = 0     # epochs without validation gain; 0 = off
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -38,6 +49,7 @@ class TrainedModel:
     stats: FeatureStats
     dataset: Dataset
     history: dict[str, list[float]]
+    config: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def user_tower(self) -> keras.Model:
@@ -56,27 +68,131 @@ class TrainedModel:
         return _predict(self.user_tower, inputs, batch_size)
 
 
+Validator = Callable[["TrainedModel"], dict[str, float]]
+VALIDATION_METRIC = "ndcg@10"
+
+
 def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
-          examples: dict[str, np.ndarray] | None = None) -> TrainedModel:
-    """Fit a two-tower model on ``examples`` (default: every interaction of ``dataset``)."""
+          examples: dict[str, np.ndarray] | None = None,
+          validate: Validator | None = None) -> TrainedModel:
+    """Fit a two-tower model on ``examples`` (default: every interaction of ``dataset``).
+
+    ``validate`` (optional) is called after every epoch with the model so far and returns
+    validation metrics; with early stopping the weights of the best epoch by ndcg@10 are kept.
+    """
     keras.utils.set_random_seed(config.seed)
     if examples is None:
         examples = training_examples(dataset)
-    stats = compute_feature_stats(dataset.spec, examples, dataset.items)
-    towers = Towers(dataset.spec, stats, config.tower)
-    model = TwoTowerModel(towers.user_tower(), towers.item_tower())
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-    n = len(next(iter(examples.values())))
+    spec = dataset.spec
+    stats = compute_feature_stats(spec, examples, dataset.items)
+    examples = _with_candidate_q(examples, spec.columns.item_id)
+    corpus, corpus_probs = None, None
+    if config.loss.corpus_negatives:
+        corpus = item_inputs(spec, dataset.items)
+        counts = _item_counts(examples[spec.columns.item_id], corpus[spec.columns.item_id])
+        corpus_probs = corpus_sampling_weights(counts, config.loss.corpus_distribution,
+                                               config.loss.corpus_beta)
+    with training_strategy().scope():
+        towers = Towers(spec, stats, config.tower)
+        model = TwoTowerModel(towers.user_tower(), towers.item_tower(), spec.columns.item_id,
+                              config.loss, config.batch_size, corpus, corpus_probs)
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    n = len(examples[spec.columns.item_id])
     data = (
         tf.data.Dataset.from_tensor_slices(examples)
-        .shuffle(n, seed=config.seed, reshuffle_each_iteration=True)
+        .shuffle(min(n, 1_000_000), seed=config.seed, reshuffle_each_iteration=True)
         .batch(config.batch_size, drop_remainder=n >= config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    log.info("training on %d examples, %d epochs, batch %d", n, config.epochs, config.batch_size)
-    fit = model.fit(data, epochs=config.epochs, verbose=0,
-                    callbacks=[EpochProgress(config.epochs, n)])
-    return TrainedModel(model, stats, dataset, {k: list(v) for k, v in fit.history.items()})
+    trained = TrainedModel(model, stats, dataset, {}, config)
+    callbacks = _callbacks(config, trained, n, validate)
+    initial_epoch = callbacks[0].restore() if config.checkpoint_dir else 0
+    log.info("training on %d examples, %d epochs, batch %d, loss %s", n, config.epochs,
+             config.batch_size, config.loss)
+    fit = model.fit(data, epochs=config.epochs, initial_epoch=initial_epoch, verbose=0,
+                    callbacks=callbacks)
+    trained.history = {k: [float(x) for x in v] for k, v in fit.history.items()}
+    return trained
+
+
+def _with_candidate_q(examples: dict[str, np.ndarray], item_id: str) -> dict[str, np.ndarray]:
+    freq = exact_item_frequencies(examples[item_id])
+    q = np.fromiter((freq[str(i)] for i in examples[item_id]), np.float32,
+                    count=len(examples[item_id]))
+    return {**examples, CANDIDATE_Q: q}
+
+
+def _item_counts(example_items: np.ndarray, catalogue: np.ndarray) -> np.ndarray:
+    freq = exact_item_frequencies(example_items)
+    return np.array([freq.get(str(i), 0.0) for i in catalogue]) * len(example_items)
+
+
+def _callbacks(config: TrainConfig, trained: TrainedModel, n: int, validate) -> list:
+    callbacks: list = []
+    if config.checkpoint_dir:
+        callbacks.append(EpochCheckpoint(trained.model, config.checkpoint_dir))
+    if validate is not None:
+        callbacks.append(Validation(trained, validate, config.early_stopping_patience))
+    callbacks.append(EpochProgress(config.epochs, n))
+    if config.tensorboard_dir:
+        callbacks.append(keras.callbacks.TensorBoard(config.tensorboard_dir, update_freq="epoch"))
+    return callbacks
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves model and optimizer state after each epoch; ``restore`` resumes from the last."""
+
+    def __init__(self, model: TwoTowerModel, directory: str, keep: int = 3) -> None:
+        super().__init__()
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                              epoch=self.epoch)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
+
+    def restore(self) -> int:
+        if self.manager.latest_checkpoint is None:
+            return 0
+        self.checkpoint.restore(self.manager.latest_checkpoint)
+        log.info("resumed from %s (epoch %d done)", self.manager.latest_checkpoint,
+                 int(self.epoch.numpy()))
+        return int(self.epoch.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+class Validation(keras.callbacks.Callback):
+    """Validation metrics every epoch (into the fit history as val_*); early stopping on
+    ndcg@10 with the best epoch's weights restored at the end."""
+
+    def __init__(self, trained: TrainedModel, validate: Validator, patience: int) -> None:
+        super().__init__()
+        self.trained, self.validate, self.patience = trained, validate, patience
+        self.best, self.best_weights, self.best_epoch, self.waited = -np.inf, None, -1, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = self.validate(self.trained)
+        for name, value in metrics.items():
+            (logs if logs is not None else {})[f"val_{name}"] = value
+        score = metrics.get(VALIDATION_METRIC, -np.inf)
+        log.info("epoch %d validation %s", epoch + 1,
+                 "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if score > self.best:
+            self.best, self.best_epoch, self.waited = score, epoch, 0
+            self.best_weights = self.trained.model.get_weights()
+        else:
+            self.waited += 1
+            if self.patience and self.waited >= self.patience:
+                log.info("early stopping: no %s gain for %d epochs", VALIDATION_METRIC,
+                         self.patience)
+                self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.patience and self.best_weights is not None:
+            self.trained.model.set_weights(self.best_weights)
+            log.info("restored the weights of epoch %d (%s %.4f)", self.best_epoch + 1,
+                     VALIDATION_METRIC, self.best)
 
 
 class EpochProgress(keras.callbacks.Callback):
