@@ -4,6 +4,9 @@ The protocol here is temporal leave-last-out: each user's last interaction is th
 event; everything before it is training data, and its history and context come only from
 before the event. Items the user interacted with in training are masked from the ranking.
 The popularity ranking (training counts) is scored on the same split, side by side.
+Metrics and their tie rule (ties go to the lower item row, not to the target) are in
+training.metrics; the protocols behind published comparisons (RecBole ml-1m, ml-100k
+temporal leave-one-out) are in training.protocols.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.dataset import Dataset
+from training.metrics import (DEFAULT_CHUNK, RankingMetrics, UserItems, evaluate_ranking,
+                              popularity_scorer, popularity_scores)
 
 DEFAULT_KS = (10, 50, 100)
 
@@ -38,44 +43,39 @@ def split_last_per_user(dataset: Dataset) -> Split:
     return Split(train=~test, test=test)
 
 
-def recall_at_k(scores: np.ndarray, targets: np.ndarray, seen: Sequence[np.ndarray],
-                ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
-    """Fraction of rows whose target item ranks in the top k.
+def evaluate_split_metrics(dataset: Dataset, split: Split, user_emb: np.ndarray,
+                           item_emb: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+                           chunk: int = DEFAULT_CHUNK) -> dict[str, RankingMetrics]:
+    """Recall, NDCG, Hit and MRR@k of the model and of popularity on the test events.
 
-    scores [n, n_items] float, targets [n] int item rows, seen[i] item rows masked for row i.
+    Each test event is ranked on its own: one relevant item (its target), the user's
+    training items excluded (training.metrics gives the definitions and the tie rule).
+    user_emb [n_test, d] in the order of the test rows; item_emb [n_items, d] in item-table
+    order. Popularity is the count of each item among the training interactions.
     """
-    scores = scores.astype(np.float32, copy=True)
-    for i, rows in enumerate(seen):
-        scores[i, rows] = -np.inf
-    target_scores = scores[np.arange(len(targets)), targets][:, None]
-    rank = (scores > target_scores).sum(axis=1)  # 0 = best; ties favour the target
-    return {k: float((rank < k).mean()) for k in ks}
+    item_rows = _item_rows(dataset)
+    inter, cols = dataset.interactions, dataset.spec.columns
+    train_items = item_rows(inter[cols.item_id][split.train])
+    users, user_rows = np.unique(inter[cols.user_id].astype(str), return_inverse=True)
+    seen = UserItems.from_pairs(user_rows[split.train], train_items, len(users))
+    targets = item_rows(inter[cols.item_id][split.test])
+    relevant = UserItems(np.arange(len(targets) + 1), targets)
+    exclude = seen.take(user_rows[split.test])
+    scorers = {"model": lambda rows: user_emb[rows] @ item_emb.T,
+               "popularity": popularity_scorer(popularity_scores(train_items, len(item_emb)))}
+    return {name: evaluate_ranking(scorer, relevant, exclude, ks, chunk)
+            for name, scorer in scorers.items()}
 
 
 def evaluate_split(dataset: Dataset, split: Split, user_emb: np.ndarray, item_emb: np.ndarray,
-                   ks: Sequence[int] = DEFAULT_KS, chunk: int = 2048) -> dict[str, dict[int, float]]:
-    """Recall@k of the model (user_emb of the test events · item_emb) and of popularity.
+                   ks: Sequence[int] = DEFAULT_KS,
+                   chunk: int = DEFAULT_CHUNK) -> dict[str, dict[int, float]]:
+    """Recall@k of the model and of popularity: {"model": {k: recall}, "popularity": ...}.
 
-    user_emb [n_test, d] in the order of the test rows; item_emb [n_items, d] in item-table order.
+    See :func:`evaluate_split_metrics`, which also gives NDCG, Hit and MRR.
     """
-    item_rows = _item_rows(dataset)
-    inter = dataset.interactions
-    cols = dataset.spec.columns
-    train_items = item_rows(inter[cols.item_id][split.train])
-    popularity = np.bincount(train_items, minlength=len(item_emb)).astype(np.float32)
-    seen_by_user = _seen_by_user(inter[cols.user_id][split.train].astype(str), train_items)
-    test_users = inter[cols.user_id][split.test].astype(str)
-    targets = item_rows(inter[cols.item_id][split.test])
-    totals = {"model": {k: 0.0 for k in ks}, "popularity": {k: 0.0 for k in ks}}
-    for start in range(0, len(targets), chunk):
-        sl = slice(start, start + chunk)
-        seen = [seen_by_user.get(u, np.empty(0, np.int64)) for u in test_users[sl]]
-        for name, scores in (("model", user_emb[sl] @ item_emb.T),
-                             ("popularity", np.broadcast_to(popularity, (len(seen), len(popularity))))):
-            for k, value in recall_at_k(scores, targets[sl], seen, ks).items():
-                totals[name][k] += value * len(seen)
-    n = max(len(targets), 1)
-    return {name: {k: v / n for k, v in by_k.items()} for name, by_k in totals.items()}
+    metrics = evaluate_split_metrics(dataset, split, user_emb, item_emb, ks, chunk)
+    return {name: dict(m.recall) for name, m in metrics.items()}
 
 
 def _item_rows(dataset: Dataset):
@@ -83,11 +83,3 @@ def _item_rows(dataset: Dataset):
     ids = dataset.items[dataset.spec.columns.item_id].astype(str)
     lookup = {item: row for row, item in enumerate(ids)}
     return lambda keys: np.fromiter((lookup[str(k)] for k in keys), np.int64, count=len(keys))
-
-
-def _seen_by_user(users: np.ndarray, item_rows: np.ndarray) -> dict[str, np.ndarray]:
-    order = np.argsort(users, kind="stable")
-    users_sorted, rows_sorted = users[order], item_rows[order]
-    starts = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1]])
-    ends = np.r_[starts[1:], len(users_sorted)]
-    return {users_sorted[s]: rows_sorted[s:e] for s, e in zip(starts, ends, strict=True)}
