@@ -134,11 +134,11 @@ async def _latency(channel, calls: int) -> None:
 
 
 def _print_recall(evaluation: dict) -> None:
-    print(f"held-out evaluation: {evaluation['protocol']}, {evaluation['test_events']} test events")
-    recall = evaluation["recall"]
-    print(f"{'':>12} " + " ".join(f"{'recall@' + k:>11}" for k in recall["model"]))
+    print(f"held-out test: {evaluation['protocol']}; {evaluation['test_users']} users")
+    columns = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 50, 100)]
+    print(f"{'':>12} " + " ".join(f"{c:>10}" for c in columns))
     for name in ("model", "popularity"):
-        print(f"{name:>12} " + " ".join(f"{v:>11.4f}" for v in recall[name].values()))
+        print(f"{name:>12} " + " ".join(f"{evaluation[name][c]:>10.4f}" for c in columns))
 
 
 def _banner(text: str) -> None:

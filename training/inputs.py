@@ -171,3 +171,48 @@ def _value(f: Feature, value: object) -> object:
     if f.kind == "bag":
         return tuple(str(v) for v in value)
     return value
+
+
+def histories_from_other_items(users: np.ndarray, items: np.ndarray, max_length: int,
+                               seed: int = 0) -> np.ndarray:
+    """For protocols without time (random splits): each example's history is up to
+    ``max_length`` of the same user's *other* items, in random order — never its target.
+
+    users, items [n] (one row per example) → [n, max_length] object array padded with "".
+    Users with more other items than fit get a random draw (with replacement) per example.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.full((len(users), max_length), PAD, dtype=object)
+    order = np.argsort(users.astype(str), kind="stable")
+    sorted_users = users.astype(str)[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+        rows = order[start:end]
+        n = len(rows)
+        if n == 1:
+            continue
+        width = min(n - 1, max_length)
+        if n - 1 <= max_length:  # all other items: index i skips the example's own position
+            pick = np.tile(np.arange(n - 1), (n, 1))
+        else:
+            pick = rng.integers(0, n - 1, (n, width))
+        pick = pick + (pick >= np.arange(n)[:, None])
+        out[rows, :width] = items[rows][pick]
+    return out
+
+
+def item_bags(users: np.ndarray, items: np.ndarray, user_ids: np.ndarray, max_length: int,
+              seed: int = 0) -> np.ndarray:
+    """For evaluation without time: each user's items as a history (random ``max_length``
+    of them when there are more). → [len(user_ids), max_length] object array."""
+    rng = np.random.default_rng(seed)
+    out = np.full((len(user_ids), max_length), PAD, dtype=object)
+    position = {u: i for i, u in enumerate(np.asarray(user_ids).astype(str).tolist())}
+    by_user: dict[int, list] = {}
+    for u, item in zip(users.astype(str).tolist(), items.tolist(), strict=True):
+        by_user.setdefault(position[u], []).append(item)
+    for row, bag in by_user.items():
+        if len(bag) > max_length:
+            bag = rng.choice(np.array(bag, dtype=object), max_length, replace=False).tolist()
+        out[row, : len(bag)] = bag
+    return out
