@@ -225,6 +225,10 @@ class TwoTowerModel(tfrs.Model):
             item_emb = tf.concat([item_emb, neg_emb], axis=0)
             ids = tf.concat([ids, neg_ids], axis=0)
             q = None if q is None else tf.concat([q, neg_q], axis=0)
+        if q is not None:
+            # The softmax only sees differences of log q within a row, so q may be rescaled;
+            # TFRS clips it to [1e-6, 1], so the largest is brought to 1 (not past it).
+            q = q / tf.reduce_max(q)
         return self.task(user_emb, item_emb, candidate_sampling_probability=q,
                          candidate_ids=ids, compute_metrics=False)
 
