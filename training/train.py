@@ -133,7 +133,7 @@ def _callbacks(config: TrainConfig, trained: TrainedModel, n: int, validate) -> 
         callbacks.append(EpochCheckpoint(trained.model, config.checkpoint_dir))
     if validate is not None:
         callbacks.append(Validation(trained, validate, config.early_stopping_patience))
-    callbacks.append(EpochProgress(config.epochs, n))
+    callbacks.append(EpochProgress(config.epochs, n, config.batch_size))
     if config.tensorboard_dir:
         callbacks.append(keras.callbacks.TensorBoard(config.tensorboard_dir, update_freq="epoch"))
     return callbacks
@@ -196,14 +196,25 @@ class Validation(keras.callbacks.Callback):
 
 
 class EpochProgress(keras.callbacks.Callback):
-    """Logs one line per epoch: loss, time, throughput."""
+    """Progress in the log: every tenth of an epoch (steps, loss, examples/s) and one line
+    per epoch (loss, time, throughput)."""
 
-    def __init__(self, epochs: int, examples: int) -> None:
+    def __init__(self, epochs: int, examples: int, batch_size: int = 256) -> None:
         super().__init__()
-        self.epochs, self.examples, self._start = epochs, examples, 0.0
+        self.epochs, self.examples, self._start, self._epoch = epochs, examples, 0.0, 0
+        self.steps = max(1, examples // batch_size)
+        self.every = max(1, self.steps // 10)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        self._start, self._epoch = time.perf_counter(), epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = batch + 1
+        if step % self.every == 0 and step < self.steps:
+            rate = step * self.examples / self.steps / (time.perf_counter() - self._start)
+            log.info("epoch %d/%d  step %d/%d (%3.0f%%)  loss %.4f  %.0f examples/s",
+                     self._epoch + 1, self.epochs, step, self.steps, 100 * step / self.steps,
+                     (logs or {}).get("loss", float("nan")), rate)
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._start

@@ -1,0 +1,301 @@
+"""Retrieval quality on real data, our model beside the plain TFRS two-tower.
+
+    python -m benchmarks.quality [--protocols recbole-ml1m,ml100k-temporal] [--epochs N]
+
+For each protocol it trains, on the same split and with the same epoch budget, (a) the
+plain two-tower of the TFRS tutorials (user-id and item-id embeddings, in-batch softmax,
+nothing else) and (b) our model, then the ablations of (b) (logQ off, mixed negatives off,
+history off, context off). Every model is ranked against the full item corpus (no sampled
+metrics) with the protocol's masking (training.protocols). Epochs are chosen by early
+stopping on validation NDCG@10; test metrics are computed once, at the end.
+
+Writes benchmarks/results/quality.json and quality_valid_recall.png, and prints tables.
+Needs ../shared/data (MovieLens) or --data pointing at a folder with ml-1m/ and ml-100k/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.dataset import Dataset
+from training.feature_spec import parse_feature_spec
+from training.inputs import histories_from_other_items, item_bags, training_examples
+from training.metrics import RankingMetrics
+from training.model import LossConfig, TowerConfig
+from training.protocols import (
+    ProtocolSplit, evaluate_protocol, ml100k_temporal_leave_one_out, popularity_ranking,
+    recbole_ml1m_general,
+)
+from training.train import TrainConfig, TrainedModel, train
+
+log = logging.getLogger("benchmarks.quality")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+HISTORY = "history"
+PUBLISHED_ML1M = {  # RecBole ml-1m general leaderboard, test Recall@10 / NDCG@10
+    "Pop": (0.0699, 0.1006), "BPR": (0.1725, 0.2407), "NeuMF": (0.1717, 0.2393),
+    "LightGCN": (0.1823, 0.2478), "MultiVAE": (0.1995, 0.2523), "SimpleX": (0.1997, 0.2700),
+    "ENMF": (0.2007, 0.2629), "EASE": (0.2139, 0.2865), "RecVAE": (0.2163, 0.2795),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    features: tuple[str, ...]  # feature names kept from the protocol's full spec
+    config: TrainConfig
+
+
+@dataclass
+class Protocol:
+    """A split plus what the trainer and the evaluator need from it."""
+
+    name: str
+    split: ProtocolSplit
+    spec_doc: dict                 # the full feature spec; variants keep a subset
+    dataset: Dataset               # users and items tables (items in split item order)
+    examples: dict[str, np.ndarray]  # one per train interaction, every feature of spec_doc
+    user_inputs: Callable[[str], dict[str, np.ndarray]]  # stage → inputs per split user row
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.protocols.split(","):
+        protocol = PROTOCOLS[name](args.data)
+        results[name] = run_protocol(protocol, variants(name, args.epochs))
+        print(format_tables(name, results[name]), flush=True)
+        path = RESULTS / "quality.json"
+        path.write_text(json.dumps(results, indent=2))
+    plot_validation(results, RESULTS / "quality_valid_recall.png")
+    print(f"\nwrote {path} and {RESULTS / 'quality_valid_recall.png'}")
+
+
+def _args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocols", default="ml100k-temporal,recbole-ml1m")
+    parser.add_argument("--epochs", type=int, default=12, help="the budget of every variant")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    return parser.parse_args(argv)
+
+
+# --- variants ------------------------------------------------------------------------------
+
+def variants(protocol: str, epochs: int) -> list[Variant]:
+    # Chosen on ml-100k validation NDCG@10 (temperature 0.02/0.05/0.1, learning rate
+    # 0.002/0.005, batch 256/1024, normalised or not); test metrics were not looked at.
+    base = dict(epochs=epochs, batch_size=512, learning_rate=0.005, early_stopping_patience=2)
+    plain = TrainConfig(tower=TowerConfig(embedding_dim=64, hidden_dims=(), output_layer=False),
+                        loss=LossConfig(logq="none", remove_accidental_hits=False), **base)
+    ours_loss = LossConfig(logq="exact", corpus_negatives=1024, corpus_distribution="unigram",
+                           temperature=0.05)
+    ours = TrainConfig(tower=TowerConfig(embedding_dim=64, hidden_dims=(256,), normalize=True),
+                       loss=ours_loss, **base)
+    everything = ("user_id", "item_id", "gender", "age", "occupation", "zip_prefix", HISTORY,
+                  "hour_of_day", "day_of_week", "genres", "year")
+    out = [
+        Variant("plain TFRS (ids, in-batch softmax)", ("user_id", "item_id"), plain),
+        Variant("ours", everything, ours),
+        Variant("ours − logQ", everything, dataclasses.replace(
+            ours, loss=dataclasses.replace(ours_loss, logq="none"))),
+        Variant("ours − mixed negatives", everything, dataclasses.replace(
+            ours, loss=dataclasses.replace(ours_loss, corpus_negatives=0))),
+        Variant("ours − history", tuple(f for f in everything if f != HISTORY), ours),
+    ]
+    if protocol == "ml100k-temporal":
+        out.append(Variant("ours − context",
+                           tuple(f for f in everything if f not in ("hour_of_day", "day_of_week")),
+                           ours))
+    return out
+
+
+# --- protocols -----------------------------------------------------------------------------
+
+def recbole_ml1m(data: Path) -> Protocol:
+    """RecBole ml-1m general: ids + user demographics; history = the user's other train
+    items (the split is random, so there is no time to respect)."""
+    from training.movielens import convert_ml1m
+
+    split = recbole_ml1m_general(data / "ml-1m" / "ratings_no_timestamps.csv")
+    raw, _ = convert_ml1m(data / "ml-1m", "ratings_no_timestamps.csv")
+    spec_doc = _spec_doc(
+        user=[("user_id", "categorical", 64), ("gender", "categorical", 4),
+              ("age", "categorical", 4), ("occupation", "categorical", 8),
+              ("zip_prefix", "categorical", 4)],
+        history=50, item=[("item_id", "categorical", 64)])
+    users = _rows(raw.users, raw.users["user_id"], split.user_ids)
+    items = {"item_id": _ids(split.item_ids)}
+    dataset = Dataset(parse_feature_spec(spec_doc), {}, users, items)
+    tr = split.train
+    user_ids, item_ids = _ids(split.user_ids[split.users[tr]]), _ids(split.item_ids[split.items[tr]])
+    examples = {"user_id": user_ids, "item_id": item_ids,
+                HISTORY: histories_from_other_items(user_ids, item_ids, 50)}
+    examples.update(_joined(users, "user_id", user_ids, ("gender", "age", "occupation", "zip_prefix")))
+
+    def user_inputs(stage: str) -> dict[str, np.ndarray]:
+        seen = tr if stage == "valid" else np.concatenate([tr, split.valid])
+        bags = item_bags(_ids(split.user_ids[split.users[seen]]),
+                         _ids(split.item_ids[split.items[seen]]), _ids(split.user_ids), 50)
+        return {"user_id": _ids(split.user_ids), HISTORY: bags,
+                **{k: users[k] for k in ("gender", "age", "occupation", "zip_prefix")}}
+
+    return Protocol("recbole-ml1m", split, spec_doc, dataset, examples, user_inputs)
+
+
+def ml100k_temporal(data: Path) -> Protocol:
+    """ml-100k temporal leave-one-out: every feature, history and context from before
+    each event (training.inputs.training_examples)."""
+    from training.movielens import convert_ml100k
+
+    raw, spec_toml = convert_ml100k(data / "ml-100k")
+    spec_doc = tomllib.loads(spec_toml)
+    spec_doc["features"][HISTORY] = spec_doc["features"].pop("recent_items")
+    for name in ("user_id", "item_id"):
+        spec_doc["features"][name]["embedding_dim"] = 64
+    raw = Dataset(parse_feature_spec(spec_doc), raw.interactions, raw.users, raw.items)
+    split = ml100k_temporal_leave_one_out(raw)
+    all_examples = training_examples(raw)
+    examples = {k: v[split.train] for k, v in all_examples.items()}
+
+    def user_inputs(stage: str) -> dict[str, np.ndarray]:
+        rows = split.valid if stage == "valid" else split.test
+        by_user = np.full(split.n_users, -1)
+        by_user[split.users[rows]] = rows
+        by_user[by_user < 0] = rows[0]  # users without a stage event are never scored
+        return {k: v[by_user] for k, v in all_examples.items()}
+
+    return Protocol("ml100k-temporal", split, spec_doc, raw, examples, user_inputs)
+
+
+PROTOCOLS = {"recbole-ml1m": recbole_ml1m, "ml100k-temporal": ml100k_temporal}
+
+
+def _spec_doc(user, history, item) -> dict:
+    features = {n: {"tower": "user", "kind": k, "embedding_dim": d} for n, k, d in user}
+    features[HISTORY] = {"tower": "user", "kind": "history", "max_length": history}
+    features.update({n: {"tower": "item", "kind": k, "embedding_dim": d} for n, k, d in item})
+    return {"columns": {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp"},
+            "features": features}
+
+
+def _ids(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values).astype(str).astype(object)
+
+
+def _rows(table: dict, keys: np.ndarray, wanted: np.ndarray) -> dict:
+    position = {str(k): i for i, k in enumerate(keys)}
+    rows = np.array([position[str(w)] for w in wanted])
+    return {k: v[rows] for k, v in table.items()}
+
+
+def _joined(table: dict, key: str, ids: np.ndarray, columns) -> dict:
+    position = {str(k): i for i, k in enumerate(table[key])}
+    rows = np.fromiter((position[str(i)] for i in ids), np.int64, count=len(ids))
+    return {c: table[c][rows] for c in columns}
+
+
+# --- running -------------------------------------------------------------------------------
+
+def run_protocol(protocol: Protocol, variant_list: list[Variant]) -> dict:
+    out = {"protocol": protocol.name, "users": protocol.split.n_users,
+           "items": protocol.split.n_items, "train": len(protocol.split.train),
+           "popularity": {s: popularity_ranking(protocol.split, s).as_dict()
+                          for s in ("valid", "test")}, "variants": {}}
+    for variant in variant_list:
+        out["variants"][variant.name] = run_variant(protocol, variant)
+    return out
+
+
+def run_variant(protocol: Protocol, variant: Variant) -> dict:
+    doc = {"columns": protocol.spec_doc["columns"],
+           "features": {k: v for k, v in protocol.spec_doc["features"].items()
+                        if k in variant.features}}
+    spec = parse_feature_spec(doc)
+    dataset = Dataset(spec, protocol.dataset.interactions, protocol.dataset.users,
+                      protocol.dataset.items)
+    keep = {f.name for f in spec.features}
+    examples = {k: v for k, v in protocol.examples.items() if k in keep}
+    valid_inputs = protocol.user_inputs("valid")
+    log.info("%s / %s: %d examples", protocol.name, variant.name, len(examples["item_id"]))
+
+    def validate(trained: TrainedModel) -> dict[str, float]:
+        metrics = _evaluate(trained, protocol.split, valid_inputs, "valid")
+        return {"recall@10": metrics.recall[10], "ndcg@10": metrics.ndcg[10]}
+
+    start = time.perf_counter()
+    trained = train(dataset, variant.config, examples, validate)
+    seconds = time.perf_counter() - start
+    test = _evaluate(trained, protocol.split, protocol.user_inputs("test"), "test")
+    epochs = len(trained.history.get("loss", []))
+    return {"test": test.as_dict(), "epochs": epochs, "seconds": round(seconds, 1),
+            "examples_per_s": round(epochs * len(examples["item_id"]) / seconds),
+            "valid_recall@10": trained.history.get("val_recall@10", []),
+            "valid_ndcg@10": trained.history.get("val_ndcg@10", []),
+            "config": dataclasses.asdict(variant.config), "features": list(variant.features)}
+
+
+def _evaluate(trained: TrainedModel, split: ProtocolSplit, inputs: dict, stage: str
+              ) -> RankingMetrics:
+    user_emb = trained.user_embeddings(inputs)
+    item_emb = trained.item_embeddings()
+    return evaluate_protocol(split, lambda rows: user_emb[rows] @ item_emb.T, stage)
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+def format_tables(name: str, result: dict) -> str:
+    ks = (10, 20, 50, 100)
+    head = f"{'model':<38}" + "".join(f"{m + '@' + str(k):>11}" for m in ("recall", "ndcg")
+                                        for k in ks)
+    head += f"{'hit@10':>9}{'mrr@10':>9}{'epochs':>8}{'train s':>9}{'ex/s':>9}"
+    lines = [f"\n{name}: {result['users']} users, {result['items']} items, "
+             f"{result['train']} training interactions; test, full corpus", head]
+    rows = [("popularity", result["popularity"]["test"], None)]
+    rows += [(n, v["test"], v) for n, v in result["variants"].items()]
+    for label, metrics, info in rows:
+        line = f"{label:<38}" + "".join(f"{metrics[f'{m}@{k}']:>11.4f}" for m in ("recall", "ndcg")
+                                        for k in ks)
+        line += f"{metrics['hit@10']:>9.4f}{metrics['mrr@10']:>9.4f}"
+        if info:
+            line += f"{info['epochs']:>8}{info['seconds']:>9.0f}{info['examples_per_s']:>9}"
+        lines.append(line)
+    if name == "recbole-ml1m":
+        lines.append("published (RecBole leaderboard, their split): " + ", ".join(
+            f"{m} {r:.4f}/{n:.4f}" for m, (r, n) in PUBLISHED_ML1M.items()))
+    return "\n".join(lines)
+
+
+def plot_validation(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+        for variant, info in result["variants"].items():
+            values = info["valid_recall@10"]
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=variant)
+        ax.axhline(result["popularity"]["valid"]["recall@10"], color="grey", ls="--",
+                   label="popularity")
+        ax.set(title=name, xlabel="epoch", ylabel="validation recall@10")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
