@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from numbers import Real
@@ -95,6 +95,13 @@ class FeatureStore(Protocol):
         """Replace what is stored for each of these users."""
         ...
 
+    async def record_interactions(self, events: Sequence[tuple[str, str]],
+                                  ttl_s: int | None = None) -> None:
+        """Prepend each (user_id, item_id), in the given order (the last is the most recent),
+        to its user's history, cut to the history length; ``ttl_s`` (Redis) expires a
+        history that stops receiving events."""
+        ...
+
     async def ping(self) -> None:
         """Return when the store answers; raise FeatureStoreUnavailable otherwise."""
         ...
@@ -120,6 +127,13 @@ class InMemoryFeatureStore:
                 self._users[user_id] = kept
             else:
                 self._users.pop(user_id, None)
+
+    async def record_interactions(self, events: Sequence[tuple[str, str]],
+                                  ttl_s: int | None = None) -> None:
+        for user_id, item_id in events:  # ttl_s: an in-process store lives as long as the server
+            user = self._users.get(user_id, StoredUser({}, ()))
+            history = ((item_id,) + user.history)[: self._history_length]
+            self._users[user_id] = StoredUser(user.features, history)
 
     async def ping(self) -> None:
         return None
@@ -203,6 +217,23 @@ class RedisFeatureStore:
                         self._queue_replace(pipe, user_id, user)
                     await pipe.execute()
         logger.info("wrote %d users to Redis at %s", len(pending), self._where)
+
+    async def record_interactions(self, events: Sequence[tuple[str, str]],
+                                  ttl_s: int | None = None) -> None:
+        """One round trip: LPUSH, LTRIM (and EXPIRE) per user, in a MULTI/EXEC so a reader
+        never sees a history longer than history_length."""
+        by_user: dict[str, list[str]] = {}
+        for user_id, item_id in events:
+            by_user.setdefault(user_id, []).append(item_id)
+        async with self._translate(f"recording {len(events)} interactions"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                for user_id, items in by_user.items():
+                    _, history_key = self._keys(user_id)
+                    pipe.lpush(history_key, *items)
+                    pipe.ltrim(history_key, 0, self._history_length - 1)
+                    if ttl_s:
+                        pipe.expire(history_key, ttl_s)
+                await pipe.execute()
 
     async def ping(self) -> None:
         async with self._translate("pinging"):

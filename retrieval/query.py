@@ -18,6 +18,7 @@ class Limits:
     max_user_id_bytes: int = 256
     max_recent_items: int = 1000
     max_exclude_items: int = 10000
+    max_interactions: int = 1000
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,21 @@ def _check_context_value(field: str, feature: Feature, value: ContextValue) -> N
             raise InvalidArgument(field, f"must be in [{allowed.start}, {allowed.stop - 1}] (got {value})")
     elif not isinstance(value, str):
         raise InvalidArgument(field, f"expected string_value (got {type(value).__name__} {value!r})")
+
+
+def validate_interactions(events: list[tuple[str, str]], limits: Limits,
+                          batch: bool = True) -> None:
+    """Raise InvalidArgument naming the first bad field: ``interactions[3].item_id`` in the
+    batch form, ``item_id`` for a single interaction."""
+    if batch and not 1 <= len(events) <= limits.max_interactions:
+        raise InvalidArgument("interactions", f"must hold 1 to {limits.max_interactions} "
+                              f"interactions (got {len(events)})")
+    for i, (user_id, item_id) in enumerate(events):
+        prefix = f"interactions[{i}]." if batch else ""
+        if not user_id:
+            raise InvalidArgument(prefix + "user_id", "must be non-empty")
+        if len(user_id.encode()) > limits.max_user_id_bytes:
+            raise InvalidArgument(prefix + "user_id",
+                                  f"must be at most {limits.max_user_id_bytes} bytes")
+        if not item_id:
+            raise InvalidArgument(prefix + "item_id", "must be non-empty")

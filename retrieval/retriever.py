@@ -10,7 +10,7 @@ from retrieval.candidate_index import Candidates
 from retrieval.errors import FailedPrecondition
 from retrieval.feature_store import FeatureStore
 from retrieval.pair import ServingPair
-from retrieval.query import Limits, RetrieveQuery, validate_query
+from retrieval.query import Limits, RetrieveQuery, validate_interactions, validate_query
 from training.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,9 @@ class RetrieveResult:
 class Retriever:
     """Holds the serving pair and the feature store; one instance per server."""
 
-    def __init__(self, store: FeatureStore, limits: Limits = Limits()) -> None:
-        self.store, self.limits = store, limits
+    def __init__(self, store: FeatureStore, limits: Limits = Limits(),
+                 history_ttl_s: int | None = None) -> None:
+        self.store, self.limits, self.history_ttl_s = store, limits, history_ttl_s
         self._pair: ServingPair | None = None
 
     @property
@@ -52,6 +53,12 @@ class Retriever:
         )
         candidates = await asyncio.to_thread(_embed_and_search, pair, request, query)
         return RetrieveResult(candidates, pair.model_version, pair.index_version)
+
+    async def record_interactions(self, events: list[tuple[str, str]], batch: bool = True) -> int:
+        """Append the events to their users' histories; returns how many were recorded."""
+        validate_interactions(events, self.limits, batch)
+        await self.store.record_interactions(events, self.history_ttl_s)
+        return len(events)
 
 
 def _embed_and_search(pair: ServingPair, request: UserRequest, query: RetrieveQuery) -> Candidates:

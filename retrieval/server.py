@@ -35,6 +35,7 @@ class ServerConfig:
     redis_url: str | None = None
     features_from: Path | None = None  # dataset dir that fills the in-process store
     history_length: int = 20
+    history_ttl_s: int | None = 90 * 86400  # Redis: a history without events expires
     faiss_threads: int = 1
     grace_seconds: float = 5.0
     limits: Limits = field(default_factory=Limits)
@@ -66,7 +67,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     import faiss
 
     faiss.omp_set_num_threads(config.faiss_threads)
-    retriever = Retriever(await _feature_store(config), config.limits)
+    retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()

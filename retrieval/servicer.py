@@ -26,6 +26,18 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         result = await self.retriever.retrieve(query)
         return encode_retrieve(result, query.request_id)
 
+    async def RecordInteraction(self, request: pb.Interaction, context
+                                ) -> pb.RecordInteractionsResponse:
+        recorded = await self.retriever.record_interactions(
+            [(request.user_id, request.item_id)], batch=False)
+        return pb.RecordInteractionsResponse(recorded=recorded)
+
+    async def RecordInteractions(self, request: pb.RecordInteractionsRequest, context
+                                 ) -> pb.RecordInteractionsResponse:
+        events = [(i.user_id, i.item_id) for i in request.interactions]
+        return pb.RecordInteractionsResponse(
+            recorded=await self.retriever.record_interactions(events))
+
 
 def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:
     context = {}

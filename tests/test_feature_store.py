@@ -111,6 +111,31 @@ def test_history_is_most_recent_first_and_cut_to_history_length(open_store: Open
     assert got == StoredUser({"age": 1.0}, ("i5", "i4", "i3"))
 
 
+def test_recorded_interactions_are_prepended_and_cut(open_store: OpenStore) -> None:
+    async def scenario() -> tuple[StoredUser | None, StoredUser | None]:
+        async with open_store(history_length=4) as store:
+            await store.put_users({"alice": ALICE})
+            await store.record_interactions([("alice", "i4"), ("new", "x1"), ("alice", "i5")])
+            return await store.get_user("alice"), await store.get_user("new")
+
+    alice, new = run(scenario)
+    assert alice == StoredUser(ALICE.features, ("i5", "i4", "i3", "i2"))
+    assert new == StoredUser({}, ("x1",))
+
+
+def test_recorded_history_expires_in_redis(redis_url: str) -> None:
+    async def scenario() -> int:
+        store = RedisFeatureStore.from_url(redis_url, timeout_s=TEST_TIMEOUT_S)
+        try:
+            await store.record_interactions([("u", "i1")], ttl_s=600)
+        finally:
+            await store.close()
+        with redis.Redis.from_url(redis_url) as client:
+            return int(client.ttl("tt:v1:history:u"))
+
+    assert 590 <= run(scenario) <= 600
+
+
 def test_reloading_replaces_old_values(open_store: OpenStore) -> None:
     new = StoredUser({"age": 32.0}, ("i7",))
     assert put_then_get(open_store, [{"alice": ALICE}, {"alice": new}], "alice") == new

@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.client import build_request
+from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 from tests.conftest import start_server, stop_server
 
@@ -133,3 +134,31 @@ def test_sigterm_stops_the_server_cleanly(pipeline, tmp_path):
     running = start_server(["--model", str(pipeline.model_dir), "--index",
                             str(pipeline.index_dir)], tmp_path)
     assert stop_server(running) == 0
+
+
+def test_recorded_interactions_reach_the_next_retrieve(stub, request):
+    user = f"recorder-{request.node.callspec.id}"
+    before = [c.item_id for c in retrieve(stub, user=user).candidates]
+    events = [pb.Interaction(user_id=user, item_id=i) for i in ("i1", "i2", "i3")]
+    reply = stub.RecordInteractions(pb.RecordInteractionsRequest(interactions=events), timeout=10)
+    assert reply.recorded == 3
+    after = [c.item_id for c in retrieve(stub, user=user).candidates]
+    as_if_passed = [c.item_id for c in retrieve(stub, user="someone-else",
+                                                  recent=["i3", "i2", "i1"]).candidates]
+    assert after != before and after == as_if_passed
+    single = stub.RecordInteraction(pb.Interaction(user_id=user, item_id="i4"), timeout=10)
+    assert single.recorded == 1
+
+
+@pytest.mark.parametrize("events, field", [
+    ([("u", "i1"), ("u", "")], "interactions[1].item_id"),
+    ([("", "i1")], "interactions[0].user_id"),
+    ([], "interactions"),
+])
+def test_bad_interactions_are_invalid_argument_naming_the_field(stub, events, field):
+    request = pb.RecordInteractionsRequest(
+        interactions=[pb.Interaction(user_id=u, item_id=i) for u, i in events])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RecordInteractions(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x16two_tower.retrieval.v1\"\\\n\x0c\x43ontextValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x42\x07\n\x05value\"\xb2\x02\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x45\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x34.two_tower.retrieval.v1.RetrieveRequest.ContextEntry\x12\x1f\n\x17\x65vent_time_unix_seconds\x18\x04 \x01(\x03\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1aT\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.two_tower.retrieval.v1.ContextValue:\x02\x38\x01\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8b\x01\n\x10RetrieveResponse\x12\x35\n\ncandidates\x18\x01 \x03(\x0b\x32!.two_tower.retrieval.v1.Candidate\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t2q\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.two_tower.retrieval.v1.RetrieveRequest\x1a(.two_tower.retrieval.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x16two_tower.retrieval.v1\"/\n\x0bInteraction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"V\n\x19RecordInteractionsRequest\x12\x39\n\x0cinteractions\x18\x01 \x03(\x0b\x32#.two_tower.retrieval.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\"\\\n\x0c\x43ontextValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x42\x07\n\x05value\"\xb2\x02\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x45\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x34.two_tower.retrieval.v1.RetrieveRequest.ContextEntry\x12\x1f\n\x17\x65vent_time_unix_seconds\x18\x04 \x01(\x03\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1aT\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.two_tower.retrieval.v1.ContextValue:\x02\x38\x01\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8b\x01\n\x10RetrieveResponse\x12\x35\n\ncandidates\x18\x01 \x03(\x0b\x32!.two_tower.retrieval.v1.Candidate\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t2\xdc\x02\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.two_tower.retrieval.v1.RetrieveRequest\x1a(.two_tower.retrieval.v1.RetrieveResponse\x12l\n\x11RecordInteraction\x12#.two_tower.retrieval.v1.Interaction\x1a\x32.two_tower.retrieval.v1.RecordInteractionsResponse\x12{\n\x12RecordInteractions\x12\x31.two_tower.retrieval.v1.RecordInteractionsRequest\x1a\x32.two_tower.retrieval.v1.RecordInteractionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_CONTEXTVALUE']._serialized_start=56
-  _globals['_CONTEXTVALUE']._serialized_end=148
-  _globals['_RETRIEVEREQUEST']._serialized_start=151
-  _globals['_RETRIEVEREQUEST']._serialized_end=457
-  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_start=373
-  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_end=457
-  _globals['_CANDIDATE']._serialized_start=459
-  _globals['_CANDIDATE']._serialized_end=502
-  _globals['_RETRIEVERESPONSE']._serialized_start=505
-  _globals['_RETRIEVERESPONSE']._serialized_end=644
-  _globals['_RETRIEVALSERVICE']._serialized_start=646
-  _globals['_RETRIEVALSERVICE']._serialized_end=759
+  _globals['_INTERACTION']._serialized_start=56
+  _globals['_INTERACTION']._serialized_end=103
+  _globals['_RECORDINTERACTIONSREQUEST']._serialized_start=105
+  _globals['_RECORDINTERACTIONSREQUEST']._serialized_end=191
+  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_start=193
+  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_end=239
+  _globals['_CONTEXTVALUE']._serialized_start=241
+  _globals['_CONTEXTVALUE']._serialized_end=333
+  _globals['_RETRIEVEREQUEST']._serialized_start=336
+  _globals['_RETRIEVEREQUEST']._serialized_end=642
+  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_start=558
+  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_end=642
+  _globals['_CANDIDATE']._serialized_start=644
+  _globals['_CANDIDATE']._serialized_end=687
+  _globals['_RETRIEVERESPONSE']._serialized_start=690
+  _globals['_RETRIEVERESPONSE']._serialized_end=829
+  _globals['_RETRIEVALSERVICE']._serialized_start=832
+  _globals['_RETRIEVALSERVICE']._serialized_end=1180
 # @@protoc_insertion_point(module_scope)

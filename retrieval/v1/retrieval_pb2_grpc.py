@@ -39,6 +39,16 @@ class RetrievalServiceStub:
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.RecordInteraction = channel.unary_unary(
+                '/two_tower.retrieval.v1.RetrievalService/RecordInteraction',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.Interaction.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsResponse.FromString,
+                _registered_method=True)
+        self.RecordInteractions = channel.unary_unary(
+                '/two_tower.retrieval.v1.RetrievalService/RecordInteractions',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -59,6 +69,26 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordInteraction(self, request, context):
+        """Records that a user interacted with an item: the item is prepended to the user's
+        recent-items history in the feature store (bounded length; on Redis with a TTL), so the
+        next Retrieve for that user reflects it.
+
+        Errors: INVALID_ARGUMENT for an empty user_id or item_id (the message names the field);
+        UNAVAILABLE when the feature store cannot be reached (nothing was recorded; retry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordInteractions(self, request, context):
+        """The batch form: up to 1000 interactions, recorded in one feature-store round trip, in
+        the order given (the last of a user's is the most recent). All or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -66,6 +96,16 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'RecordInteraction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordInteraction,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.Interaction.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsResponse.SerializeToString,
+            ),
+            'RecordInteractions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordInteractions,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +135,60 @@ class RetrievalService:
             '/two_tower.retrieval.v1.RetrievalService/Retrieve',
             retrieval_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
             retrieval_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordInteraction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/two_tower.retrieval.v1.RetrievalService/RecordInteraction',
+            retrieval_dot_v1_dot_retrieval__pb2.Interaction.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordInteractions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/two_tower.retrieval.v1.RetrievalService/RecordInteractions',
+            retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.RecordInteractionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
