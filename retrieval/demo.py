@@ -87,8 +87,8 @@ def _wait_for_port(server: subprocess.Popen, port_file: Path, timeout_s: float) 
         if server.poll() is not None:
             raise RuntimeError(f"server exited with code {server.returncode} before serving; "
                                f"see {port_file.parent / 'server.log'}")
-        if port_file.exists() and port_file.read_text().strip():
-            return int(port_file.read_text())
+        if port_file.exists():  # written atomically once the server is SERVING
+            return int(port_file.read_text().split()[0])
         time.sleep(0.1)
     raise TimeoutError(f"server not SERVING after {timeout_s:.0f}s")
 

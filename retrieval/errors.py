@@ -3,8 +3,10 @@
     ServiceError                 INTERNAL unless a subclass says otherwise
     ├── InvalidArgument          INVALID_ARGUMENT: a request field is wrong; names the field
     ├── NotFound                 NOT_FOUND
-    └── FailedPrecondition       FAILED_PRECONDITION: no model/index pair loaded, or an
-                                 artifact refused (training.errors.ArtifactError)
+    ├── FailedPrecondition       FAILED_PRECONDITION: no model/index pair loaded, or an
+    │                            artifact refused (training.errors.ArtifactError)
+    └── DeadlineExceeded         DEADLINE_EXCEEDED: the caller's deadline passed; the rest
+                                 of the work is skipped
     (retrieval.feature_store.FeatureStoreUnavailable → UNAVAILABLE: the caller may retry)
 
 ``status_of`` is the one place any exception becomes a (code, message) pair; the server's
@@ -38,6 +40,10 @@ class NotFound(ServiceError):
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from retrieval.feature_store import (
     FeatureStore, InMemoryFeatureStore, RedisFeatureStore, users_from_dataset,
 )
+from retrieval.metrics import ServiceMetrics
 from retrieval.pair import load_pair
 from retrieval.query import Limits
 from retrieval.retriever import Retriever
@@ -38,6 +40,7 @@ class ServerConfig:
     history_ttl_s: int | None = 90 * 86400  # Redis: a history without events expires
     faiss_threads: int = 1
     grace_seconds: float = 5.0
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0: any free port
     limits: Limits = field(default_factory=Limits)
 
 
@@ -47,6 +50,7 @@ class RunningServer:
     port: int
     retriever: Retriever
     health: health.aio.HealthServicer
+    metrics_port: int | None = None
 
     async def load(self, config: ServerConfig) -> None:
         """Load the model/index pair (off the event loop), then report SERVING."""
@@ -67,8 +71,10 @@ async def create_server(config: ServerConfig) -> RunningServer:
     import faiss
 
     faiss.omp_set_num_threads(config.faiss_threads)
-    retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    metrics = ServiceMetrics()
+    retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s,
+                          metrics)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)])
     pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -83,7 +89,11 @@ async def create_server(config: ServerConfig) -> RunningServer:
     await server.start()
     log.info("listening on %s:%d (NOT_SERVING until the model and index are loaded)",
              config.host, port)
-    return RunningServer(server, port, retriever, health_servicer)
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = metrics.serve_http(config.host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
+    return RunningServer(server, port, retriever, health_servicer, metrics_port)
 
 
 async def _feature_store(config: ServerConfig) -> FeatureStore:
@@ -108,8 +118,11 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
         raise
     log.info("SERVING model %s with index %s", running.retriever.pair.model_version,
              running.retriever.pair.index_version)
-    if port_file is not None:
-        port_file.write_text(str(running.port))
+    if port_file is not None:  # "PORT" or "PORT METRICS_PORT", written once SERVING
+        ports = [running.port] + ([running.metrics_port] if running.metrics_port else [])
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(" ".join(map(str, ports)))
+        os.replace(tmp, port_file)  # readers never see half a line
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

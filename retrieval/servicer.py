@@ -9,6 +9,7 @@ import uuid
 import grpc
 
 from retrieval.errors import InvalidArgument, status_of
+from retrieval.metrics import ServiceMetrics
 from retrieval.query import RetrieveQuery
 from retrieval.retriever import RetrieveResult, Retriever
 from retrieval.v1 import retrieval_pb2 as pb
@@ -23,7 +24,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
         query = decode_retrieve(request)
-        result = await self.retriever.retrieve(query)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        result = await self.retriever.retrieve(query, deadline)
         return encode_retrieve(result, query.request_id)
 
     async def RecordInteraction(self, request: pb.Interaction, context
@@ -68,25 +71,37 @@ def encode_retrieve(result: RetrieveResult, request_id: str) -> pb.RetrieveRespo
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The one place exceptions become statuses (retrieval.errors.status_of)."""
+    """The one place exceptions become statuses (retrieval.errors.status_of); it also
+    counts every finished call by code and times it."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
         inner, method = handler.unary_unary, handler_call_details.method
+        rpc = method.rsplit("/", 1)[-1]
 
         async def guarded(request, context):
+            code = grpc.StatusCode.OK
             try:
-                return await inner(request, context)
+                with self.metrics.stage(rpc, "total"):
+                    return await inner(request, context)
             except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception as exc:  # noqa: BLE001 - the boundary: everything is mapped here
                 status = status_of(exc)
                 if status is None:
-                    log.exception("internal error in %s", method)
+                    log.exception("internal error in %s (request_id %s)", method,
+                                  getattr(request, "request_id", ""))
                     status = (grpc.StatusCode.INTERNAL, "internal error")
+                code = status[0]
                 await context.abort(*status)
+            finally:
+                self.metrics.requests.labels(rpc, code.name).inc()
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,

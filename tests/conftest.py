@@ -158,6 +158,7 @@ class ServerProcess:
     process: subprocess.Popen
     port: int
     log_path: Path
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -179,8 +180,9 @@ def start_server(args: list[str], workdir: Path, timeout_s: float = 120.0) -> Se
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        if port_file.exists() and port_file.read_text().strip():
-            return ServerProcess(process, int(port_file.read_text()), log_path)
+        if port_file.exists():
+            ports = [int(p) for p in port_file.read_text().split()]
+            return ServerProcess(process, ports[0], log_path, (ports[1:] or [None])[0])
         time.sleep(0.05)
     process.kill()
     raise TimeoutError(f"server not ready in {timeout_s}s:\n{log_path.read_text()}")
@@ -202,7 +204,8 @@ def server(pipeline: Pipeline, tmp_path_factory) -> Iterator[ServerProcess]:
     """Serving the pipeline's pair with the in-process feature store (the default)."""
     workdir = tmp_path_factory.mktemp("server")
     running = start_server(["--model", str(pipeline.model_dir), "--index",
-                            str(pipeline.index_dir), "--features", str(pipeline.data_dir)], workdir)
+                            str(pipeline.index_dir), "--features", str(pipeline.data_dir),
+                            "--metrics-port", "0"], workdir)
     yield running
     stop_server(running)
 

@@ -162,3 +162,27 @@ def test_bad_interactions_are_invalid_argument_naming_the_field(stub, events, fi
         stub.RecordInteractions(request, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_metrics_endpoint_exposes_stage_latencies_and_codes(server):
+    import urllib.request
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RetrievalServiceStub(channel)
+        retrieve(stub, k=5)
+        with pytest.raises(grpc.RpcError):
+            retrieve(stub, k=0)
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for stage in ("features", "tower", "ann", "total"):
+        assert f'two_tower_stage_seconds_count{{rpc="Retrieve",stage="{stage}"}}' in text
+    assert 'two_tower_requests_total{code="INVALID_ARGUMENT",rpc="Retrieve"}' in text
+    assert 'two_tower_requests_total{code="OK",rpc="Retrieve"}' in text
+    assert "two_tower_serving_info{index_version=" in text
+
+
+def test_an_expired_deadline_is_deadline_exceeded(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Retrieve(build_request("u1", 10, NIGHT, WEDNESDAY), timeout=0.0005)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert retrieve(stub).candidates  # and the server keeps answering

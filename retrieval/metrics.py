@@ -1,0 +1,54 @@
+"""Prometheus metrics of the service, on their own registry and HTTP port.
+
+    two_tower_stage_seconds{rpc, stage}      latency per stage: features, tower, ann, total
+    two_tower_requests_total{rpc, code}      every finished call by gRPC status code
+    two_tower_batch_size                     requests answered by one tower + ANN call
+    two_tower_feature_store_errors_total     feature-store calls that failed
+    two_tower_serving_info{model_version, index_version}   1 for the pair being served
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# 50 µs … 2.5 s: the stages of one call span four orders of magnitude.
+LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
+                   0.25, 0.5, 1.0, 2.5)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.stage_seconds = Histogram(
+            "two_tower_stage_seconds", "Latency of one stage of a call", ("rpc", "stage"),
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("two_tower_requests_total", "Finished calls by status code",
+                                ("rpc", "code"), registry=self.registry)
+        self.batch_size = Histogram("two_tower_batch_size", "Requests per tower + ANN call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.feature_store_errors = Counter("two_tower_feature_store_errors_total",
+                                            "Feature-store calls that failed",
+                                            registry=self.registry)
+        self.serving = Gauge("two_tower_serving_info", "The model and index being served",
+                             ("model_version", "index_version"), registry=self.registry)
+
+    @contextmanager
+    def stage(self, rpc: str, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds.labels(rpc, stage).observe(time.perf_counter() - start)
+
+    def set_serving(self, model_version: str, index_version: str) -> None:
+        self.serving.clear()
+        self.serving.labels(model_version, index_version).set(1)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Expose /metrics; returns the bound port (port 0: any free one)."""
+        server, _ = start_http_server(port, host, registry=self.registry)
+        return server.server_port
