@@ -7,12 +7,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test redis proto clean
+.PHONY: help install demo test redis proto quality clean
 
 help:
 	@echo "make demo     generate data, train, build the index, serve, query (end to end)"
 	@echo "make test     run the test suite (installs what it needs)"
 	@echo "make proto    regenerate the Python stubs from proto/"
+	@echo "make quality  retrieval quality on MovieLens vs the plain TFRS baseline (../shared/data)"
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -45,6 +46,9 @@ test: install redis
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \
 		proto/retrieval/v1/retrieval.proto
+
+quality: install
+	$(BIN)/python -m benchmarks.quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf demo-run build *.egg-info
