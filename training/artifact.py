@@ -9,6 +9,8 @@ Layout of ``<store>/<model_version>/``::
     item_tower/            SavedModel; the same for item features, {"item_emb": [n, d]}
     item_embeddings.npy    float32 [n_items, d], every catalogue item
     item_ids.npy           unicode [n_items], external item ids in the same order
+    user_tower_numpy.npz   the user tower as plain arrays, and .json its layer graph: what
+    user_tower_numpy.json  the service runs online (retrieval.numpy_tower), no TensorFlow
 
 The directory is written under a temporary name and renamed into place, so a reader never
 sees half an artifact.
@@ -71,6 +73,7 @@ def export_model(trained, store: str | Path, training_summary: dict[str, Any]) -
         np.save(tmp / "item_embeddings.npy", item_emb, allow_pickle=False)
         item_ids = trained.dataset.items[spec.columns.item_id].astype(str)
         np.save(tmp / "item_ids.npy", item_ids, allow_pickle=False)
+        write_numpy_user_tower(trained, tmp)
         manifest = {
             "format": MODEL_FORMAT,
             "model_version": version,
@@ -181,3 +184,12 @@ def load_item_embeddings(manifest: ModelManifest) -> tuple[np.ndarray, np.ndarra
                             f"shape {item_emb.shape} does not match the manifest "
                             f"({manifest.num_items}, {manifest.embedding_dim})")
     return item_emb.astype(np.float32, copy=False), item_ids
+
+
+def write_numpy_user_tower(trained, directory: Path) -> None:
+    """user_tower_numpy.{npz,json} into ``directory``: the user tower as plain arrays and a
+    layer graph (training.numpy_export), served by retrieval.numpy_tower without TensorFlow.
+    Call it before the manifest's checksums are taken, so the files are listed there."""
+    from training.numpy_export import export_numpy_user_tower
+
+    export_numpy_user_tower(trained.user_tower, trained.dataset.spec, trained.stats, directory)

@@ -1,0 +1,200 @@
+"""The micro-batcher: batches form, results reach the right callers, failures and
+cancellations stay contained, the queue is bounded and the event loop never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from retrieval.batcher import BatcherClosed, MicroBatcher, Overloaded
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Recorder:
+    """A batch function that squares its items and remembers the batches it saw."""
+
+    def __init__(self, sleep_s: float = 0.0, fail_on: object = None) -> None:
+        self.batches: list[list] = []
+        self.sleep_s, self.fail_on = sleep_s, fail_on
+        self.started = threading.Event()
+
+    def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        self.started.set()
+        time.sleep(self.sleep_s)
+        if self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on!r}")
+        return [x * x for x in items]
+
+
+def run(main):
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        return asyncio.run(main(executor))
+
+
+def test_concurrent_submits_share_a_few_calls_with_each_result_in_its_place():
+    fn = Recorder()
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=20_000, executor=executor)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(50)))
+        await batcher.close()
+        return results
+
+    assert run(main) == [i * i for i in range(50)]
+    assert len(fn.batches) <= 4 and all(len(b) <= 16 for b in fn.batches)
+    assert sorted(x for b in fn.batches for x in b) == list(range(50))
+
+
+def test_a_lone_request_is_dispatched_after_max_wait():
+    fn = Recorder()
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=50_000, executor=executor)
+        start = time.monotonic()
+        result = await batcher.submit(3)
+        elapsed = time.monotonic() - start
+        await batcher.close()
+        return result, elapsed
+
+    result, elapsed = run(main)
+    assert result == 9 and fn.batches == [[3]]
+    assert 0.025 <= elapsed < 1.0  # waited for company, not much longer (machine is busy)
+
+
+def test_an_exception_of_fn_reaches_every_caller_of_its_batch_and_the_next_batch_works():
+    fn = Recorder(fail_on=2)
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=4, max_wait_us=10_000, executor=executor)
+        failed = await asyncio.gather(*(batcher.submit(i) for i in range(4)),
+                                      return_exceptions=True)
+        after = await asyncio.gather(*(batcher.submit(i) for i in (5, 6)))
+        await batcher.close()
+        return failed, after
+
+    failed, after = run(main)
+    assert all(isinstance(r, ValueError) and "bad item 2" in str(r) for r in failed)
+    assert after == [25, 36]
+
+
+def test_an_exception_returned_for_one_item_reaches_that_caller_alone():
+    def fn(items):
+        return [KeyError(x) if x == 1 else x for x in items]
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=3, max_wait_us=10_000, executor=executor)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(3)),
+                                       return_exceptions=True)
+        await batcher.close()
+        return results
+
+    first, second, third = run(main)
+    assert (first, third) == (0, 2) and isinstance(second, KeyError)
+
+
+def test_a_wrong_number_of_results_fails_the_batch_clearly():
+    async def main(executor):
+        batcher = MicroBatcher(lambda items: items[:-1], max_batch=2, max_wait_us=10_000,
+                               executor=executor)
+        results = await asyncio.gather(batcher.submit(1), batcher.submit(2),
+                                       return_exceptions=True)
+        await batcher.close()
+        return results
+
+    for r in run(main):
+        assert isinstance(r, RuntimeError) and "returned 1 results for 2 items" in str(r)
+
+
+def test_a_caller_gone_before_dispatch_is_dropped_and_the_others_are_served():
+    fn = Recorder()
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=50_000, executor=executor)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0)  # all three are queued
+        tasks[1].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    first, second, third = run(main)
+    assert (first, third) == (0, 4) and isinstance(second, asyncio.CancelledError)
+    assert fn.batches == [[0, 2]]
+
+
+def test_a_caller_gone_while_its_batch_runs_does_not_break_it():
+    fn = Recorder(sleep_s=0.2)
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=3, max_wait_us=1_000, executor=executor)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        await asyncio.to_thread(fn.started.wait, 5)
+        with pytest.raises(TimeoutError):  # a caller's deadline runs out
+            await asyncio.wait_for(tasks[0], timeout=0.01)
+        results = await asyncio.gather(*tasks[1:])
+        after = await batcher.submit(7)
+        await batcher.close()
+        return results, after
+
+    assert run(main) == ([1, 4], 49)
+    assert fn.batches == [[0, 1, 2], [7]]
+
+
+def test_a_full_queue_refuses_at_once_with_resource_exhausted_and_close_drains():
+    fn = Recorder()
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=100, max_wait_us=10_000_000, executor=executor,
+                               max_queue=4)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(4)]
+        await asyncio.sleep(0)
+        assert batcher.queued == 4
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(99)
+        start = time.monotonic()
+        await batcher.close()  # does not wait out the 10 s max_wait
+        drained_s = time.monotonic() - start
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(5)
+        return refused.value, [t.result() for t in tasks], drained_s
+
+    refused, results, drained_s = run(main)
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 requests" in str(refused)
+    assert results == [0, 1, 4, 9] and drained_s < 5.0
+    assert fn.batches == [[0, 1, 2, 3]]
+
+
+def test_the_event_loop_keeps_running_while_fn_blocks():
+    fn = Recorder(sleep_s=0.2)
+    ticks: list[float] = []
+
+    async def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    async def main(executor):
+        batcher = MicroBatcher(fn, max_batch=1, max_wait_us=0, executor=executor)
+        tick_task = asyncio.create_task(ticker())
+        start = time.monotonic()
+        await batcher.submit(1)
+        end = time.monotonic()
+        tick_task.cancel()
+        await batcher.close()
+        return start, end
+
+    start, end = run(main)
+    assert end - start >= 0.2
+    assert sum(start <= t <= end for t in ticks) >= 5  # ~20 expected; the machine is busy
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match=r"max_batch must be an integer >= 1 \(got 0\)"):
+        MicroBatcher(lambda items: items, max_batch=0, max_wait_us=0, executor=None)

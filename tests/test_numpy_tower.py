@@ -1,0 +1,194 @@
+"""The NumPy user tower equals the exported SavedModel to 1e-5 (training.numpy_export →
+retrieval.numpy_tower), on training rows and on every kind of unknown input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.errors import ArtifactError
+from training.inputs import PAD, UserRequest, user_inputs
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(num_users=80, num_items=60, num_clusters=4, interactions_per_user=6)
+ATOL = 1e-5
+VARIANTS = {  # name: (normalize, hidden_dims, oov_buckets by feature)
+    "plain": (False, (64,), {}),
+    "normalized": (True, (64,), {}),
+    "oov-hashed": (False, (16, 8), {"user_id": 3, "item_id": 2}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    trained: object
+    model_dir: Path
+    saved_model: object
+    numpy_tower: object
+
+    @property
+    def spec(self):
+        return self.trained.dataset.spec
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request, tmp_path_factory) -> Exported:
+    from retrieval.numpy_tower import NumpyUserTower
+    from retrieval.pair import SavedModelUserTower
+    from training.artifact import export_model, load_model_manifest
+    from training.model import TowerConfig
+    from training.synthetic import SyntheticConfig, generate_synthetic
+    from training.train import TrainConfig, train
+
+    normalize, hidden_dims, oov = VARIANTS[request.param]
+    dataset, _ = generate_synthetic(SyntheticConfig(**TINY))
+    dataset = _with_oov_buckets(dataset, oov)
+    tower = TowerConfig(embedding_dim=16, hidden_dims=hidden_dims, normalize=normalize)
+    trained = train(dataset, TrainConfig(epochs=1, tower=tower))
+    model_dir = export_model(trained, tmp_path_factory.mktemp(request.param), {})
+    manifest = load_model_manifest(model_dir)
+    return Exported(trained, model_dir, SavedModelUserTower(manifest),
+                    NumpyUserTower.load(model_dir))
+
+
+def _with_oov_buckets(dataset, oov: dict[str, int]):
+    spec = dataset.spec
+    features = tuple(dataclasses.replace(f, oov_buckets=oov.get(f.name, f.oov_buckets))
+                     for f in spec.features)
+    return dataclasses.replace(dataset, spec=dataclasses.replace(spec, features=features))
+
+
+def _examples(exported: Exported, n: int = 200) -> dict[str, np.ndarray]:
+    from training.inputs import training_examples
+
+    examples = training_examples(exported.trained.dataset)
+    return {f.name: examples[f.name][:n] for f in exported.spec.user_input_features}
+
+
+def _assert_agree(exported: Exported, inputs: dict[str, np.ndarray]) -> None:
+    expected = exported.saved_model(inputs)
+    got = exported.numpy_tower(inputs)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_agrees_on_training_examples(exported):
+    _assert_agree(exported, _examples(exported))
+
+
+def test_agrees_one_row_at_a_time(exported):
+    inputs = _examples(exported, 5)
+    for i in range(5):
+        _assert_agree(exported, {k: v[i:i + 1] for k, v in inputs.items()})
+
+
+def test_agrees_on_unknown_users_items_and_context(exported):
+    requests = [
+        UserRequest(f"stranger-{i}", {}, (), {}, event_time=1_700_000_000 + 3_600 * i)
+        for i in range(20)
+    ] + [
+        UserRequest("u1", {"age": 30.0, "country": "nowhere"}, ("i1", "no-such-item", "i2"),
+                    {"device": "toaster"}, event_time=0),
+        UserRequest("", {}, ("zzz", "", "i3"), {"hour_of_day": 99}, event_time=0),
+        UserRequest("ünïcödé-👤", {"country": ""}, ("ïtem",), {}, event_time=0),
+    ]
+    _assert_agree(exported, user_inputs(exported.spec, requests))
+
+
+def test_agrees_on_empty_histories(exported):
+    inputs = _examples(exported, 50)
+    history = next(f.name for f in exported.spec.user_input_features if f.kind == "history")
+    inputs[history] = np.full_like(inputs[history], PAD)
+    _assert_agree(exported, inputs)
+
+
+def test_agrees_on_missing_numeric_values(exported):
+    inputs = _examples(exported, 50)
+    numeric = [f.name for f in exported.spec.user_input_features if f.kind == "numeric"]
+    assert numeric
+    for name in numeric:
+        values = inputs[name].copy()
+        values[::2] = np.nan
+        values[1::4] = np.inf
+        inputs[name] = values
+    _assert_agree(exported, inputs)
+
+
+def test_hashed_oov_matches_string_lookup():
+    """Unknown ids land in the bucket Keras' StringLookup gives them, for several counts."""
+    from retrieval.numpy_tower import _Lookup
+    from training.tf_env import keras
+
+    vocabulary = [f"v{i}" for i in range(10)]
+    ids = np.array(vocabulary + ["", "x", "ünï", "v10", "V1", " v1", "a" * 100] +
+                   [f"unknown-{i}" for i in range(50)], dtype=object).reshape(-1, 1)
+    for num_oov in (1, 2, 3, 7):
+        layer = keras.layers.StringLookup(vocabulary=vocabulary, num_oov_indices=num_oov)
+        np.testing.assert_array_equal(_Lookup(vocabulary, num_oov)(ids), layer(ids).numpy())
+
+
+def test_fingerprint64_is_tensorflows_on_every_length_path():
+    """The pure-Python FarmHash against tf.strings.to_hash_bucket_fast with ~2^62 buckets:
+    lengths 0-3, 4-7, 8-16, 17-32, 33-64 and the 64-byte block loop, ASCII and multi-byte."""
+    import random
+
+    from retrieval.numpy_tower import oov_buckets
+    from training.tf_env import tf
+
+    rng = random.Random(0)
+    alphabet = "abcxyz0189-_éü👤"
+    ids = ["".join(rng.choice(alphabet) for _ in range(n)) for n in range(300) for _ in range(3)]
+    buckets = 1 << 62
+    expected = tf.strings.to_hash_bucket_fast(np.array(ids, dtype=object), buckets).numpy()
+    np.testing.assert_array_equal(oov_buckets(ids, buckets), expected)
+
+
+def test_export_refuses_a_concatenation_order_other_than_the_spec(exported, tmp_path):
+    from training.numpy_export import export_numpy_user_tower
+
+    spec = exported.spec
+    shuffled = dataclasses.replace(spec, features=tuple(reversed(spec.features)))
+    with pytest.raises(ValueError, match="concatenation order"):
+        export_numpy_user_tower(exported.trained.user_tower, shuffled, exported.trained.stats,
+                                tmp_path)
+
+
+def test_files_are_arrays_and_a_layer_graph(exported):
+    with np.load(exported.model_dir / "user_tower_numpy.npz", allow_pickle=False) as npz:
+        assert all(npz[name].dtype == np.float32 for name in npz.files)
+    graph = json.loads((exported.model_dir / "user_tower_numpy.json").read_text())
+    assert [f["name"] for f in graph["features"]] == [
+        f.name for f in exported.spec.user_input_features]
+    assert [d["activation"] for d in graph["dense"]][-1] == "linear"
+    assert graph["normalize"] == exported.trained.config.tower.normalize
+
+
+def test_wrong_inputs_are_refused_naming_them(exported):
+    inputs = _examples(exported, 3)
+    del inputs["age"]
+    with pytest.raises(ValueError, match=r"missing \['age'\]"):
+        exported.numpy_tower(inputs)
+
+
+def test_altered_or_unlisted_files_are_refused(exported, tmp_path):
+    import shutil
+
+    from retrieval.numpy_tower import NumpyUserTower
+
+    copy = tmp_path / "model"
+    shutil.copytree(exported.model_dir, copy)
+    with open(copy / "user_tower_numpy.npz", "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ArtifactError, match="user_tower_numpy.npz: checksum mismatch"):
+        NumpyUserTower.load(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["user_tower_numpy.json"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="lists no user_tower_numpy.json"):
+        NumpyUserTower.load(copy)

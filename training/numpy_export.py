@@ -1,0 +1,163 @@
+"""The user tower as plain arrays and a layer graph, for serving without TensorFlow.
+
+Two files next to the SavedModel in a model artifact (read by retrieval.numpy_tower)::
+
+    user_tower_numpy.npz    embedding tables by layer name ("user_id_embedding"), dense
+                            weights as "<layer>.kernel" [in, out] / "<layer>.bias" [out];
+                            float32, no pickled objects
+    user_tower_numpy.json   {"format", "embedding_dim", "normalize",
+                             "features": [one per concatenated encoding, in order:
+                                 {"name", "kind", "vocabulary", "num_oov", "embedding",
+                                  "max_length" (bag and history only)}
+                                 or, numeric, {"name", "kind", "mean", "variance"}],
+                             "dense": [{"name", "activation"}, ...] in order}
+
+Everything is read from the trained Keras layers by name (as training.model.Towers names
+them), except the numeric means and variances, which the model holds as constants of its
+graph: those come from the FeatureStats it was built with. A layer the NumPy tower could
+not reproduce is refused at export, not discovered at serving.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from training.feature_spec import Feature, FeatureSpec
+
+if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must not
+    from training.model import FeatureStats
+
+NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/1"
+NUMPY_TOWER_ARRAYS = "user_tower_numpy.npz"
+NUMPY_TOWER_GRAPH = "user_tower_numpy.json"
+ACTIVATIONS = ("linear", "relu")
+MIN_VARIANCE = 1e-12  # training.model.Towers floors the variance at this before sqrt
+_LAYER_TYPES = {"InputLayer", "TFOpLambda", "StringLookup", "Embedding", "Reshape",
+                "MaskedMeanPool", "Concatenate", "Dense", "L2Normalize"}
+# the ops of the numeric encoder: where(is_finite(x), x, mean), then (x - mean) / std
+_NUMERIC_OPS = {"math.is_finite", "where", "math.subtract", "math.truediv"}
+
+
+def export_numpy_user_tower(user_tower, spec: FeatureSpec, stats: FeatureStats,
+                            path: Path) -> None:
+    """Write user_tower_numpy.{npz,json} into the directory ``path``.
+
+    Raises ValueError when the tower holds a layer the NumPy tower cannot reproduce or its
+    concatenation order is not ``spec.user_input_features``.
+    """
+    _check_layer_types(user_tower)
+    _check_concat_order(user_tower, spec.user_input_features)
+    arrays: dict[str, np.ndarray] = {}
+    features = [_feature_entry(user_tower, spec, stats, f, arrays)
+                for f in spec.user_input_features]
+    dense = _dense_entries(user_tower, arrays)
+    width = sum(_width(e, arrays) for e in features)
+    if dense and arrays[f"{dense[0]['name']}.kernel"].shape[0] != width:
+        raise ValueError(f"{dense[0]['name']}: kernel takes "
+                         f"{arrays[dense[0]['name'] + '.kernel'].shape[0]} inputs but the "
+                         f"encodings are {width} wide")
+    graph = {
+        "format": NUMPY_TOWER_FORMAT,
+        "embedding_dim": int(user_tower.output.shape[-1]),
+        "normalize": _has_layer(user_tower, f"{user_tower.name}_l2"),
+        "features": features,
+        "dense": dense,
+    }
+    path = Path(path)
+    with open(path / NUMPY_TOWER_ARRAYS, "wb") as fh:
+        np.savez(fh, **arrays)
+    (path / NUMPY_TOWER_GRAPH).write_text(json.dumps(graph, indent=1))
+
+
+def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
+                   arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    if f.kind == "numeric":
+        return {"name": f.name, "kind": f.kind, "mean": float(stats.means[f.name]),
+                "variance": max(float(stats.variances[f.name]), MIN_VARIANCE)}
+    # history shares the item-id lookup and embedding with the item tower
+    owner = spec.columns.item_id if f.kind == "history" else f.name
+    lookup = tower.get_layer(f"{owner}_lookup")
+    embedding = tower.get_layer(f"{owner}_embedding")
+    num_oov = int(lookup.num_oov_indices)
+    if lookup.mask_token is not None or num_oov < 1:
+        raise ValueError(f"{lookup.name}: expected no mask token and >= 1 OOV index "
+                         f"(got mask_token={lookup.mask_token!r}, num_oov_indices={num_oov})")
+    vocabulary = [str(v) for v in lookup.get_vocabulary()[num_oov:]]
+    table = np.asarray(embedding.get_weights()[0], dtype=np.float32)
+    if table.shape[0] != len(vocabulary) + num_oov:
+        raise ValueError(f"{embedding.name}: {table.shape[0]} rows but the vocabulary has "
+                         f"{len(vocabulary)} ids + {num_oov} OOV buckets")
+    arrays[embedding.name] = table
+    entry = {"name": f.name, "kind": f.kind, "vocabulary": vocabulary, "num_oov": num_oov,
+             "embedding": embedding.name}
+    return {**entry, "max_length": f.max_length} if f.is_sequence else entry
+
+
+def _dense_entries(tower, arrays: dict[str, np.ndarray]) -> list[dict[str, str]]:
+    names = []
+    while _has_layer(tower, f"{tower.name}_hidden{len(names)}"):
+        names.append(f"{tower.name}_hidden{len(names)}")
+    if _has_layer(tower, f"{tower.name}_out"):
+        names.append(f"{tower.name}_out")
+    found = sum(type(layer).__name__ == "Dense" for layer in tower.layers)
+    if found != len(names):
+        raise ValueError(f"{tower.name}: {found} Dense layers, but only {names} are named "
+                         f"as training.model.Towers names them")
+    entries = []
+    for name in names:
+        layer = tower.get_layer(name)
+        activation = layer.activation.__name__
+        if activation not in ACTIVATIONS or not layer.use_bias:
+            raise ValueError(f"{name}: expected a biased Dense with activation in "
+                             f"{ACTIVATIONS} (got {activation!r}, use_bias={layer.use_bias})")
+        kernel, bias = layer.get_weights()
+        arrays[f"{name}.kernel"] = np.asarray(kernel, np.float32)
+        arrays[f"{name}.bias"] = np.asarray(bias, np.float32)
+        entries.append({"name": name, "activation": activation})
+    return entries
+
+
+def _width(entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> int:
+    return 1 if entry["kind"] == "numeric" else arrays[entry["embedding"]].shape[1]
+
+
+def _has_layer(tower, name: str) -> bool:
+    return any(layer.name == name for layer in tower.layers)
+
+
+def _check_layer_types(tower) -> None:
+    unknown = sorted({type(layer).__name__ for layer in tower.layers} - _LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"{tower.name}: the NumPy tower cannot reproduce layers of type "
+                         f"{', '.join(unknown)}; it knows {', '.join(sorted(_LAYER_TYPES))}")
+    ops = {layer.symbol for layer in tower.layers if type(layer).__name__ == "TFOpLambda"}
+    if not ops <= _NUMERIC_OPS:
+        raise ValueError(f"{tower.name}: the NumPy tower cannot reproduce the ops "
+                         f"{', '.join(sorted(map(str, ops - _NUMERIC_OPS)))}")
+
+
+def _check_concat_order(tower, features: tuple[Feature, ...]) -> None:
+    """Each input of the Concatenate must depend on exactly the feature at its position."""
+    concats = [layer for layer in tower.layers if type(layer).__name__ == "Concatenate"]
+    if len(features) == 1 and not concats:
+        return
+    if len(concats) != 1:
+        raise ValueError(f"{tower.name}: expected one Concatenate layer (got {len(concats)})")
+    sources = [_source_inputs(t) for t in concats[0]._inbound_nodes[0].keras_inputs]
+    expected = [{f.name} for f in features]
+    if sources != expected:
+        raise ValueError(f"{tower.name}: concatenation order {sources} does not match "
+                         f"spec.user_input_features {[f.name for f in features]}")
+
+
+def _source_inputs(tensor) -> set[str]:
+    """Names of the model inputs a Keras tensor is computed from."""
+    layer, node_index, _ = tensor._keras_history
+    if type(layer).__name__ == "InputLayer":
+        return {layer.name}
+    node = layer._inbound_nodes[node_index]
+    return set().union(*(_source_inputs(t) for t in node.keras_inputs))
