@@ -7,6 +7,7 @@ manifest names that same version. A mismatch is refused at load time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class SavedModelUserTower:
 @dataclass(frozen=True)
 class ServingPair:
     model: ModelManifest
-    user_tower: SavedModelUserTower
+    user_tower: Callable[[dict[str, np.ndarray]], np.ndarray]  # raw inputs → user_emb [n, d]
     index: CandidateIndex
 
     @property
@@ -60,7 +61,25 @@ class ServingPair:
         self.index.search(user_emb, 1, [frozenset()])
 
 
-def load_pair(model_dir: str | Path, index_dir: str | Path) -> ServingPair:
+USER_TOWERS = ("auto", "numpy", "savedmodel")
+
+
+def load_user_tower(model: ModelManifest, kind: str = "auto"):
+    """The NumPy tower (15-25x faster per call than the SavedModel here, and exactly equal
+    to it, tests/test_numpy_tower.py) whenever the artifact has it; the SavedModel for older
+    artifacts or when asked for."""
+    if kind not in USER_TOWERS:
+        raise ValueError(f"user tower must be one of {', '.join(USER_TOWERS)} (got {kind!r})")
+    has_numpy = "user_tower_numpy.npz" in model.files
+    if kind == "numpy" or (kind == "auto" and has_numpy):
+        from retrieval.numpy_tower import NumpyUserTower
+
+        return NumpyUserTower.from_manifest(model)
+    return SavedModelUserTower(model)
+
+
+def load_pair(model_dir: str | Path, index_dir: str | Path,
+              user_tower: str = "auto") -> ServingPair:
     """Load and cross-check; raises ArtifactError naming the file and what did not match."""
     model = load_model_manifest(model_dir)
     index = load_index_artifact(index_dir)
@@ -74,8 +93,8 @@ def load_pair(model_dir: str | Path, index_dir: str | Path) -> ServingPair:
     if index.similarity != model.similarity:
         raise ArtifactError(str(manifest), f"similarity {index.similarity!r} does not match the "
                             f"model's {model.similarity!r}")
-    pair = ServingPair(model, SavedModelUserTower(model), CandidateIndex(index))
+    pair = ServingPair(model, load_user_tower(model, user_tower), CandidateIndex(index))
     pair.warm_up()
-    log.info("loaded model %s with index %s (%d items)", pair.model_version,
-             pair.index_version, pair.index.size)
+    log.info("loaded model %s (%s user tower) with index %s (%d items)", pair.model_version,
+             type(pair.user_tower).__name__, pair.index_version, pair.index.size)
     return pair

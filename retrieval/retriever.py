@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
 from retrieval.errors import DeadlineExceeded, FailedPrecondition
 from retrieval.feature_store import FeatureStore
@@ -25,15 +26,37 @@ class RetrieveResult:
     index_version: str
 
 
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = 32
+    max_wait_us: int = 300
+    max_queue: int = 2048   # beyond this, RESOURCE_EXHAUSTED instead of unbounded latency
+    threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    pair: ServingPair
+    request: UserRequest
+    query: RetrieveQuery
+
+
 class Retriever:
     """Holds the serving pair and the feature store; one instance per server."""
 
     def __init__(self, store: FeatureStore, limits: Limits = Limits(),
                  history_ttl_s: int | None = None,
-                 metrics: ServiceMetrics | None = None) -> None:
+                 metrics: ServiceMetrics | None = None,
+                 batching: BatchingConfig = BatchingConfig()) -> None:
         self.store, self.limits, self.history_ttl_s = store, limits, history_ttl_s
         self.metrics = metrics or ServiceMetrics()
         self._pair: ServingPair | None = None
+        # One compute thread: the tower and Faiss run there once per batch, so the event
+        # loop thread only decodes, reads Redis and encodes (2 cores: one each).
+        self._executor = ThreadPoolExecutor(batching.threads, thread_name_prefix="compute")
+        self._batcher = MicroBatcher(self._embed_and_search_batch, batching.max_batch,
+                                     batching.max_wait_us, self._executor,
+                                     max_queue=batching.max_queue)
 
     @property
     def pair(self) -> ServingPair | None:
@@ -60,8 +83,22 @@ class Retriever:
             context=query.context,
             event_time=query.event_time,
         )
-        candidates = await asyncio.to_thread(self._embed_and_search, pair, request, query)
+        candidates = await self._batcher.submit(_Job(pair, request, query))
         return RetrieveResult(candidates, pair.model_version, pair.index_version)
+
+    async def record_interactions(self, events: list[tuple[str, str]], batch: bool = True) -> int:
+        """Append the events to their users' histories; returns how many were recorded."""
+        validate_interactions(events, self.limits, batch)
+        try:
+            await self.store.record_interactions(events, self.history_ttl_s)
+        except Exception:
+            self.metrics.feature_store_errors.inc()
+            raise
+        return len(events)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        self._executor.shutdown(wait=True)
 
     async def _get_user(self, user_id: str):
         try:
@@ -70,19 +107,30 @@ class Retriever:
             self.metrics.feature_store_errors.inc()
             raise
 
-    def _embed_and_search(self, pair: ServingPair, request: UserRequest,
-                          query: RetrieveQuery) -> Candidates:
-        with self.metrics.stage("Retrieve", "tower"):
-            user_emb = pair.user_tower(user_inputs(pair.model.feature_spec, [request]))
-        self.metrics.batch_size.observe(1)
-        with self.metrics.stage("Retrieve", "ann"):
-            return pair.index.search(user_emb, query.k, [query.exclude_item_ids])[0]
+    def _embed_and_search_batch(self, jobs: list[_Job]) -> list[Candidates]:
+        """One tower call and one ANN search per serving pair in the batch (a hot swap can
+        put requests of two pairs in one batch; each is answered by the pair it started with)."""
+        self.metrics.batch_size.observe(len(jobs))
+        results: list[Candidates | None] = [None] * len(jobs)
+        for pair, rows in _group_by_pair(jobs):
+            requests = [jobs[r].request for r in rows]
+            with self.metrics.stage("Retrieve", "tower"):
+                user_emb = pair.user_tower(user_inputs(pair.model.feature_spec, requests))
+            k = max(jobs[r].query.k for r in rows)
+            with self.metrics.stage("Retrieve", "ann"):
+                found = pair.index.search(user_emb, k,
+                                          [jobs[r].query.exclude_item_ids for r in rows])
+            for r, candidates in zip(rows, found, strict=True):
+                wanted = jobs[r].query.k
+                results[r] = Candidates(candidates.item_ids[:wanted], candidates.scores[:wanted])
+        return results
 
-    async def record_interactions(self, events: list[tuple[str, str]], batch: bool = True) -> int:
-        """Append the events to their users' histories; returns how many were recorded."""
-        validate_interactions(events, self.limits, batch)
-        await self.store.record_interactions(events, self.history_ttl_s)
-        return len(events)
+
+def _group_by_pair(jobs: list[_Job]) -> list[tuple[ServingPair, list[int]]]:
+    groups: dict[int, tuple[ServingPair, list[int]]] = {}
+    for row, job in enumerate(jobs):
+        groups.setdefault(id(job.pair), (job.pair, []))[1].append(row)
+    return list(groups.values())
 
 
 def _check_deadline(deadline: float | None, where: str) -> None:

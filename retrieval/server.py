@@ -19,7 +19,7 @@ from retrieval.feature_store import (
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import load_pair
 from retrieval.query import Limits
-from retrieval.retriever import Retriever
+from retrieval.retriever import BatchingConfig, Retriever
 from retrieval.servicer import ErrorInterceptor, RetrievalServicer
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
@@ -41,6 +41,8 @@ class ServerConfig:
     faiss_threads: int = 1
     grace_seconds: float = 5.0
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0: any free port
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    user_tower: str = "auto"  # auto | numpy | savedmodel (retrieval.pair.load_user_tower)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -54,7 +56,8 @@ class RunningServer:
 
     async def load(self, config: ServerConfig) -> None:
         """Load the model/index pair (off the event loop), then report SERVING."""
-        pair = await asyncio.to_thread(load_pair, config.model_dir, config.index_dir)
+        pair = await asyncio.to_thread(load_pair, config.model_dir, config.index_dir,
+                                       config.user_tower)
         await self.retriever.store.ping()
         self.retriever.set_pair(pair)
         for name in ("", SERVICE_NAME):
@@ -63,6 +66,7 @@ class RunningServer:
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so probes move away
         await self.server.stop(grace)
+        await self.retriever.close()
         await self.retriever.store.close()
 
 
@@ -73,7 +77,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     faiss.omp_set_num_threads(config.faiss_threads)
     metrics = ServiceMetrics()
     retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s,
-                          metrics)
+                          metrics, config.batching)
     server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)])
     pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()

@@ -186,3 +186,40 @@ def test_an_expired_deadline_is_deadline_exceeded(stub):
         stub.Retrieve(build_request("u1", 10, NIGHT, WEDNESDAY), timeout=0.0005)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert retrieve(stub).candidates  # and the server keeps answering
+
+
+def test_concurrent_calls_are_batched_and_answered_as_if_alone(server):
+    """64 calls at once share tower and ANN calls, and each gets exactly the candidates it
+    gets when sent alone."""
+    import asyncio
+    import re
+    import urllib.request
+
+    from retrieval.client import retrieve as call
+
+    requests = [build_request(f"u{i}", 5 + i % 20, NIGHT if i % 2 else {"hour_of_day": 9},
+                              WEDNESDAY, exclude=["i1"] if i % 3 == 0 else ())
+                for i in range(64)]
+
+    def batches() -> tuple[float, float]:
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+        count = float(re.search(r"two_tower_batch_size_count (\S+)", text).group(1))
+        total = float(re.search(r"two_tower_batch_size_sum (\S+)", text).group(1))
+        return count, total
+
+    async def run(concurrently: bool):
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            if concurrently:
+                replies = await asyncio.gather(*(call(channel, r) for r in requests))
+            else:
+                replies = [await call(channel, r) for r in requests]
+        return [[c.item_id for c in reply.response.candidates] for reply in replies]
+
+    alone = asyncio.run(run(concurrently=False))
+    count_before, total_before = batches()
+    together = asyncio.run(run(concurrently=True))
+    count_after, total_after = batches()
+    assert together == alone
+    assert total_after - total_before == 64
+    assert count_after - count_before < 32  # on average at least two requests per batch
