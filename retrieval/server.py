@@ -20,6 +20,7 @@ from retrieval.metrics import ServiceMetrics
 from retrieval.pair import load_pair
 from retrieval.query import Limits
 from retrieval.retriever import BatchingConfig, Retriever
+from retrieval.swap import PairWatcher, resolve_pair_dirs
 from retrieval.servicer import ErrorInterceptor, RetrievalServicer
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
@@ -43,6 +44,7 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0: any free port
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     user_tower: str = "auto"  # auto | numpy | savedmodel (retrieval.pair.load_user_tower)
+    watch_interval_s: float | None = 2.0  # poll the index pointer; None: never swap
     limits: Limits = field(default_factory=Limits)
 
 
@@ -53,18 +55,26 @@ class RunningServer:
     retriever: Retriever
     health: health.aio.HealthServicer
     metrics_port: int | None = None
+    watch_task: asyncio.Task | None = None
 
     async def load(self, config: ServerConfig) -> None:
-        """Load the model/index pair (off the event loop), then report SERVING."""
-        pair = await asyncio.to_thread(load_pair, config.model_dir, config.index_dir,
-                                       config.user_tower)
+        """Load the model/index pair (off the event loop), then report SERVING and start
+        watching the index pointer for new versions."""
+        model_dir, index_dir = resolve_pair_dirs(config.model_dir, config.index_dir)
+        pair = await asyncio.to_thread(load_pair, model_dir, index_dir, config.user_tower)
         await self.retriever.store.ping()
         self.retriever.set_pair(pair)
+        if config.watch_interval_s:
+            watcher = PairWatcher(self.retriever, config.model_dir, config.index_dir,
+                                  config.user_tower, config.watch_interval_s, index_dir)
+            self.watch_task = asyncio.create_task(watcher.run())
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so probes move away
+        if self.watch_task is not None:
+            self.watch_task.cancel()
         await self.server.stop(grace)
         await self.retriever.close()
         await self.retriever.store.close()
