@@ -19,6 +19,7 @@ class Limits:
     max_recent_items: int = 1000
     max_exclude_items: int = 10000
     max_interactions: int = 1000
+    max_batch_requests: int = 1000
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
-from retrieval.errors import DeadlineExceeded, FailedPrecondition
+from retrieval.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from retrieval.feature_store import FeatureStore
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
 from retrieval.query import Limits, RetrieveQuery, validate_interactions, validate_query
+from training.artifact import load_item_embeddings
 from training.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,38 @@ class Retriever:
         candidates = await self._batcher.submit(_Job(pair, request, query))
         return RetrieveResult(candidates, pair.model_version, pair.index_version)
 
+    async def batch_retrieve(self, queries: list[RetrieveQuery], deadline: float | None = None
+                             ) -> list[RetrieveResult]:
+        """Every query validated first (errors name requests[i].field), then answered
+        concurrently: they share micro-batches like independent calls."""
+        pair = self._pair
+        if pair is None:
+            raise FailedPrecondition("no model and index loaded yet")
+        if not 1 <= len(queries) <= self.limits.max_batch_requests:
+            raise InvalidArgument("requests", f"must hold 1 to {self.limits.max_batch_requests} "
+                                  f"requests (got {len(queries)})")
+        for i, query in enumerate(queries):
+            try:
+                validate_query(query, pair.model.feature_spec, self.limits)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"requests[{i}].{exc.field}",
+                                      str(exc).split(": ", 1)[1]) from None
+        return list(await asyncio.gather(*(self.retrieve(q, deadline) for q in queries)))
+
+    async def similar_items(self, item_id: str, k: int, exclude: frozenset[str]
+                            ) -> RetrieveResult:
+        pair = self._pair
+        if pair is None:
+            raise FailedPrecondition("no model and index loaded yet")
+        if not 1 <= k <= self.limits.max_k:
+            raise InvalidArgument("k", f"must be in [1, {self.limits.max_k}] (got {k})")
+        if not item_id:
+            raise InvalidArgument("item_id", "must be non-empty")
+        item_emb = _item_embedding(pair, item_id)
+        found = await asyncio.get_running_loop().run_in_executor(
+            self._executor, pair.index.search, item_emb[None, :], k, [exclude | {item_id}])
+        return RetrieveResult(found[0], pair.model_version, pair.index_version)
+
     async def record_interactions(self, events: list[tuple[str, str]], batch: bool = True) -> int:
         """Append the events to their users' histories; returns how many were recorded."""
         validate_interactions(events, self.limits, batch)
@@ -124,6 +160,23 @@ class Retriever:
                 wanted = jobs[r].query.k
                 results[r] = Candidates(candidates.item_ids[:wanted], candidates.scores[:wanted])
         return results
+
+
+def _item_embedding(pair: ServingPair, item_id: str) -> np.ndarray:
+    """item_emb [d] of an item the index holds: reconstructed from the index when it
+    stores vectors (Flat, HNSW), else the model's exported embedding."""
+    row = pair.index._row_of.get(item_id)
+    if row is None:
+        raise NotFound(f"item_id: {item_id!r} is not in the served index {pair.index_version}")
+    try:
+        return pair.index.artifact.index.reconstruct(int(row))
+    except RuntimeError:  # IVF without a direct map, PQ: use the exported embedding
+        item_emb, item_ids = load_item_embeddings(pair.model)
+        rows = np.flatnonzero(item_ids == item_id)
+        if len(rows) == 0:
+            raise NotFound(f"item_id: no embedding of {item_id!r} in model "
+                           f"{pair.model_version}") from None
+        return item_emb[rows[0]]
 
 
 def _group_by_pair(jobs: list[_Job]) -> list[tuple[ServingPair, list[int]]]:

@@ -29,6 +29,31 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         result = await self.retriever.retrieve(query, deadline)
         return encode_retrieve(result, query.request_id)
 
+    async def BatchRetrieve(self, request: pb.BatchRetrieveRequest, context
+                            ) -> pb.BatchRetrieveResponse:
+        queries = []
+        for i, r in enumerate(request.requests):
+            try:
+                queries.append(decode_retrieve(r))
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"requests[{i}].{exc.field}",
+                                      str(exc).split(": ", 1)[1]) from None
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        results = await self.retriever.batch_retrieve(queries, deadline)
+        return pb.BatchRetrieveResponse(responses=[
+            encode_retrieve(result, q.request_id) for result, q in zip(results, queries, strict=True)])
+
+    async def SimilarItems(self, request: pb.SimilarItemsRequest, context
+                           ) -> pb.SimilarItemsResponse:
+        result = await self.retriever.similar_items(request.item_id, request.k,
+                                                    frozenset(request.exclude_item_ids))
+        c = result.candidates
+        return pb.SimilarItemsResponse(
+            candidates=[pb.Candidate(item_id=i, score=s)
+                        for i, s in zip(c.item_ids, c.scores, strict=True)],
+            model_version=result.model_version, index_version=result.index_version)
+
     async def RecordInteraction(self, request: pb.Interaction, context
                                 ) -> pb.RecordInteractionsResponse:
         recorded = await self.retriever.record_interactions(

@@ -223,3 +223,38 @@ def test_concurrent_calls_are_batched_and_answered_as_if_alone(server):
     assert together == alone
     assert total_after - total_before == 64
     assert count_after - count_before < 32  # on average at least two requests per batch
+
+
+def test_batch_retrieve_answers_each_request_as_retrieve_would(stub):
+    requests = [build_request(f"u{i}", 5 + i, NIGHT, WEDNESDAY, request_id=f"r{i}")
+                for i in range(6)]
+    batch = stub.BatchRetrieve(pb.BatchRetrieveRequest(requests=requests), timeout=10)
+    assert [r.request_id for r in batch.responses] == [f"r{i}" for i in range(6)]
+    for request, reply in zip(requests, batch.responses, strict=True):
+        alone = stub.Retrieve(request, timeout=10)
+        assert [c.item_id for c in reply.candidates] == [c.item_id for c in alone.candidates]
+
+
+def test_batch_retrieve_names_the_bad_request(stub):
+    requests = [build_request("u1", 5, NIGHT), build_request("u2", 0, NIGHT)]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.BatchRetrieve(pb.BatchRetrieveRequest(requests=requests), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("requests[1].k:")
+
+
+def test_similar_items_are_nearest_neighbours_without_the_item_itself(stub, pipeline):
+    import numpy as np
+
+    from training.artifact import load_item_embeddings, load_model_manifest
+
+    reply = stub.SimilarItems(pb.SimilarItemsRequest(item_id="i5", k=10), timeout=10)
+    ids = [c.item_id for c in reply.candidates]
+    assert len(ids) == 10 and "i5" not in ids
+    item_emb, item_ids = load_item_embeddings(load_model_manifest(pipeline.model_dir))
+    scores = item_emb @ item_emb[list(item_ids).index("i5")]
+    exact = [item_ids[r] for r in np.argsort(-scores) if item_ids[r] != "i5"][:10]
+    assert len(set(ids) & set(exact)) >= 8  # an approximate index, close to exact
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SimilarItems(pb.SimilarItemsRequest(item_id="no-such-item", k=10), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -39,6 +39,16 @@ class RetrievalServiceStub:
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.BatchRetrieve = channel.unary_unary(
+                '/two_tower.retrieval.v1.RetrievalService/BatchRetrieve',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.BatchRetrieveRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.BatchRetrieveResponse.FromString,
+                _registered_method=True)
+        self.SimilarItems = channel.unary_unary(
+                '/two_tower.retrieval.v1.RetrievalService/SimilarItems',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SimilarItemsResponse.FromString,
+                _registered_method=True)
         self.RecordInteraction = channel.unary_unary(
                 '/two_tower.retrieval.v1.RetrievalService/RecordInteraction',
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.Interaction.SerializeToString,
@@ -64,6 +74,27 @@ class RetrievalServiceServicer:
         FAILED_PRECONDITION  the server has no loaded model and index pair yet.
         An unknown user is not an error: the reply is computed from the context and the
         recent items alone (cold start). Exclude ids that the index does not hold are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchRetrieve(self, request, context):
+        """Many Retrieve requests in one call, for offline callers (backfills, email campaigns).
+        Each request is validated and answered as Retrieve would; the replies come in the order
+        of the requests. One bad request fails the call with INVALID_ARGUMENT naming it
+        (requests[3].k: ...). At most 1000 requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SimilarItems(self, request, context):
+        """Item-to-item neighbours from the same index ("more like this"; checking where a new,
+        cold-start item lands): the k items nearest to item_id's embedding, itself excluded.
+
+        Errors: INVALID_ARGUMENT for an empty item_id or k out of range; NOT_FOUND when the
+        served index does not hold item_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +127,16 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_retrieval__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'BatchRetrieve': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchRetrieve,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.BatchRetrieveRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.BatchRetrieveResponse.SerializeToString,
+            ),
+            'SimilarItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimilarItems,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.SimilarItemsResponse.SerializeToString,
             ),
             'RecordInteraction': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordInteraction,
@@ -135,6 +176,60 @@ class RetrievalService:
             '/two_tower.retrieval.v1.RetrievalService/Retrieve',
             retrieval_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
             retrieval_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchRetrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/two_tower.retrieval.v1.RetrievalService/BatchRetrieve',
+            retrieval_dot_v1_dot_retrieval__pb2.BatchRetrieveRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.BatchRetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimilarItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/two_tower.retrieval.v1.RetrievalService/SimilarItems',
+            retrieval_dot_v1_dot_retrieval__pb2.SimilarItemsRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.SimilarItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
