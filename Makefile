@@ -7,12 +7,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test redis proto quality clean
+.PHONY: help install demo test redis ghz loadtest proto quality clean
 
 help:
 	@echo "make demo     generate data, train, build the index, serve, query (end to end)"
 	@echo "make test     run the test suite (installs what it needs)"
 	@echo "make proto    regenerate the Python stubs from proto/"
+	@echo "make loadtest ghz load test: echo ceiling, naive baseline, server (LOADTEST_ARGS=--quick)"
 	@echo "make quality  retrieval quality on MovieLens vs the plain TFRS baseline (../shared/data)"
 
 $(BIN)/python:
@@ -40,8 +41,16 @@ redis:
 demo: install
 	$(BIN)/two-tower demo --workdir demo-run
 
-test: install redis
+# ghz is installed with `go install` of a pinned release (.ci/install-ghz.sh); when that
+# cannot be done the ghz smoke test is skipped with its reason, the rest of the suite runs.
+ghz:
+	@bash .ci/install-ghz.sh || echo "ghz could not be installed: the ghz smoke test will be skipped"
+
+test: install redis ghz
 	$(BIN)/python -m pytest -q
+
+loadtest: install ghz
+	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \

@@ -73,15 +73,23 @@ def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results = {}
+    path = RESULTS / "quality.json"
+    results = json.loads(path.read_text()) if path.exists() else {}  # other protocols kept
+    wanted = [w for w in args.variants.split(",") if w]
     for name in args.protocols.split(","):
         protocol = PROTOCOLS[name](args.data)
-        results[name] = run_protocol(protocol, variants(name, args.epochs))
+        chosen = [v for v in variants(name, args.epochs) if not wanted or _selected(v, wanted)]
+        results[name] = run_protocol(protocol, chosen)
         print(format_tables(name, results[name]), flush=True)
-        path = RESULTS / "quality.json"
         path.write_text(json.dumps(results, indent=2))
     plot_validation(results, RESULTS / "quality_valid_recall.png")
     print(f"\nwrote {path} and {RESULTS / 'quality_valid_recall.png'}")
+
+
+def _selected(variant: Variant, wanted: list[str]) -> bool:
+    """By full name, or by first word for a variant that is not an ablation ("plain")."""
+    return variant.name in wanted or (variant.name.split()[0] in wanted
+                                      and "−" not in variant.name)
 
 
 def _args(argv):
@@ -89,6 +97,8 @@ def _args(argv):
     parser.add_argument("--protocols", default="ml100k-temporal,recbole-ml1m")
     parser.add_argument("--epochs", type=int, default=12, help="the budget of every variant")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--variants", default="",
+                        help="comma-separated name prefixes to run (default: all), e.g. plain,ours")
     return parser.parse_args(argv)
 
 

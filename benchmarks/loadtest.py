@@ -1,0 +1,563 @@
+"""Load test of the retrieval service with ghz, beside the ceiling and the naive baseline.
+
+    python -m benchmarks.loadtest [--model M --index I [--features D | --redis-url URL]]
+        [--workdir W] [--concurrency 1,10,50] [--rate R] [--duration 10s] [--quick]
+        [--server-args "..."] [--variant NAME="serve args"] [--out benchmarks/results]
+
+For each server variant, in one run on one machine, it starts the server on a free
+loopback port (``--port 0 --port-file``), warms it up, then runs ghz closed-loop at each
+concurrency (``-c N -z DURATION``: N workers, each sends its next request when the last
+one answered) and once open-loop at a fixed arrival rate (``--rps R --async``: requests
+are sent on schedule whether or not earlier ones answered, so queueing shows in the
+latency). The variants:
+
+* ``echo``  benchmarks/echo_server.py: the same rpc with a canned 100-candidate reply —
+  the ceiling of Python gRPC here;
+* ``naive``  benchmarks/naive_server.py: SavedModel user tower and Faiss once per request,
+  no batching — the baseline, pinned so it survives changes to retrieval/;
+* ``server`` ``two-tower serve`` as it is now, plus ``--server-args``;
+* every ``--variant NAME="ARGS"``: ``two-tower serve`` with ``--server-args`` and ARGS,
+  to compare serving options in the same run.
+
+Requests: one per user id of ``--users`` (round-robin), each with a varied context
+(hour_of_day, device) and k=100 — see deploy/ghz/. ghz gets ``--proto`` because Python
+gRPC reflection cannot describe the methods to it, and ``--cpus 1`` (GOMAXPROCS=1) so the
+load generator leaves the other core(s) to the server. Every run is bounded (``-z`` or
+``-n``, per-request timeout, a hard subprocess timeout) and targets 127.0.0.1 only.
+
+Without ``--model``/``--index`` the artifacts come from ``--workdir``: synthetic data,
+training and an HNSW32 index made there with the ``two-tower`` command once, then reused.
+
+Writes to ``--out``: loadtest.json (rows + run metadata), loadtest.csv (rows),
+loadtest_latency_hist.png and loadtest_throughput.png; raw ghz reports stay in the workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("benchmarks.loadtest")
+
+REPO = Path(__file__).resolve().parents[1]
+PROTO = "proto/retrieval/v1/retrieval.proto"  # relative to REPO, where ghz runs
+CALL = "two_tower.retrieval.v1.RetrievalService.Retrieve"
+GHZ_CONFIG = REPO / "deploy/ghz/retrieve.json"
+DEFAULT_USERS = REPO / "deploy/ghz/users.txt"
+DEVICES = ("mobile", "desktop", "tv")
+HOURS = 24
+SERVER_START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Load:
+    """One ghz run: closed loop at ``concurrency`` workers, or open loop at ``rps``."""
+
+    mode: str              # "closed" | "open"
+    concurrency: int
+    duration: str = "10s"  # ghz -z; ignored when total > 0
+    rps: int = 0           # open loop: arrivals per second
+    total: int = 0         # > 0: ghz -n instead of -z (smoke runs)
+
+    @property
+    def label(self) -> str:
+        return f"open@{self.rps}/s" if self.mode == "open" else f"c={self.concurrency}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the result table: what ghz saw in one run against one variant."""
+
+    variant: str
+    mode: str
+    concurrency: int
+    target_rps: int
+    count: int               # completed requests, OK or not
+    ok: int
+    rps: float               # OK replies per second of the run
+    p50_ms: float            # latency percentiles of OK replies (NaN when none)
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    errors: dict[str, int] = field(default_factory=dict)  # status name → count, non-OK only
+
+    @property
+    def error_text(self) -> str:
+        return ", ".join(f"{code}×{n}" for code, n in sorted(self.errors.items())) or "-"
+
+
+# --- ghz --------------------------------------------------------------------------------
+
+def find_ghz() -> Path | None:
+    """The project's ghz (.tools/bin, from .ci/install-ghz.sh) or one on PATH."""
+    local = REPO / ".tools/bin/ghz"
+    if os.access(local, os.X_OK):
+        return local
+    found = shutil.which("ghz")
+    return Path(found) if found else None
+
+
+def call_data(user_ids: Sequence[str], k: int = 100) -> list[dict]:
+    """Requests ghz sends round-robin: user i of U with hour (i mod 24) and a device that
+    changes every 24 — lcm(U, 72) messages, so each user meets several contexts."""
+    if not user_ids:
+        raise ValueError("expected at least one user id (got an empty list)")
+    n = math.lcm(len(user_ids), HOURS * len(DEVICES))
+    n = min(n, max(len(user_ids), 20_000))  # bounded file; still every user once
+    return [{"user_id": user_ids[i % len(user_ids)], "k": k,
+             "context": {"hour_of_day": {"int_value": i % HOURS},
+                         "device": {"string_value": DEVICES[(i // HOURS) % len(DEVICES)]}}}
+            for i in range(n)]
+
+
+def read_user_ids(path: Path) -> list[str]:
+    ids = [line.strip() for line in path.read_text().splitlines()]
+    ids = [u for u in ids if u and not u.startswith("#")]
+    if not ids:
+        raise ValueError(f"{path}: expected one user id per line (found none)")
+    return ids
+
+
+def _ghz_version(ghz: Path) -> str:
+    stamp = ghz.parent / ".ghz-version"  # written by .ci/install-ghz.sh (ghz itself says "dev")
+    return stamp.read_text().strip() if stamp.exists() else "(version unknown)"
+
+
+def ghz_command(ghz: Path, address: str, load: Load, data_file: Path, out: Path,
+                cpus: int = 1) -> list[str]:
+    """ghz on the shared config (deploy/ghz/retrieve.json), bounded by -z or -n."""
+    cmd = [str(ghz), "--config", str(GHZ_CONFIG), "--proto", PROTO, "--call", CALL,
+           "--insecure", "-D", str(data_file), "-c", str(load.concurrency),
+           "--cpus", str(cpus), "-t", "5s", "--duration-stop", "wait",
+           "-O", "json", "-o", str(out)]
+    cmd += ["-n", str(load.total)] if load.total > 0 else ["-z", load.duration]
+    if load.mode == "open":
+        cmd += ["--rps", str(load.rps), "--async"]
+    return [*cmd, address]
+
+
+def run_ghz(ghz: Path, address: str, load: Load, data_file: Path, out: Path) -> dict:
+    """Runs ghz once and returns its JSON report; raises RuntimeError with its stderr."""
+    cmd = ghz_command(ghz, address, load, data_file, out)
+    limit = (60.0 + load.total / 10) if load.total > 0 else _seconds(load.duration) + 60.0
+    log.info("ghz %s → %s", load.label, address)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"ghz exited with {done.returncode}: {done.stderr.strip()[-2000:]}\n"
+                           f"command: {shlex.join(cmd)}")
+    return json.loads(out.read_text())
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if duration.endswith(suffix) and duration[:-len(suffix)].replace(".", "", 1).isdigit():
+            return float(duration[:-len(suffix)]) * units[suffix]
+    raise ValueError(f"duration must look like 500ms, 10s or 2m (got {duration!r})")
+
+
+# --- reports → rows -------------------------------------------------------------------------
+
+def ok_latencies_ms(report: dict) -> np.ndarray:
+    """Latency of every OK reply, in ms, from the report's per-request details."""
+    details = report.get("details") or []
+    return np.array([d["latency"] / 1e6 for d in details if d.get("status") == "OK"],
+                    dtype=np.float64)
+
+
+def parse_report(report: dict, variant: str, load: Load) -> Row:
+    """A ghz JSON report (``-O json``) → one table row. Percentiles are computed from the
+    details (ghz's own summary stops at p99); errors are counted by gRPC status name."""
+    statuses = dict(report.get("statusCodeDistribution") or {})
+    ok = int(statuses.pop("OK", 0))
+    total_s = report["total"] / 1e9
+    lat = ok_latencies_ms(report)
+    p50, p90, p99, p999 = (np.percentile(lat, [50, 90, 99, 99.9], method="inverted_cdf")
+                           if len(lat) else [math.nan] * 4)
+    return Row(variant=variant, mode=load.mode, concurrency=load.concurrency,
+               target_rps=load.rps, count=int(report["count"]), ok=ok,
+               rps=ok / total_s if total_s > 0 else 0.0, p50_ms=float(p50), p90_ms=float(p90),
+               p99_ms=float(p99), p999_ms=float(p999),
+               errors={code: int(n) for code, n in statuses.items() if n})
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = (f"{'variant':<10} {'load':<12} {'requests':>8} {'RPS':>8} {'p50 ms':>8} "
+            f"{'p90 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}  errors")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        label = f"open@{r.target_rps}/s" if r.mode == "open" else f"c={r.concurrency}"
+        lines.append(f"{r.variant:<10} {label:<12} {r.count:>8} {r.rps:>8.1f} {r.p50_ms:>8.2f} "
+                     f"{r.p90_ms:>8.2f} {r.p99_ms:>8.2f} {r.p999_ms:>9.2f}  {r.error_text}")
+    return "\n".join(lines)
+
+
+# --- servers ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    command: list[str]  # without --port/--port-file
+
+
+SERVE = [sys.executable, "-m", "retrieval.cli", "serve"]
+NAIVE = [sys.executable, "-m", "benchmarks.naive_server"]
+ECHO = [sys.executable, "-m", "benchmarks.echo_server"]
+
+
+def serve_command(model: Path, index: Path, features: Path | None, redis_url: str | None,
+                  extra: Sequence[str] = (), base: Sequence[str] = SERVE) -> list[str]:
+    cmd = [*base, "--model", str(model), "--index", str(index)]
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    elif features is not None:
+        cmd += ["--features", str(features)]
+    return [*cmd, *extra]
+
+
+@contextmanager
+def running(variant: Variant, workdir: Path) -> Iterator[str]:
+    """Starts the variant on 127.0.0.1 and a free port; yields HOST:PORT; always stops it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file, log_path = workdir / f"{variant.name}.port", workdir / f"{variant.name}.log"
+    port_file.unlink(missing_ok=True)
+    with open(log_path, "w") as out:
+        process = subprocess.Popen([*variant.command, "--port", "0", "--port-file",
+                                    str(port_file)], cwd=REPO, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        yield f"127.0.0.1:{_wait_for_port(process, port_file, log_path)}"
+    finally:
+        _stop(process)
+
+
+def _wait_for_port(process: subprocess.Popen, port_file: Path, log_path: Path) -> int:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before serving; "
+                               f"log {log_path}:\n{log_path.read_text()[-3000:]}")
+        text = port_file.read_text().strip() if port_file.exists() else ""
+        if text:
+            return int(text)
+        time.sleep(0.05)
+    raise TimeoutError(f"server not serving after {SERVER_START_TIMEOUT_S:.0f}s; see {log_path}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def loads(concurrency: Sequence[int], rate: int, duration: str, total: int = 0) -> list[Load]:
+    closed = [Load("closed", c, duration, total=total) for c in concurrency]
+    # Open loop: --async sends on schedule; -c only spreads the schedule over workers.
+    return [*closed, Load("open", max(concurrency), duration, rps=rate, total=total)] \
+        if rate > 0 else closed
+
+
+def measure(ghz: Path, variant: Variant, plan: Sequence[Load], data_file: Path,
+            workdir: Path, warmup: int) -> tuple[list[Row], dict[str, np.ndarray]]:
+    """Every load of the plan against one fresh server of the variant."""
+    rows, latencies = [], {}
+    with running(variant, workdir) as address:
+        if warmup > 0:
+            run_ghz(ghz, address, Load("closed", 4, total=warmup), data_file,
+                    workdir / f"{variant.name}-warmup.json")
+        for load in plan:
+            raw = workdir / f"{variant.name}-{load.label.replace('/', '_')}.json"
+            report = run_ghz(ghz, address, load, data_file, raw)
+            rows.append(parse_report(report, variant.name, load))
+            latencies[load.label] = ok_latencies_ms(report)
+    return rows, latencies
+
+
+def write_results(rows: Sequence[Row], latencies: dict[str, dict[str, np.ndarray]],
+                  meta: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "loadtest.json", out / "loadtest.csv"]
+    plain = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+              for k, v in asdict(r).items()} for r in rows]  # NaN (no OK reply) → null
+    paths[0].write_text(json.dumps({"meta": meta, "rows": plain}, indent=2) + "\n")
+    with open(paths[1], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "mode", "concurrency", "target_rps", "count", "ok", "rps",
+                         "p50_ms", "p90_ms", "p99_ms", "p999_ms", "errors"])
+        for r in rows:
+            writer.writerow([r.variant, r.mode, r.concurrency, r.target_rps, r.count, r.ok,
+                             f"{r.rps:.2f}", f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+                             f"{r.p99_ms:.3f}", f"{r.p999_ms:.3f}", r.error_text])
+    return [*paths, *save_plots(rows, latencies, meta, out)]
+
+
+def save_plots(rows: Sequence[Row], latencies: dict[str, dict[str, np.ndarray]], meta: dict,
+               out: Path) -> list[Path]:
+    """Latency histogram (each variant at its highest closed-loop concurrency, log x) and
+    OK replies per second against concurrency, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    note = f"{meta['host']}, {meta['utc'][:16]}Z" + (" — noisy" if meta.get("noisy") else "")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant, by_load in latencies.items():
+        closed = [r for r in rows if r.variant == variant and r.mode == "closed"]
+        if not closed:
+            continue
+        top = max(closed, key=lambda r: r.concurrency)
+        lat = by_load.get(f"c={top.concurrency}", np.array([]))
+        if len(lat):
+            bins = np.geomspace(max(lat.min(), 1e-3), lat.max() * 1.01, 50)
+            ax.hist(lat, bins=bins, histtype="step", label=f"{variant} c={top.concurrency}")
+    ax.set(xscale="log", xlabel="latency of OK replies (ms, log)", ylabel="requests",
+           title=f"Retrieve latency ({note})")
+    ax.legend()
+    hist = out / "loadtest_latency_hist.png"
+    fig.tight_layout()
+    fig.savefig(hist, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant in dict.fromkeys(r.variant for r in rows):
+        closed = sorted((r for r in rows if r.variant == variant and r.mode == "closed"),
+                        key=lambda r: r.concurrency)
+        ax.plot([r.concurrency for r in closed], [r.rps for r in closed], marker="o",
+                label=variant)
+    ticks = sorted({r.concurrency for r in rows if r.mode == "closed"})
+    ax.set(xscale="log", xlabel="concurrency (closed-loop ghz workers, log)",
+           ylabel="OK replies per second", title=f"Throughput vs concurrency ({note})")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    thr = out / "loadtest_throughput.png"
+    fig.tight_layout()
+    fig.savefig(thr, dpi=120)
+    plt.close(fig)
+    return [hist, thr]
+
+
+# --- artifacts ----------------------------------------------------------------------------
+
+class ArtifactsUnavailable(RuntimeError):
+    """The model/index pair could not be made; the message says which step and why."""
+
+
+def ensure_artifacts(workdir: Path, quick: bool) -> tuple[Path, Path, Path]:
+    """(model, index, data) made in ``workdir`` by the two-tower command, or reused from an
+    earlier run (``workdir/pair.json``)."""
+    pair_file = workdir / "pair.json"
+    if pair_file.exists():
+        pair = json.loads(pair_file.read_text())
+        model, index, data = (Path(pair[k]) for k in ("model", "index", "data"))
+        if model.is_dir() and index.is_dir() and data.is_dir():
+            log.info("reusing model %s and index %s from %s", model.name, index.name, pair_file)
+            return model, index, data
+    data = workdir / "data"
+    if not (data / "features.toml").exists():
+        sizes = ("--users", "300", "--items", "300") if quick else ("--users", "2000")
+        _two_tower("generate", "--out", str(data), *sizes)
+    model = Path(_two_tower("train", "--data", str(data), "--out", str(workdir / "models"),
+                            "--epochs", "1" if quick else "5", "--no-eval"))
+    index = Path(_two_tower("build-index", "--model", str(model), "--out",
+                            str(workdir / "indexes"), "--index", "HNSW32"))
+    if not (index / "manifest.json").exists():
+        raise ArtifactsUnavailable(f"build-index printed {str(index)!r} as its last line, "
+                                   "which is not an index directory (no manifest.json)")
+    pair_file.write_text(json.dumps({"model": str(model), "index": str(index),
+                                     "data": str(data)}, indent=2) + "\n")
+    return model, index, data
+
+
+def _two_tower(*args: str) -> str:
+    """Runs one two-tower subcommand; returns the last line it printed (the path it made)."""
+    log.info("two-tower %s", shlex.join(args))
+    done = subprocess.run([sys.executable, "-m", "retrieval.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or (args[0] != "generate" and not lines):
+        raise ArtifactsUnavailable(
+            f"`two-tower {args[0]}` failed (exit {done.returncode}): "
+            f"{done.stderr.strip()[-1500:] or '(no stderr)'}\n"
+            "Pass --model DIR --index DIR to load-test artifacts you already have.")
+    return lines[-1].strip() if lines else ""
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loadtest",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="model artifact dir (default: made in --workdir)")
+    p.add_argument("--index", type=Path, help="index artifact dir (with --model)")
+    p.add_argument("--features", type=Path, help="dataset dir that fills the server's "
+                   "in-process feature store (default with --workdir: its data)")
+    p.add_argument("--redis-url", help="serve user features from this Redis instead")
+    p.add_argument("--workdir", type=Path, default=REPO / "artifacts/loadtest",
+                   help="made artifacts and raw ghz reports (reused when present)")
+    p.add_argument("--users", type=Path, default=DEFAULT_USERS,
+                   help="user ids, one a line, sent round-robin")
+    p.add_argument("--concurrency", default="1,10,50",
+                   help="comma-separated closed-loop worker counts")
+    p.add_argument("--rate", type=int, default=100,
+                   help="open-loop arrivals per second (0: no open-loop run)")
+    p.add_argument("--duration", default="10s", help="length of each ghz run (ghz -z)")
+    p.add_argument("--total", type=int, default=0,
+                   help="requests per ghz run instead of --duration (ghz -n)")
+    p.add_argument("--warmup", type=int, default=200, help="requests before measuring")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: small artifacts and, unless given, c=1,4, 2s runs, "
+                        "20/s open loop, 50 warm-up requests")
+    p.add_argument("--variants", default="echo,naive,server",
+                   help="built-in variants to run: echo (canned reply), naive (pinned "
+                        "per-request baseline), server (two-tower serve as it is now)")
+    p.add_argument("--server-args", default="",
+                   help="extra `two-tower serve` arguments for every server variant")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"',
+                   help="also run `two-tower serve` with these extra arguments (repeatable)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    p.add_argument("--note", default="", help="stored with the results and on the plots")
+    p.add_argument("--write-data", type=Path, metavar="FILE",
+                   help="only write the ghz call data made from --users to FILE, and exit")
+    return p
+
+
+def _variants(args, pair: tuple[Path, Path, Path | None] | None) -> list[Variant]:
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(chosen) - {"echo", "naive", "server"}
+    if unknown:
+        raise ValueError(f"--variants: expected some of echo, naive, server "
+                         f"(got {sorted(unknown)})")
+    out = [Variant("echo", ECHO)] if "echo" in chosen else []
+    if pair is None:
+        return out
+    base = shlex.split(args.server_args)
+    model, index, features = pair
+    if "naive" in chosen:
+        out.append(Variant("naive", serve_command(model, index, features, args.redis_url,
+                                                  base=NAIVE)))
+    serve = [("server", [])] if "server" in chosen else []
+    for spec in args.variant:
+        name, sep, extra = spec.partition("=")
+        if not sep or not name:
+            raise ValueError(f'--variant: expected NAME="serve args" (got {spec!r})')
+        serve.append((name, shlex.split(extra)))
+    return out + [Variant(name, serve_command(model, index, features, args.redis_url,
+                                              [*base, *extra])) for name, extra in serve]
+
+
+def wants_server(args) -> bool:
+    return bool(args.variant) or bool({"naive", "server"} & set(args.variants.split(",")))
+
+
+def _pair(args) -> tuple[Path, Path, Path | None] | None:
+    if (args.model is None) != (args.index is None):
+        raise ValueError("--model and --index go together (got only one)")
+    if args.model is None and not wants_server(args):
+        return None
+    if args.model is not None:
+        if args.features is None and not args.redis_url:
+            log.warning("no --features or --redis-url: every user is served cold-start")
+        return args.model, args.index, args.features
+    try:
+        model, index, data = ensure_artifacts(args.workdir, args.quick)
+    except (ArtifactsUnavailable, subprocess.TimeoutExpired) as exc:
+        log.error("no model/index pair, so only the echo server is measured: %s", exc)
+        return None
+    return model, index, args.features or data
+
+
+def _meta(ghz: Path, variants: Sequence[Variant], note: str) -> dict:
+    return {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": f"{platform.node() or 'host'} ({os.cpu_count()} cores)",
+            "ghz": f"{ghz} {_ghz_version(ghz)}", "ghz_cpus": 1, "note": note,
+            "noisy": "noisy" in note.lower(),
+            "command": shlex.join(["python", "-m", "benchmarks.loadtest", *sys.argv[1:]]),
+            "variants": {v.name: shlex.join(v.command) for v in variants}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.write_data is not None:
+        args.write_data.write_text(json.dumps(call_data(read_user_ids(args.users)), indent=1))
+        return 0
+    ghz = find_ghz()
+    if ghz is None:
+        print("loadtest: ghz not found in .tools/bin or on PATH; run `bash .ci/install-ghz.sh`",
+              file=sys.stderr)
+        return 2
+    if args.quick:  # smaller defaults; values given on the command line are kept
+        for name, value in (("concurrency", "1,4"), ("duration", "2s"), ("rate", 20),
+                            ("warmup", 50)):
+            if getattr(args, name) == _parser().get_default(name):
+                setattr(args, name, value)
+    try:
+        return _run(args, ghz)
+    except (ValueError, OSError) as exc:
+        print(f"loadtest: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, ghz: Path) -> int:
+    concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if not concurrency or min(concurrency) < 1:
+        raise ValueError(f"--concurrency: expected positive integers (got {args.concurrency!r})")
+    _seconds(args.duration)  # validates early
+    pair = _pair(args)
+    variants = _variants(args, pair)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data_file = args.workdir / "call-data.json"
+    data_file.write_text(json.dumps(call_data(read_user_ids(args.users))))
+    plan = loads(concurrency, args.rate, args.duration, args.total)
+    rows, latencies, failed = [], {}, []
+    for variant in variants:
+        try:
+            variant_rows, latencies[variant.name] = measure(
+                ghz, variant, plan, data_file, args.workdir / "runs", args.warmup)
+        except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+            log.error("variant %s not measured: %s", variant.name, exc)
+            failed.append(variant.name)
+            continue
+        rows += variant_rows
+    print(format_table(rows))
+    for path in write_results(rows, latencies, _meta(ghz, variants, args.note), args.out):
+        log.info("wrote %s", path)
+    if pair is None and wants_server(args):
+        failed.append("naive/server (no model/index pair; see the error above)")
+    if failed:
+        print(f"loadtest: not measured: {', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

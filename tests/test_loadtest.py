@@ -1,0 +1,125 @@
+"""The load-test harness: ghz against a real server on loopback, and its report parser.
+
+tests/data/ghz_report_sample.json was captured from ghz v0.120.0 (`-O json`, -n 40 -c 2)
+against `two-tower serve`, with one request in four sent with k=0, so it holds both OK
+replies and INVALID_ARGUMENT errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.loadtest import (
+    ECHO, NAIVE, Load, Variant, call_data, find_ghz, format_table, parse_report, run_ghz,
+    running, serve_command,
+)
+
+SAMPLE = Path(__file__).parent / "data" / "ghz_report_sample.json"
+
+
+def _ghz():
+    ghz = find_ghz()
+    if ghz is None:
+        pytest.skip("ghz is not installed (looked in .tools/bin and on PATH); "
+                    "install it with `bash .ci/install-ghz.sh`")
+    return ghz
+
+
+def test_parser_turns_the_captured_report_into_a_row():
+    report = json.loads(SAMPLE.read_text())
+    row = parse_report(report, "naive", Load("closed", 2, total=40))
+
+    assert (row.variant, row.mode, row.concurrency, row.target_rps) == ("naive", "closed", 2, 0)
+    assert (row.count, row.ok) == (40, 30)
+    assert row.errors == {"InvalidArgument": 10}
+    assert row.error_text == "InvalidArgument×10"
+    assert row.rps == pytest.approx(30 / (report["total"] / 1e9))
+    ok_ms = sorted(d["latency"] / 1e6 for d in report["details"] if d["status"] == "OK")
+    # nearest rank over the 30 OK latencies: p50 = 15th, p90 = 27th, p99 = p99.9 = 30th
+    assert row.p50_ms == pytest.approx(ok_ms[14])
+    assert row.p90_ms == pytest.approx(ok_ms[26])
+    assert row.p99_ms == row.p999_ms == pytest.approx(ok_ms[-1])
+    assert row.p50_ms <= row.p90_ms <= row.p99_ms
+
+
+def test_parser_of_a_run_without_ok_replies():
+    report = {"count": 3, "total": 1_000_000_000, "statusCodeDistribution": {"Unavailable": 3},
+              "details": [{"latency": 1000, "status": "Unavailable"}] * 3}
+    row = parse_report(report, "echo", Load("open", 10, rps=50))
+    assert (row.ok, row.rps, row.errors) == (0, 0.0, {"Unavailable": 3})
+    assert math.isnan(row.p50_ms)
+    assert "open@50/s" in format_table([row])
+
+
+def test_call_data_sends_every_user_with_varied_context():
+    data = call_data(["u1", "u2", "u3"])
+    assert len(data) == 72  # lcm(3 users, 24 hours × 3 devices)
+    assert {d["user_id"] for d in data} == {"u1", "u2", "u3"}
+    assert all(d["k"] == 100 for d in data)
+    hours = {int(d["context"]["hour_of_day"]["int_value"]) for d in data}
+    devices = {d["context"]["device"]["string_value"] for d in data}
+    assert hours == set(range(24)) and devices == {"mobile", "desktop", "tv"}
+    assert len({d["user_id"] for d in data[:3]}) == 3  # round-robin: consecutive users differ
+
+
+def test_ghz_smoke_against_the_real_server(server, tmp_path):
+    ghz = _ghz()
+    data_file = tmp_path / "call-data.json"
+    data_file.write_text(json.dumps(call_data([f"u{i}" for i in range(50)] + ["nobody"])))
+
+    report = run_ghz(ghz, server.address, Load("closed", 4, total=300), data_file,
+                     tmp_path / "report.json")
+    row = parse_report(report, "server", Load("closed", 4, total=300))
+
+    assert row.errors == {}, f"ghz saw errors: {report.get('errorDistribution')}"
+    assert (row.count, row.ok) == (300, 300)
+    assert row.rps > 0 and 0 < row.p50_ms <= row.p999_ms
+
+
+def test_ghz_open_loop_against_the_echo_server(tmp_path):
+    ghz = _ghz()
+    data_file = tmp_path / "call-data.json"
+    data_file.write_text(json.dumps(call_data(["u1", "u2"])))
+    echo = Variant("echo", ECHO)
+    with running(echo, tmp_path / "echo") as address:
+        load = Load("open", 4, rps=100, total=100)
+        row = parse_report(run_ghz(ghz, address, load, data_file, tmp_path / "r.json"),
+                           "echo", load)
+    assert (row.count, row.ok, row.errors) == (100, 100, {})
+    assert np.isfinite(row.p999_ms)
+
+
+def test_naive_baseline_serves_the_pipeline_pair_without_errors(pipeline, tmp_path):
+    ghz = _ghz()
+    data_file = tmp_path / "call-data.json"
+    data_file.write_text(json.dumps(call_data([f"u{i}" for i in range(20)]) + [
+        {"user_id": "u1", "k": 0}]))  # the last one is invalid: the status must say so
+    naive = Variant("naive", serve_command(pipeline.model_dir, pipeline.index_dir,
+                                           pipeline.data_dir, None, base=NAIVE))
+    with running(naive, tmp_path / "naive") as address:
+        load = Load("closed", 2, total=len(json.loads(data_file.read_text())))
+        row = parse_report(run_ghz(ghz, address, load, data_file, tmp_path / "r.json"),
+                           "naive", load)
+    assert row.errors == {"InvalidArgument": 1}
+    assert row.ok == row.count - 1
+
+
+def test_without_a_model_index_pair_only_the_echo_server_is_measured(monkeypatch, tmp_path):
+    from benchmarks import loadtest
+
+    def fail(workdir, quick):
+        raise loadtest.ArtifactsUnavailable("`two-tower build-index` failed (exit 2): boom")
+
+    monkeypatch.setattr(loadtest, "ensure_artifacts", fail)
+    args = loadtest._parser().parse_args(["--workdir", str(tmp_path)])
+    pair = loadtest._pair(args)
+    assert pair is None
+    assert [v.name for v in loadtest._variants(args, pair)] == ["echo"]
+    with pytest.raises(ValueError, match="--variant: expected NAME"):
+        loadtest._variants(loadtest._parser().parse_args(["--variant", "noname"]),
+                           (tmp_path, tmp_path, None))
