@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from retrieval.errors import InvalidArgument
 from training.feature_spec import Feature, FeatureSpec
@@ -31,6 +31,23 @@ class RetrieveQuery:
     recent_item_ids: tuple[str, ...]  # most recent first; replaces stored history when set
     exclude_item_ids: frozenset[str]
     request_id: str
+    rules: ItemRules = field(default_factory=lambda: ItemRules({}, {}))
+    exclude_seen: bool = False
+
+
+@dataclass(frozen=True)
+class ItemRules:
+    """Metadata rules of one request: column → accepted (allow) or refused (block) values."""
+
+    allow: dict[str, frozenset[str]]
+    block: dict[str, frozenset[str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.allow or self.block)
+
+    def key(self) -> tuple:
+        """Hashable form: requests with equal rules share one filtered search."""
+        return (tuple(sorted(self.allow.items())), tuple(sorted(self.block.items())))
 
 
 def validate_query(query: RetrieveQuery, spec: FeatureSpec, limits: Limits) -> None:

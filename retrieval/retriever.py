@@ -43,6 +43,7 @@ class _Job:
     pair: ServingPair
     request: UserRequest
     query: RetrieveQuery
+    exclude: frozenset[str]  # the request's exclusions, plus its history with exclude_seen
 
 
 class Retriever:
@@ -77,6 +78,7 @@ class Retriever:
         if pair is None:
             raise FailedPrecondition("no model and index loaded yet")
         validate_query(query, pair.model.feature_spec, self.limits)
+        pair.index.check_rules(query.rules)
         with self.metrics.stage("Retrieve", "features"):
             stored = await self._get_user(query.user_id)
         _check_deadline(deadline, "after reading features")
@@ -87,7 +89,9 @@ class Retriever:
             context=query.context,
             event_time=query.event_time,
         )
-        candidates = await self._batcher.submit(_Job(pair, request, query))
+        exclude = query.exclude_item_ids | (frozenset(request.history) if query.exclude_seen
+                                            else frozenset())
+        candidates = await self._batcher.submit(_Job(pair, request, query, exclude))
         return RetrieveResult(candidates, pair.model_version, pair.index_version)
 
     async def batch_retrieve(self, queries: list[RetrieveQuery], deadline: float | None = None
@@ -103,6 +107,7 @@ class Retriever:
         for i, query in enumerate(queries):
             try:
                 validate_query(query, pair.model.feature_spec, self.limits)
+                pair.index.check_rules(query.rules)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"requests[{i}].{exc.field}",
                                       str(exc).split(": ", 1)[1]) from None
@@ -154,8 +159,8 @@ class Retriever:
                 user_emb = pair.user_tower(user_inputs(pair.model.feature_spec, requests))
             k = max(jobs[r].query.k for r in rows)
             with self.metrics.stage("Retrieve", "ann"):
-                found = pair.index.search(user_emb, k,
-                                          [jobs[r].query.exclude_item_ids for r in rows])
+                found = pair.index.search(user_emb, k, [jobs[r].exclude for r in rows],
+                                          [jobs[r].query.rules for r in rows])
             for r, candidates in zip(rows, found, strict=True):
                 wanted = jobs[r].query.k
                 results[r] = Candidates(candidates.item_ids[:wanted], candidates.scores[:wanted])

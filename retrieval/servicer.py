@@ -10,7 +10,7 @@ import grpc
 
 from retrieval.errors import InvalidArgument, status_of
 from retrieval.metrics import ServiceMetrics
-from retrieval.query import RetrieveQuery
+from retrieval.query import ItemRules, RetrieveQuery
 from retrieval.retriever import RetrieveResult, Retriever
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
@@ -82,6 +82,9 @@ def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:
         recent_item_ids=tuple(request.recent_item_ids),
         exclude_item_ids=frozenset(request.exclude_item_ids),
         request_id=request.request_id or uuid.uuid4().hex,
+        rules=ItemRules({c: frozenset(v.values) for c, v in request.allow.items()},
+                        {c: frozenset(v.values) for c, v in request.block.items()}),
+        exclude_seen=request.exclude_seen,
     )
 
 

@@ -258,3 +258,38 @@ def test_similar_items_are_nearest_neighbours_without_the_item_itself(stub, pipe
     with pytest.raises(grpc.RpcError) as err:
         stub.SimilarItems(pb.SimilarItemsRequest(item_id="no-such-item", k=10), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _categories(pipeline) -> dict[str, str]:
+    from training.dataset import load_dataset
+
+    items = load_dataset(pipeline.data_dir).items
+    return dict(zip(items["item_id"], items["category"], strict=True))
+
+
+def test_category_rules_are_honoured_and_k_is_still_met(stub, pipeline):
+    category = _categories(pipeline)
+    allow = {"category": pb.StringList(values=["cat1", "cat3"])}
+    reply = stub.Retrieve(pb.RetrieveRequest(user_id="u1", k=30, allow=allow), timeout=10)
+    assert len(reply.candidates) == 30
+    assert {category[c.item_id] for c in reply.candidates} <= {"cat1", "cat3"}
+    block = {"category": pb.StringList(values=["cat0", "cat2", "cat4"])}
+    reply = stub.Retrieve(pb.RetrieveRequest(user_id="u1", k=30, block=block), timeout=10)
+    assert len(reply.candidates) == 30
+    assert not {category[c.item_id] for c in reply.candidates} & {"cat0", "cat2", "cat4"}
+
+
+def test_rules_on_an_unknown_column_are_invalid_argument(stub):
+    allow = {"colour": pb.StringList(values=["red"])}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Retrieve(pb.RetrieveRequest(user_id="u1", k=5, allow=allow), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("allow['colour']: unknown item metadata column")
+
+
+def test_exclude_seen_drops_the_history(stub):
+    recent = [c.item_id for c in retrieve(stub, user="seen-test", k=5).candidates]
+    reply = stub.Retrieve(pb.RetrieveRequest(user_id="seen-test", k=20, recent_item_ids=recent,
+                                             exclude_seen=True), timeout=10)
+    ids = [c.item_id for c in reply.candidates]
+    assert len(ids) == 20 and not set(ids) & set(recent)

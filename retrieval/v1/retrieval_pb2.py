@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x16two_tower.retrieval.v1\"/\n\x0bInteraction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"V\n\x19RecordInteractionsRequest\x12\x39\n\x0cinteractions\x18\x01 \x03(\x0b\x32#.two_tower.retrieval.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\"\\\n\x0c\x43ontextValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x42\x07\n\x05value\"\xb2\x02\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x45\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x34.two_tower.retrieval.v1.RetrieveRequest.ContextEntry\x12\x1f\n\x17\x65vent_time_unix_seconds\x18\x04 \x01(\x03\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1aT\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.two_tower.retrieval.v1.ContextValue:\x02\x38\x01\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8b\x01\n\x10RetrieveResponse\x12\x35\n\ncandidates\x18\x01 \x03(\x0b\x32!.two_tower.retrieval.v1.Candidate\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"Q\n\x14\x42\x61tchRetrieveRequest\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.two_tower.retrieval.v1.RetrieveRequest\"T\n\x15\x42\x61tchRetrieveResponse\x12;\n\tresponses\x18\x01 \x03(\x0b\x32(.two_tower.retrieval.v1.RetrieveResponse\"K\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\"{\n\x14SimilarItemsResponse\x12\x35\n\ncandidates\x18\x01 \x03(\x0b\x32!.two_tower.retrieval.v1.Candidate\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t2\xb5\x04\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.two_tower.retrieval.v1.RetrieveRequest\x1a(.two_tower.retrieval.v1.RetrieveResponse\x12l\n\rBatchRetrieve\x12,.two_tower.retrieval.v1.BatchRetrieveRequest\x1a-.two_tower.retrieval.v1.BatchRetrieveResponse\x12i\n\x0cSimilarItems\x12+.two_tower.retrieval.v1.SimilarItemsRequest\x1a,.two_tower.retrieval.v1.SimilarItemsResponse\x12l\n\x11RecordInteraction\x12#.two_tower.retrieval.v1.Interaction\x1a\x32.two_tower.retrieval.v1.RecordInteractionsResponse\x12{\n\x12RecordInteractions\x12\x31.two_tower.retrieval.v1.RecordInteractionsRequest\x1a\x32.two_tower.retrieval.v1.RecordInteractionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x16two_tower.retrieval.v1\"/\n\x0bInteraction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"V\n\x19RecordInteractionsRequest\x12\x39\n\x0cinteractions\x18\x01 \x03(\x0b\x32#.two_tower.retrieval.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\"\\\n\x0c\x43ontextValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x42\x07\n\x05value\"\xf2\x04\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x45\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x34.two_tower.retrieval.v1.RetrieveRequest.ContextEntry\x12\x1f\n\x17\x65vent_time_unix_seconds\x18\x04 \x01(\x03\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x41\n\x05\x61llow\x18\x08 \x03(\x0b\x32\x32.two_tower.retrieval.v1.RetrieveRequest.AllowEntry\x12\x41\n\x05\x62lock\x18\t \x03(\x0b\x32\x32.two_tower.retrieval.v1.RetrieveRequest.BlockEntry\x12\x14\n\x0c\x65xclude_seen\x18\n \x01(\x08\x1aT\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.two_tower.retrieval.v1.ContextValue:\x02\x38\x01\x1aP\n\nAllowEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".two_tower.retrieval.v1.StringList:\x02\x38\x01\x1aP\n\nBlockEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".two_tower.retrieval.v1.StringList:\x02\x38\x01\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8b\x01\n\x10RetrieveResponse\x12\x35\n\ncandidates\x18\x01 \x03(\x0b\x32!.two_tower.retrieval.v1.Candidate\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"Q\n\x14\x42\x61tchRetrieveRequest\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.two_tower.retrieval.v1.RetrieveRequest\"T\n\x15\x42\x61tchRetrieveResponse\x12;\n\tresponses\x18\x01 \x03(\x0b\x32(.two_tower.retrieval.v1.RetrieveResponse\"K\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\"{\n\x14SimilarItemsResponse\x12\x35\n\ncandidates\x18\x01 \x03(\x0b\x32!.two_tower.retrieval.v1.Candidate\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t2\xb5\x04\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.two_tower.retrieval.v1.RetrieveRequest\x1a(.two_tower.retrieval.v1.RetrieveResponse\x12l\n\rBatchRetrieve\x12,.two_tower.retrieval.v1.BatchRetrieveRequest\x1a-.two_tower.retrieval.v1.BatchRetrieveResponse\x12i\n\x0cSimilarItems\x12+.two_tower.retrieval.v1.SimilarItemsRequest\x1a,.two_tower.retrieval.v1.SimilarItemsResponse\x12l\n\x11RecordInteraction\x12#.two_tower.retrieval.v1.Interaction\x1a\x32.two_tower.retrieval.v1.RecordInteractionsResponse\x12{\n\x12RecordInteractions\x12\x31.two_tower.retrieval.v1.RecordInteractionsRequest\x1a\x32.two_tower.retrieval.v1.RecordInteractionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_RETRIEVEREQUEST_ALLOWENTRY']._loaded_options = None
+  _globals['_RETRIEVEREQUEST_ALLOWENTRY']._serialized_options = b'8\001'
+  _globals['_RETRIEVEREQUEST_BLOCKENTRY']._loaded_options = None
+  _globals['_RETRIEVEREQUEST_BLOCKENTRY']._serialized_options = b'8\001'
   _globals['_INTERACTION']._serialized_start=56
   _globals['_INTERACTION']._serialized_end=103
   _globals['_RECORDINTERACTIONSREQUEST']._serialized_start=105
@@ -42,21 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTEXTVALUE']._serialized_start=241
   _globals['_CONTEXTVALUE']._serialized_end=333
   _globals['_RETRIEVEREQUEST']._serialized_start=336
-  _globals['_RETRIEVEREQUEST']._serialized_end=642
-  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_start=558
-  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_end=642
-  _globals['_CANDIDATE']._serialized_start=644
-  _globals['_CANDIDATE']._serialized_end=687
-  _globals['_RETRIEVERESPONSE']._serialized_start=690
-  _globals['_RETRIEVERESPONSE']._serialized_end=829
-  _globals['_BATCHRETRIEVEREQUEST']._serialized_start=831
-  _globals['_BATCHRETRIEVEREQUEST']._serialized_end=912
-  _globals['_BATCHRETRIEVERESPONSE']._serialized_start=914
-  _globals['_BATCHRETRIEVERESPONSE']._serialized_end=998
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=1000
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1075
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1077
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1200
-  _globals['_RETRIEVALSERVICE']._serialized_start=1203
-  _globals['_RETRIEVALSERVICE']._serialized_end=1768
+  _globals['_RETRIEVEREQUEST']._serialized_end=962
+  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_start=714
+  _globals['_RETRIEVEREQUEST_CONTEXTENTRY']._serialized_end=798
+  _globals['_RETRIEVEREQUEST_ALLOWENTRY']._serialized_start=800
+  _globals['_RETRIEVEREQUEST_ALLOWENTRY']._serialized_end=880
+  _globals['_RETRIEVEREQUEST_BLOCKENTRY']._serialized_start=882
+  _globals['_RETRIEVEREQUEST_BLOCKENTRY']._serialized_end=962
+  _globals['_STRINGLIST']._serialized_start=964
+  _globals['_STRINGLIST']._serialized_end=992
+  _globals['_CANDIDATE']._serialized_start=994
+  _globals['_CANDIDATE']._serialized_end=1037
+  _globals['_RETRIEVERESPONSE']._serialized_start=1040
+  _globals['_RETRIEVERESPONSE']._serialized_end=1179
+  _globals['_BATCHRETRIEVEREQUEST']._serialized_start=1181
+  _globals['_BATCHRETRIEVEREQUEST']._serialized_end=1262
+  _globals['_BATCHRETRIEVERESPONSE']._serialized_start=1264
+  _globals['_BATCHRETRIEVERESPONSE']._serialized_end=1348
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1350
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1425
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1427
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1550
+  _globals['_RETRIEVALSERVICE']._serialized_start=1553
+  _globals['_RETRIEVALSERVICE']._serialized_end=2118
 # @@protoc_insertion_point(module_scope)
