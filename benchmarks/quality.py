@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.protocols.split(","):
         protocol = PROTOCOLS[name](args.data)
         chosen = [v for v in variants(name, args.epochs) if not wanted or _selected(v, wanted)]
-        results[name] = run_protocol(protocol, chosen)
+        fresh = run_protocol(protocol, chosen)
+        earlier = results.get(name, {}).get("variants", {}) if wanted else {}
+        results[name] = {**fresh, "variants": {**earlier, **fresh["variants"]}}
         print(format_tables(name, results[name]), flush=True)
         path.write_text(json.dumps(results, indent=2))
     plot_validation(results, RESULTS / "quality_valid_recall.png")

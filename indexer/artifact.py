@@ -1,37 +1,70 @@
 """The versioned index artifact: one Faiss index built from one named model version.
 
-Layout of ``<store>/<index_version>/``::
+Layout of ``<store>/<index_version>/`` (the store and its CURRENT pointer: indexer.publish)::
 
-    manifest.json   format, index_version, model_version (the model it was built from),
-                    embedding_dim, similarity, factory, ef_construction, search parameters,
-                    num_items, measured recall against exact search, build time, sha256 of files
-    index.faiss     the Faiss index; label i = row i of item_ids
-    item_ids.npy    unicode [n_items]: the id map, row → external item id
+    manifest.json          format "two-tower-index/2", index_version, model_version (the model
+                           it was built from), embedding_dim, similarity, factory,
+                           ef_construction, search parameters, num_items (labels in the
+                           index), live_items, num_tombstones, measured (recall@k against
+                           exact search, the queries it was measured on, single-thread
+                           latency and queries/s, build timings), source, updates (the
+                           incremental updates since the last full build), sha256 of files
+    index.faiss            the Faiss index; label i = row i of item_ids
+    item_ids.npy           unicode [num_items]: the id map, row (int64 label) → item id
+    tombstones.npy         int64 [num_tombstones], sorted: labels of removed items, which a
+                           search must filter out (indexer.build.search_parameters selector)
+    item_metadata.parquet  optional: item_id + categorical/bag item features, row-aligned,
+                           for filtering (e.g. category)
 
-Written under a temporary name and renamed into place; loading verifies every checksum
-before Faiss reads a byte.
+Written under ``.tmp-<version>`` with every file fsynced, then renamed into place; loading
+verifies every checksum before Faiss reads a byte. Nothing is pickled. Format
+``two-tower-index/1`` (no tombstones, no metadata) still loads.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from indexer.build import IndexSpec
+from indexer.faults import crash_point
 from training.artifact import (
-    MANIFEST, ModelManifest, checksums, new_version, read_manifest_json, verify_checksums,
+    MANIFEST,
+    ModelManifest,
+    checksums,
+    new_version,
+    read_manifest_json,
+    verify_checksums,
 )
 from training.errors import ArtifactError
 
-INDEX_FORMAT = "two-tower-index/1"
+INDEX_FORMAT = "two-tower-index/2"
+LEGACY_FORMAT = "two-tower-index/1"
+METADATA = "item_metadata.parquet"
+
+
+@dataclass(frozen=True)
+class IndexContents:
+    """Everything a version holds besides its name and checksums."""
+
+    index: faiss.Index
+    spec: IndexSpec
+    item_ids: np.ndarray                       # str [num_items]
+    measured: dict[str, Any]
+    tombstones: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    updates: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -45,44 +78,76 @@ class IndexArtifact:
     index: faiss.Index
     item_ids: np.ndarray
     measured: dict[str, Any]
+    tombstones: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live_items(self) -> int:
+        return len(self.item_ids) - len(self.tombstones)
 
 
-def write_index_artifact(index: faiss.Index, spec: IndexSpec, item_ids: np.ndarray,
-                         model: ModelManifest, store: str | Path,
-                         measured: dict[str, Any]) -> Path:
+def write_index_artifact(contents: IndexContents, model: ModelManifest,
+                         store: str | Path) -> Path:
+    """Write a new version directory under ``store`` (not yet current) and return it."""
     version = new_version("i")
     store = Path(store)
     tmp = store / f".tmp-{version}"
     tmp.mkdir(parents=True)
     try:
-        faiss.write_index(index, str(tmp / "index.faiss"))
-        np.save(tmp / "item_ids.npy", np.asarray(item_ids).astype(str), allow_pickle=False)
-        manifest = {
-            "format": INDEX_FORMAT,
-            "index_version": version,
-            "model_version": model.model_version,
-            "embedding_dim": model.embedding_dim,
-            "similarity": model.similarity,
-            "factory": spec.factory,
-            "ef_construction": spec.ef_construction,
-            "search": dict(spec.search),
-            "num_items": int(index.ntotal),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(),
-            "measured": measured,
-            "files": checksums(tmp),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _write_files(contents, tmp)
+        crash_point("mid-write")
+        manifest = _manifest(contents, model, version, checksums(tmp))
+        _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        fsync_dir(tmp)
         final = store / version
         os.replace(tmp, final)
+        fsync_dir(store)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
+def _write_files(contents: IndexContents, directory: Path) -> None:
+    faiss.write_index(contents.index, str(directory / "index.faiss"))
+    _fsync(directory / "index.faiss")
+    _save_npy(directory / "item_ids.npy", np.asarray(contents.item_ids).astype(str))
+    _save_npy(directory / "tombstones.npy", np.unique(contents.tombstones).astype(np.int64))
+    if contents.metadata:
+        columns = {"item_id": pa.array(contents.item_ids.astype(str).tolist(), pa.string())}
+        columns.update({name: _arrow(values) for name, values in contents.metadata.items()})
+        pq.write_table(pa.table(columns), directory / METADATA)
+        _fsync(directory / METADATA)
+
+
+def _manifest(contents: IndexContents, model: ModelManifest, version: str,
+              files: dict[str, str]) -> dict[str, Any]:
+    num_items, tombstones = int(contents.index.ntotal), len(np.unique(contents.tombstones))
+    return {
+        "format": INDEX_FORMAT,
+        "index_version": version,
+        "model_version": model.model_version,
+        "embedding_dim": model.embedding_dim,
+        "similarity": model.similarity,
+        **contents.spec.to_dict(),
+        "num_items": num_items,
+        "live_items": num_items - tombstones,
+        "num_tombstones": tombstones,
+        "metadata_columns": sorted(contents.metadata),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "measured": contents.measured,
+        "source": contents.source,
+        "updates": contents.updates,
+        "files": files,
+    }
+
+
 def load_index_artifact(directory: str | Path) -> IndexArtifact:
-    directory = Path(directory)
-    doc = read_manifest_json(directory, INDEX_FORMAT)
+    """Load a version directory, or the current version of a store (CURRENT pointer)."""
+    from indexer.publish import resolve_index_dir
+
+    directory = resolve_index_dir(directory)
+    doc = _read_manifest(directory)
     try:
         verify_checksums(directory, dict(doc["files"]))
         spec = IndexSpec(factory=str(doc["factory"]), ef_construction=int(doc["ef_construction"]),
@@ -92,11 +157,84 @@ def load_index_artifact(directory: str | Path) -> IndexArtifact:
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(str(directory / MANIFEST), f"malformed manifest: {exc!r}") from exc
     index_version, model_version, dim, similarity, num_items = fields
-    index = faiss.read_index(str(directory / "index.faiss"))
+    index = _read_index(directory / "index.faiss")
     item_ids = np.load(directory / "item_ids.npy", allow_pickle=False)
+    tombstones = _load_tombstones(directory)
     if index.d != dim or index.ntotal != num_items or len(item_ids) != num_items:
         raise ArtifactError(str(directory / "index.faiss"),
                             f"holds {index.ntotal} items of dim {index.d}, manifest says "
                             f"{num_items} of dim {dim} with {len(item_ids)} ids")
+    if len(tombstones) and (tombstones[0] < 0 or tombstones[-1] >= num_items):
+        raise ArtifactError(str(directory / "tombstones.npy"),
+                            f"labels must be in [0, {num_items}) (got {tombstones[[0, -1]]})")
     return IndexArtifact(directory, index_version, model_version, dim, similarity, spec, index,
-                         item_ids, dict(doc.get("measured", {})))
+                         item_ids, dict(doc.get("measured", {})), tombstones, doc)
+
+
+def load_item_metadata(artifact: IndexArtifact) -> dict[str, np.ndarray]:
+    """Row-aligned metadata columns (item_id included); empty when the build had none."""
+    path = artifact.path / METADATA
+    if not path.exists():
+        return {}
+    table = pq.read_table(path)
+    out = {}
+    for name in table.column_names:
+        values = [tuple(v) if isinstance(v, list) else v for v in table.column(name).to_pylist()]
+        out[name] = np.empty(len(values), dtype=object)
+        out[name][:] = values
+    return out
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    try:
+        return read_manifest_json(directory, INDEX_FORMAT)
+    except ArtifactError as exc:
+        try:
+            return read_manifest_json(directory, LEGACY_FORMAT)
+        except ArtifactError:
+            raise exc from None
+
+
+def _read_index(path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise ArtifactError(str(path), f"Faiss cannot read it: {exc}") from exc
+
+
+def _load_tombstones(directory: Path) -> np.ndarray:
+    path = directory / "tombstones.npy"
+    if not path.exists():  # format 1
+        return np.zeros(0, np.int64)
+    return np.unique(np.load(path, allow_pickle=False).astype(np.int64))
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    if len(values) and isinstance(values[0], (tuple, list)):
+        return pa.array([list(v) for v in values], pa.list_(pa.string()))
+    return pa.array([str(v) for v in values], pa.string())
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    np.save(path, array, allow_pickle=False)
+    _fsync(path)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

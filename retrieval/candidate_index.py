@@ -1,7 +1,10 @@
-"""Nearest-item search over a loaded index artifact, with exclusions.
+"""Nearest-item search over a loaded index artifact, with exclusions and metadata rules.
 
 Excluded ids are filtered after the search; the search over-fetches by the number of
 exclusions the index actually holds, so k candidates come back whenever the index has them.
+Tombstoned items (retired by an incremental update) and items a request's metadata rules
+(allow / block by category, tag, ...) refuse are filtered inside Faiss with an ID selector,
+so they are never returned and never count against k.
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
-from indexer.artifact import IndexArtifact
+from indexer.artifact import IndexArtifact, load_item_metadata
 from indexer.build import search_parameters
+from retrieval.errors import InvalidArgument
+from retrieval.query import ItemRules
 
 
 @dataclass(frozen=True)
@@ -25,22 +31,77 @@ class CandidateIndex:
     def __init__(self, artifact: IndexArtifact) -> None:
         self.artifact = artifact
         self.item_ids = artifact.item_ids
-        self._row_of = {item: row for row, item in enumerate(artifact.item_ids.tolist())}
+        live = np.ones(len(artifact.item_ids), dtype=bool)
+        live[artifact.tombstones] = False
+        self._row_of = {item: row for row, item in enumerate(artifact.item_ids.tolist())
+                        if live[row]}
+        self._live = live
+        self._selector = _without(artifact.tombstones)
+        self._rows_by_value = _rows_by_value(load_item_metadata(artifact))
 
     @property
     def size(self) -> int:
-        return len(self.item_ids)
+        return len(self._row_of)
 
-    def search(self, user_emb: np.ndarray, k: int, exclude: Iterable[frozenset[str]]) -> list[Candidates]:
-        """user_emb [n, d] float32; one exclusion set per row → n candidate lists of ≤ k."""
+    @property
+    def metadata_columns(self) -> tuple[str, ...]:
+        return tuple(sorted(self._rows_by_value))
+
+    def check_rules(self, rules: ItemRules) -> None:
+        """InvalidArgument naming a rule on a column the index has no metadata for."""
+        for name, columns in (("allow", rules.allow), ("block", rules.block)):
+            for column in columns:
+                if column not in self._rows_by_value:
+                    raise InvalidArgument(f"{name}[{column!r}]", "unknown item metadata column; "
+                                          f"the index has: {', '.join(self.metadata_columns) or '(none)'}")
+
+    def search(self, user_emb: np.ndarray, k: int, exclude: Iterable[frozenset[str]],
+               rules: list[ItemRules] | None = None) -> list[Candidates]:
+        """user_emb [n, d] float32; one exclusion set (and optional rules) per row → n
+        candidate lists of ≤ k. Rows with the same rules share one Faiss call."""
+        exclude = list(exclude)
+        rules = rules or [ItemRules({}, {})] * len(exclude)
+        out: list[Candidates | None] = [None] * len(exclude)
+        groups: dict[tuple, list[int]] = {}
+        for row, rule in enumerate(rules):
+            groups.setdefault(rule.key(), []).append(row)
+        for rows in groups.values():
+            found = self._search(user_emb[rows], k, [exclude[r] for r in rows], rules[rows[0]])
+            for r, candidates in zip(rows, found, strict=True):
+                out[r] = candidates
+        return out
+
+    def _search(self, user_emb: np.ndarray, k: int, exclude: list[frozenset[str]],
+                rules: ItemRules) -> list[Candidates]:
         excluded_rows = [self._rows(ids) for ids in exclude]
-        fetch_k = min(self.size, k + max((len(r) for r in excluded_rows), default=0))
+        selector, eligible = self._selector, self.size
+        if rules:
+            allowed = self._allowed(rules)
+            selector, eligible = _only(allowed), int(allowed.sum())
+        fetch_k = min(eligible, k + max((len(r) for r in excluded_rows), default=0))
         if fetch_k == 0:
             return [Candidates([], []) for _ in excluded_rows]
         index = self.artifact.index
         scores, rows = index.search(np.ascontiguousarray(user_emb, dtype=np.float32), fetch_k,
-                                    params=search_parameters(index, self.artifact.spec, fetch_k))
+                                    params=search_parameters(index, self.artifact.spec, fetch_k,
+                                                             selector))
         return [self._keep(s, r, ex, k) for s, r, ex in zip(scores, rows, excluded_rows, strict=True)]
+
+    def _allowed(self, rules: ItemRules) -> np.ndarray:
+        """bool [n_rows]: live items every allow rule accepts and no block rule refuses."""
+        allowed = self._live.copy()
+        for column, values in rules.allow.items():
+            allowed &= self._matching(column, values)
+        for column, values in rules.block.items():
+            allowed &= ~self._matching(column, values)
+        return allowed
+
+    def _matching(self, column: str, values: frozenset[str]) -> np.ndarray:
+        mask = np.zeros(len(self.item_ids), dtype=bool)
+        by_value = self._rows_by_value[column]
+        for value in values:
+            mask[by_value.get(value, [])] = True
+        return mask
 
     def _rows(self, item_ids: frozenset[str]) -> set[int]:
         return {self._row_of[i] for i in item_ids if i in self._row_of}
@@ -49,3 +110,35 @@ class CandidateIndex:
         keep = [(int(r), float(s)) for s, r in zip(scores, rows, strict=True)
                 if r >= 0 and int(r) not in excluded][:k]
         return Candidates([str(self.item_ids[r]) for r, _ in keep], [s for _, s in keep])
+
+
+def _without(labels: np.ndarray) -> faiss.IDSelector | None:
+    """A selector accepting every label except ``labels`` (None when there are none)."""
+    if len(labels) == 0:
+        return None
+    batch = faiss.IDSelectorBatch(np.ascontiguousarray(labels, dtype=np.int64))
+    selector = faiss.IDSelectorNot(batch)
+    selector.referenced = batch  # the C++ object holds a raw pointer: keep it alive
+    return selector
+
+
+def _only(allowed: np.ndarray) -> faiss.IDSelector:
+    """A selector accepting exactly the rows where ``allowed`` is True."""
+    bitmap = np.packbits(allowed, bitorder="little")
+    selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+    selector.referenced = bitmap  # the C++ object holds a raw pointer: keep it alive
+    return selector
+
+
+def _rows_by_value(metadata: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """column → value → rows holding it (a bag row holds each of its values)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for column, values in metadata.items():
+        if column == "item_id":
+            continue
+        rows_of: dict[str, list[int]] = {}
+        for row, value in enumerate(values.tolist()):
+            for v in (value if isinstance(value, tuple) else (value,)):
+                rows_of.setdefault(str(v), []).append(row)
+        out[column] = {v: np.array(r, dtype=np.int64) for v, r in rows_of.items()}
+    return out

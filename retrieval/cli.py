@@ -53,18 +53,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=0.01)
     p.add_argument("--embedding-dim", type=int, default=32)
+    p.add_argument("--hidden-dims", default="64", help="comma-separated MLP widths; '' = none")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise tower outputs")
+    p.add_argument("--logq", choices=("none", "exact", "streaming"), default="exact",
+                   help="sampling-bias correction of the softmax")
+    p.add_argument("--corpus-negatives", type=int, default=0,
+                   help="extra negatives per batch drawn from the whole catalogue")
+    p.add_argument("--corpus-distribution", choices=("uniform", "unigram"), default="unigram")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--hard-negatives", type=int, default=0, help="0 = every negative counts")
+    p.add_argument("--keep-accidental-hits", action="store_true",
+                   help="do not mask negatives equal to the positive")
+    p.add_argument("--checkpoint-dir", help="save each epoch here and resume from it")
+    p.add_argument("--tensorboard-dir", help="write TensorBoard logs here")
+    p.add_argument("--early-stopping-patience", type=int, default=0,
+                   help="stop after this many epochs without validation NDCG@10 gain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-eval", action="store_true",
                    help="train on every interaction; skip the held-out evaluation")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("build-index", help="build a Faiss index from a model artifact")
+    p = sub.add_parser("build-index",
+                       help="build, gate and publish a Faiss index of a model's items")
     p.add_argument("--model", type=Path, required=True, help="model artifact directory")
-    p.add_argument("--out", type=Path, required=True, help="index store; a version dir is added")
-    p.add_argument("--factory", default="HNSW32", help="Faiss factory string")
+    p.add_argument("--out", type=Path, required=True,
+                   help="index store: a version dir is added and CURRENT moved to it")
+    p.add_argument("--items", type=Path,
+                   help="dataset dir or items table (.parquet/.csv) to embed with the item "
+                        "tower (default: the embeddings exported with the model)")
+    p.add_argument("--data", type=Path,
+                   help="dataset whose held-out user events are the recall-gate queries "
+                        "(default: item embeddings as queries)")
+    p.add_argument("--index", "--factory", dest="index", default="auto",
+                   help="'auto' (by item count and --memory-budget) or a Faiss factory "
+                        "string: Flat, HNSW32, IVF4096,Flat, IVF4096,SQ8, IVF4096,PQ32, "
+                        "IVF4096,PQ32x4fs,Refine(SQ8)")
+    _add_search_args(p)
     p.add_argument("--ef-construction", type=int, default=200)
-    p.add_argument("--ef-search", type=int, default=256)
+    p.add_argument("--memory-budget", type=_bytes, default="8GiB",
+                   help="for --index auto: bytes the index may take (e.g. 512MiB, 8GiB)")
+    _add_gate_args(p)
+    _add_publish_args(p)
     p.set_defaults(run=_build_index)
+
+    p = sub.add_parser("update-index", help="add new items and retire removed ones in place "
+                       "of a full rebuild; publishes a new version")
+    p.add_argument("--store", type=Path, required=True, help="index store with a CURRENT version")
+    p.add_argument("--model", type=Path, required=True,
+                   help="the model artifact the current index was built from")
+    p.add_argument("--items", type=Path, required=True,
+                   help="the catalogue now (dataset dir or items table): new ids are added, "
+                        "missing ids are tombstoned")
+    p.add_argument("--max-tombstone-fraction", type=float, default=0.2,
+                   help="above this share of tombstones, rebuild in full instead")
+    _add_gate_args(p)
+    p.add_argument("--data", type=Path, help="gate queries for a full rebuild (see build-index)")
+    _add_publish_args(p)
+    p.set_defaults(run=_update_index)
+
+    p = sub.add_parser("rollback", help="point an index store's CURRENT back at an older version")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--to", help="version to make current (default: the newest older version "
+                                "built from the same model)")
+    p.add_argument("--notify-redis", metavar="URL", help="PUBLISH the change on Redis")
+    p.set_defaults(run=_rollback)
 
     p = sub.add_parser("serve", help="run the gRPC retrieval service")
     _add_serve_args(p)
@@ -97,14 +149,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="model artifact directory")
-    p.add_argument("--index", type=Path, required=True, help="index artifact directory")
+    p.add_argument("--model", type=Path, required=True,
+                   help="model version dir (pinned) or model store (the version the index names)")
+    p.add_argument("--index", type=Path, required=True,
+                   help="index version dir (pinned) or index store (its CURRENT, watched)")
+    p.add_argument("--watch-interval", type=float, default=2.0,
+                   help="seconds between checks of the index pointer; 0 = never swap")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 = any free port")
     p.add_argument("--redis-url", help="read user features from Redis (default: in-process)")
     p.add_argument("--features", type=Path,
                    help="dataset directory that fills the in-process feature store")
-    p.add_argument("--port-file", type=Path, help="write the bound port here once SERVING")
+    p.add_argument("--port-file", type=Path,
+                   help="write the bound port (and the metrics port) here once SERVING")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus /metrics over HTTP on this port (0 = any free port)")
+    p.add_argument("--user-tower", choices=("auto", "numpy", "savedmodel"), default="auto",
+                   help="how the user tower runs online (auto: NumPy when the artifact has it)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="requests gathered into one tower + ANN call")
+    p.add_argument("--max-wait-us", type=int, default=300,
+                   help="how long the first request of a batch may wait for others")
 
 
 def _generate(args) -> None:
@@ -127,31 +192,99 @@ def _convert(args) -> None:
 
 def _train(args) -> None:
     from training.dataset import load_dataset
-    from training.model import TowerConfig
+    from training.model import LossConfig, TowerConfig
     from training.pipeline import run_training
     from training.train import TrainConfig
 
-    config = TrainConfig(tower=TowerConfig(embedding_dim=args.embedding_dim), epochs=args.epochs,
-                         batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         seed=args.seed)
+    hidden = tuple(int(w) for w in args.hidden_dims.split(",") if w.strip())
+    config = TrainConfig(
+        tower=TowerConfig(embedding_dim=args.embedding_dim, hidden_dims=hidden,
+                          normalize=args.normalize),
+        loss=LossConfig(logq=args.logq, corpus_negatives=args.corpus_negatives,
+                        corpus_distribution=args.corpus_distribution,
+                        temperature=args.temperature, hard_negatives=args.hard_negatives,
+                        remove_accidental_hits=not args.keep_accidental_hits),
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        seed=args.seed, checkpoint_dir=args.checkpoint_dir, tensorboard_dir=args.tensorboard_dir,
+        early_stopping_patience=args.early_stopping_patience)
     path, _ = run_training(load_dataset(args.data), args.out, config, evaluate=not args.no_eval)
     print(path)
 
 
-def _build_index(args) -> None:
-    from indexer.build import IndexSpec
-    from indexer.job import run_build_index
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nprobe", type=int, help="IVF lists searched (default: tuned)")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: tuned)")
+    p.add_argument("--k-factor", type=int, help="refine stage: candidates re-scored per result")
 
-    spec = IndexSpec(factory=args.factory, ef_construction=args.ef_construction,
-                     search={"ef_search": args.ef_search} if "HNSW" in args.factory else {})
-    print(run_build_index(args.model, args.out, spec))
+
+def _add_gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@k against exact search the index must reach to be published")
+    p.add_argument("--recall-k", type=int, default=100)
+    p.add_argument("--gate-queries", type=int, default=1000)
+
+
+def _add_publish_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=int, default=5, help="versions kept for rollback")
+    p.add_argument("--notify-redis", metavar="URL",
+                   help="PUBLISH the new version on Redis channel tt:v1:index-published")
+
+
+def _bytes(text: str) -> int:
+    units = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+    number = text.upper().rstrip("KMGTIB")
+    unit = text.upper()[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a size like 512MiB or 8GiB (got {text!r})") \
+            from None
+
+
+def _job_options(args, items: Path | None):
+    from indexer.gated_build import GateConfig
+    from indexer.job import JobOptions
+
+    gate = GateConfig(target_recall=args.target_recall, k=args.recall_k,
+                      gate_queries=args.gate_queries)
+    return JobOptions(items=items, data=args.data, gate=gate,
+                      memory_budget=getattr(args, "memory_budget", JobOptions.memory_budget),
+                      keep=args.keep, notify_url=args.notify_redis)
+
+
+def _build_index(args) -> None:
+    from indexer.job import run_build_index, spec_from_args
+
+    search = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search),
+                                ("k_factor", args.k_factor)) if v is not None}
+    spec = spec_from_args(args.index, args.ef_construction, search)
+    print(run_build_index(args.model, args.out, spec, _job_options(args, args.items)))
+
+
+def _update_index(args) -> None:
+    from indexer.update import run_update_index
+
+    print(run_update_index(args.store, args.model, args.items, _job_options(args, args.items),
+                           args.max_tombstone_fraction))
+
+
+def _rollback(args) -> None:
+    from indexer.publish import rollback
+
+    print(rollback(args.store, args.to, args.notify_redis).path)
 
 
 def _serve(args) -> None:
+    from retrieval.retriever import BatchingConfig
     from retrieval.server import ServerConfig, serve
 
     config = ServerConfig(model_dir=args.model, index_dir=args.index, host=args.host,
-                          port=args.port, redis_url=args.redis_url, features_from=args.features)
+                          port=args.port, redis_url=args.redis_url, features_from=args.features,
+                          metrics_port=args.metrics_port,
+                          batching=BatchingConfig(max_batch=args.max_batch,
+                                                  max_wait_us=args.max_wait_us),
+                          user_tower=args.user_tower,
+                          watch_interval_s=args.watch_interval or None)
     asyncio.run(serve(config, args.port_file))
 
 

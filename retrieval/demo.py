@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig) -> int:
-    from indexer.job import run_build_index
+    from indexer.job import JobOptions, run_build_index
     from training.dataset import write_dataset
     from training.pipeline import run_training
     from training.synthetic import SyntheticConfig, generate_synthetic
@@ -55,9 +56,15 @@ def run_demo(config: DemoConfig) -> int:
     model_dir, summary = run_training(dataset, config.workdir / "models",
                                       TrainConfig(epochs=config.epochs))
     _print_recall(summary["evaluation"])
-    _banner("3/4 build the HNSW index")
-    index_dir = run_build_index(model_dir, config.workdir / "indexes")
-    print(f"model {model_dir.name}\nindex {index_dir.name}")
+    _banner("3/4 build, gate and publish the index")
+    index_dir = run_build_index(model_dir, config.workdir / "indexes",
+                                options=JobOptions(items=data_dir, data=data_dir))
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    measured = manifest["measured"]
+    print(f"model {model_dir.name}\nindex {index_dir.name}: {manifest['factory']} "
+          f"{dict(manifest['search'])}, recall@{measured.get('k', 100)} against exact search "
+          f"{measured.get('recall@100', float('nan')):.3f} on {measured.get('query_source', '')} "
+          f"queries")
     _banner("4/4 serve and query over gRPC")
     categories = dict(zip(dataset.items["item_id"], dataset.items["category"], strict=True))
     return _serve_and_query(config, model_dir, index_dir, data_dir, categories)

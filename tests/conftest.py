@@ -136,7 +136,8 @@ class Pipeline:
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """Trained once per session: what `two-tower generate`, `train` and `build-index` make."""
-    from indexer.job import run_build_index
+    from indexer.build import IndexSpec
+    from indexer.job import JobOptions, run_build_index
     from training.dataset import write_dataset
     from training.pipeline import run_training
     from training.synthetic import SyntheticConfig, generate_synthetic
@@ -146,7 +147,10 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     dataset, spec_toml = generate_synthetic(SyntheticConfig(**TINY))
     write_dataset(dataset, root / "data", spec_toml)
     model_dir, summary = run_training(dataset, root / "models", TrainConfig(epochs=8))
-    index_dir = run_build_index(model_dir, root / "indexes")
+    # As the nightly job runs it: item tower over the catalogue (so item metadata for
+    # filtering is stored), recall gate on held-out users of the dataset.
+    index_dir = run_build_index(model_dir, root / "indexes", IndexSpec("HNSW32"),
+                                JobOptions(items=root / "data", data=root / "data"))
     return Pipeline(root / "data", model_dir, index_dir, summary)
 
 
