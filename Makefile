@@ -7,13 +7,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test redis ghz loadtest proto quality clean
+.PHONY: help install demo test redis ghz loadtest proto quality bench-index clean
 
 help:
 	@echo "make demo     generate data, train, build the index, serve, query (end to end)"
 	@echo "make test     run the test suite (installs what it needs)"
 	@echo "make proto    regenerate the Python stubs from proto/"
 	@echo "make loadtest ghz load test: echo ceiling, naive baseline, server (LOADTEST_ARGS=--quick)"
+	@echo "make bench-index  index build/recall/QPS at 100k and 1M items (BENCH_INDEX_ARGS)"
 	@echo "make quality  retrieval quality on MovieLens vs the plain TFRS baseline (../shared/data)"
 
 $(BIN)/python:
@@ -58,6 +59,9 @@ proto: install
 
 quality: install
 	$(BIN)/python -m benchmarks.quality $(QUALITY_ARGS)
+
+bench-index: install
+	$(BIN)/python -m benchmarks.index_scale $(or $(BENCH_INDEX_ARGS),--sizes 100000,1000000 --exact-qps 50)
 
 clean:
 	rm -rf demo-run build *.egg-info

@@ -137,6 +137,7 @@ class Pipeline:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """Trained once per session: what `two-tower generate`, `train` and `build-index` make."""
     from indexer.build import IndexSpec
+    from indexer.gated_build import GateConfig
     from indexer.job import JobOptions, run_build_index
     from training.dataset import write_dataset
     from training.pipeline import run_training
@@ -148,9 +149,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     write_dataset(dataset, root / "data", spec_toml)
     model_dir, summary = run_training(dataset, root / "models", TrainConfig(epochs=8))
     # As the nightly job runs it: item tower over the catalogue (so item metadata for
-    # filtering is stored), recall gate on held-out users of the dataset.
+    # filtering is stored), recall gate on held-out users of the dataset. HNSW on a
+    # 200-item inner-product catalogue levels off near 0.955 recall@100 and its parallel
+    # build is not deterministic, so the gate here is 0.9: the test is about the path.
     index_dir = run_build_index(model_dir, root / "indexes", IndexSpec("HNSW32"),
-                                JobOptions(items=root / "data", data=root / "data"))
+                                JobOptions(items=root / "data", data=root / "data",
+                                           gate=GateConfig(target_recall=0.9)))
     return Pipeline(root / "data", model_dir, index_dir, summary)
 
 

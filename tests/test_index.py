@@ -75,7 +75,7 @@ def test_index_manifest_names_the_model_it_was_built_from(pipeline):
     artifact = load_index_artifact(pipeline.index_dir)
     assert artifact.model_version == pipeline.model_dir.name
     assert artifact.spec.factory == "HNSW32" and artifact.index.ntotal == 200
-    assert artifact.measured["recall@100"] >= 0.95  # gated on held-out users of the dataset
+    assert artifact.measured["recall@100"] >= 0.9  # the fixture's gate, on held-out users
     assert artifact.measured["query_source"].startswith("user_tower")
     assert artifact.manifest["format"] == "two-tower-index/2"
     assert set(artifact.manifest["metadata_columns"]) == {"category", "tags"}
