@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_INDEX_ARGS ?= --sizes 100000,1000000 --exact-qps 50
 
 .PHONY: help install demo test redis ghz loadtest proto quality bench-index clean
 
@@ -61,7 +62,7 @@ quality: install
 	$(BIN)/python -m benchmarks.quality $(QUALITY_ARGS)
 
 bench-index: install
-	$(BIN)/python -m benchmarks.index_scale $(or $(BENCH_INDEX_ARGS),--sizes 100000,1000000 --exact-qps 50)
+	$(BIN)/python -m benchmarks.index_scale $(BENCH_INDEX_ARGS)
 
 clean:
 	rm -rf demo-run build *.egg-info
