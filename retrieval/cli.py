@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from retrieval.logs import configure_logging
 from training.errors import TwoTowerError
 
 log = logging.getLogger("two_tower")
@@ -15,8 +16,7 @@ log = logging.getLogger("two_tower")
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     try:
         return args.run(args) or 0
     except (TwoTowerError, ValueError, OSError) as exc:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="two-tower", description=__doc__)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per log line (before the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="write the seeded synthetic dataset")

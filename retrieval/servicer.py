@@ -123,8 +123,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001 - the boundary: everything is mapped here
                 status = status_of(exc)
                 if status is None:
-                    log.exception("internal error in %s (request_id %s)", method,
-                                  getattr(request, "request_id", ""))
+                    log.exception("internal error in %s", method,
+                                  extra={"request_id": getattr(request, "request_id", "")})
                     status = (grpc.StatusCode.INTERNAL, "internal error")
                 code = status[0]
                 await context.abort(*status)
