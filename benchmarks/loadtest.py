@@ -26,7 +26,7 @@ load generator leaves the other core(s) to the server. Every run is bounded (``-
 ``-n``, per-request timeout, a hard subprocess timeout) and targets 127.0.0.1 only.
 
 Without ``--model``/``--index`` the artifacts come from ``--workdir``: synthetic data,
-training and an HNSW32 index made there with the ``two-tower`` command once, then reused.
+training and an index made there with the ``two-tower`` command once, then reused.
 
 Writes to ``--out``: loadtest.json (rows + run metadata), loadtest.csv (rows),
 loadtest_latency_hist.png and loadtest_throughput.png; raw ghz reports stay in the workdir.
@@ -381,12 +381,16 @@ def ensure_artifacts(workdir: Path, quick: bool) -> tuple[Path, Path, Path]:
             return model, index, data
     data = workdir / "data"
     if not (data / "features.toml").exists():
-        sizes = ("--users", "300", "--items", "300") if quick else ("--users", "2000")
+        sizes = (("--users", "300", "--items", "300") if quick
+                 else ("--users", "3000", "--items", "50000"))
         _two_tower("generate", "--out", str(data), *sizes)
     model = Path(_two_tower("train", "--data", str(data), "--out", str(workdir / "models"),
                             "--epochs", "1" if quick else "5", "--no-eval"))
+    # As the nightly job builds it: item tower over the catalogue, auto index (IVF at
+    # 50k items), recall gate on the dataset's held-out users.
     index = Path(_two_tower("build-index", "--model", str(model), "--out",
-                            str(workdir / "indexes"), "--index", "HNSW32"))
+                            str(workdir / "indexes"), "--index", "auto", "--items", str(data),
+                            "--data", str(data)))
     if not (index / "manifest.json").exists():
         raise ArtifactsUnavailable(f"build-index printed {str(index)!r} as its last line, "
                                    "which is not an index directory (no manifest.json)")
