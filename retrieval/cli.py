@@ -170,7 +170,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how the user tower runs online (auto: NumPy when the artifact has it)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="requests gathered into one tower + ANN call")
-    p.add_argument("--max-wait-us", type=int, default=300,
+    p.add_argument("--max-wait-us", type=int, default=0,
                    help="how long the first request of a batch may wait for others")
 
 

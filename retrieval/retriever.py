@@ -33,7 +33,7 @@ class RetrieveResult:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 32
-    max_wait_us: int = 300
+    max_wait_us: int = 0  # batches form from calls arriving while one runs; a timer costs ms
     max_queue: int = 2048   # beyond this, RESOURCE_EXHAUSTED instead of unbounded latency
     threads: int = 1
 
