@@ -24,9 +24,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
         query = decode_retrieve(request)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        result = await self.retriever.retrieve(query, deadline)
+        result = await self.retriever.retrieve(query, _deadline(context))
         return encode_retrieve(result, query.request_id)
 
     async def BatchRetrieve(self, request: pb.BatchRetrieveRequest, context
@@ -38,9 +36,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             except InvalidArgument as exc:
                 raise InvalidArgument(f"requests[{i}].{exc.field}",
                                       str(exc).split(": ", 1)[1]) from None
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        results = await self.retriever.batch_retrieve(queries, deadline)
+        results = await self.retriever.batch_retrieve(queries, _deadline(context))
         return pb.BatchRetrieveResponse(responses=[
             encode_retrieve(result, q.request_id) for result, q in zip(results, queries, strict=True)])
 
@@ -65,6 +61,12 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         events = [(i.user_id, i.item_id) for i in request.interactions]
         return pb.RecordInteractionsResponse(
             recorded=await self.retriever.record_interactions(events))
+
+
+def _deadline(context) -> float | None:
+    """The caller's deadline as time.monotonic(), or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:

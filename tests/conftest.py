@@ -209,11 +209,13 @@ def stop_server(server: ServerProcess) -> int:
 
 @pytest.fixture(scope="session")
 def server(pipeline: Pipeline, tmp_path_factory) -> Iterator[ServerProcess]:
-    """Serving the pipeline's pair with the in-process feature store (the default)."""
+    """Serving the pipeline's pair with the in-process feature store (the default). The
+    batching wait is 2 ms so that concurrent test calls batch whatever the machine's speed
+    (the default, 0, batches only calls that arrive while a batch runs)."""
     workdir = tmp_path_factory.mktemp("server")
     running = start_server(["--model", str(pipeline.model_dir), "--index",
                             str(pipeline.index_dir), "--features", str(pipeline.data_dir),
-                            "--metrics-port", "0"], workdir)
+                            "--metrics-port", "0", "--max-wait-us", "2000"], workdir)
     yield running
     stop_server(running)
 
