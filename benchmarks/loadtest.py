@@ -46,7 +46,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -244,22 +243,12 @@ def running(variant: Variant, workdir: Path) -> Iterator[str]:
                                     str(port_file)], cwd=REPO, stdout=out,
                                    stderr=subprocess.STDOUT)
     try:
-        yield f"127.0.0.1:{_wait_for_port(process, port_file, log_path)}"
+        from retrieval.server import wait_for_port_file
+
+        port = wait_for_port_file(process, port_file, log_path, SERVER_START_TIMEOUT_S)[0]
+        yield f"127.0.0.1:{port}"
     finally:
         _stop(process)
-
-
-def _wait_for_port(process: subprocess.Popen, port_file: Path, log_path: Path) -> int:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before serving; "
-                               f"log {log_path}:\n{log_path.read_text()[-3000:]}")
-        text = port_file.read_text().strip() if port_file.exists() else ""
-        if text:
-            return int(text)
-        time.sleep(0.05)
-    raise TimeoutError(f"server not serving after {SERVER_START_TIMEOUT_S:.0f}s; see {log_path}")
 
 
 def _stop(process: subprocess.Popen) -> None:

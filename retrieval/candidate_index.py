@@ -43,6 +43,19 @@ class CandidateIndex:
     def size(self) -> int:
         return len(self._row_of)
 
+    def vector(self, item_id: str) -> np.ndarray | None:
+        """The indexed vector [d] of a live item (None when the index does not hold it).
+        IVF indexes get a direct map on first use (8 bytes per item) so that stored codes
+        can be decoded; it is built in the compute thread, which also runs every search."""
+        row = self._row_of.get(item_id)
+        if row is None:
+            return None
+        try:
+            return self.artifact.index.reconstruct(int(row))
+        except RuntimeError:  # IVF without a direct map yet
+            faiss.extract_index_ivf(self.artifact.index).make_direct_map()
+            return self.artifact.index.reconstruct(int(row))
+
     @property
     def metadata_columns(self) -> tuple[str, ...]:
         return tuple(sorted(self._rows_by_value))

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import grpc
 import numpy as np
 
 from retrieval.client import Reply, build_request, format_reply, retrieve
+from retrieval.server import wait_for_port_file
 
 DAY_HOUR, NIGHT_HOUR = 10, 22
 WEDNESDAY = 1_700_611_200  # 2023-11-22 00:00 UTC
@@ -77,7 +77,8 @@ def _serve_and_query(config, model_dir, index_dir, data_dir, categories) -> int:
                "--port-file", str(port_file)]
     server = subprocess.Popen(command, stderr=open(config.workdir / "server.log", "w"))
     try:
-        port = _wait_for_port(server, port_file, config.startup_timeout_s)
+        port = wait_for_port_file(server, port_file, config.workdir / "server.log",
+                                  config.startup_timeout_s)[0]
         print(f"server pid {server.pid} SERVING on 127.0.0.1:{port} "
               f"(log: {config.workdir / 'server.log'})")
         asyncio.run(_queries(f"127.0.0.1:{port}", categories, config.latency_calls))
@@ -86,18 +87,6 @@ def _serve_and_query(config, model_dir, index_dir, data_dir, categories) -> int:
         code = server.wait(timeout=30)
         print(f"server stopped (exit code {code})")
     return 0
-
-
-def _wait_for_port(server: subprocess.Popen, port_file: Path, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with code {server.returncode} before serving; "
-                               f"see {port_file.parent / 'server.log'}")
-        if port_file.exists():  # written atomically once the server is SERVING
-            return int(port_file.read_text().split()[0])
-        time.sleep(0.1)
-    raise TimeoutError(f"server not SERVING after {timeout_s:.0f}s")
 
 
 async def _queries(address: str, categories: dict, latency_calls: int) -> None:

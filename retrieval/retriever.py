@@ -8,8 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
 from retrieval.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
@@ -17,7 +15,6 @@ from retrieval.feature_store import FeatureStore
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
 from retrieval.query import Limits, RetrieveQuery, validate_interactions, validate_query
-from training.artifact import load_item_embeddings
 from training.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
@@ -122,10 +119,9 @@ class Retriever:
             raise InvalidArgument("k", f"must be in [1, {self.limits.max_k}] (got {k})")
         if not item_id:
             raise InvalidArgument("item_id", "must be non-empty")
-        item_emb = _item_embedding(pair, item_id)
-        found = await asyncio.get_running_loop().run_in_executor(
-            self._executor, pair.index.search, item_emb[None, :], k, [exclude | {item_id}])
-        return RetrieveResult(found[0], pair.model_version, pair.index_version)
+        candidates = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _similar, pair, item_id, k, exclude | {item_id})
+        return RetrieveResult(candidates, pair.model_version, pair.index_version)
 
     async def record_interactions(self, events: list[tuple[str, str]], batch: bool = True) -> int:
         """Append the events to their users' histories; returns how many were recorded."""
@@ -167,21 +163,11 @@ class Retriever:
         return results
 
 
-def _item_embedding(pair: ServingPair, item_id: str) -> np.ndarray:
-    """item_emb [d] of an item the index holds: reconstructed from the index when it
-    stores vectors (Flat, HNSW), else the model's exported embedding."""
-    row = pair.index._row_of.get(item_id)
-    if row is None:
+def _similar(pair: ServingPair, item_id: str, k: int, exclude: frozenset[str]) -> Candidates:
+    item_emb = pair.index.vector(item_id)
+    if item_emb is None:
         raise NotFound(f"item_id: {item_id!r} is not in the served index {pair.index_version}")
-    try:
-        return pair.index.artifact.index.reconstruct(int(row))
-    except RuntimeError:  # IVF without a direct map, PQ: use the exported embedding
-        item_emb, item_ids = load_item_embeddings(pair.model)
-        rows = np.flatnonzero(item_ids == item_id)
-        if len(rows) == 0:
-            raise NotFound(f"item_id: no embedding of {item_id!r} in model "
-                           f"{pair.model_version}") from None
-        return item_emb[rows[0]]
+    return pair.index.search(item_emb[None, :], k, [exclude])[0]
 
 
 def _group_by_pair(jobs: list[_Job]) -> list[tuple[ServingPair, list[int]]]:

@@ -184,16 +184,14 @@ def start_server(args: list[str], workdir: Path, timeout_s: float = 120.0) -> Se
                "--port-file", str(port_file)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        if port_file.exists():
-            ports = [int(p) for p in port_file.read_text().split()]
-            return ServerProcess(process, ports[0], log_path, (ports[1:] or [None])[0])
-        time.sleep(0.05)
-    process.kill()
-    raise TimeoutError(f"server not ready in {timeout_s}s:\n{log_path.read_text()}")
+    from retrieval.server import wait_for_port_file
+
+    try:
+        ports = wait_for_port_file(process, port_file, log_path, timeout_s)
+    except TimeoutError:
+        process.kill()
+        raise
+    return ServerProcess(process, ports[0], log_path, (ports[1:] or [None])[0])
 
 
 def stop_server(server: ServerProcess) -> int:

@@ -110,3 +110,19 @@ def test_pair_from_different_model_versions_is_refused(pipeline, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ArtifactError, match=r"manifest.json: index was built from model 'm-other'"):
         load_pair(pipeline.model_dir, copy)
+
+
+def test_indexed_vectors_can_be_read_back_from_an_ivf_index(pipeline, tmp_path):
+    """SimilarItems needs an item's own vector; IVF stores it behind inverted lists."""
+    from indexer.gated_build import GateConfig
+    from indexer.job import JobOptions, run_build_index
+    from retrieval.candidate_index import CandidateIndex
+    from training.artifact import load_item_embeddings, load_model_manifest
+
+    version = run_build_index(pipeline.model_dir, tmp_path, IndexSpec("IVF8,Flat"),
+                              JobOptions(gate=GateConfig(target_recall=0.9)))
+    index = CandidateIndex(load_index_artifact(version))
+    item_emb, item_ids = load_item_embeddings(load_model_manifest(pipeline.model_dir))
+    row = list(item_ids).index("i7")
+    np.testing.assert_allclose(index.vector("i7"), item_emb[row], atol=1e-6)
+    assert index.vector("no-such-item") is None
