@@ -172,6 +172,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests gathered into one tower + ANN call")
     p.add_argument("--max-wait-us", type=int, default=0,
                    help="how long the first request of a batch may wait for others")
+    p.add_argument("--max-queue", type=int, default=2048,
+                   help="requests waiting for the compute thread; beyond, RESOURCE_EXHAUSTED")
+    p.add_argument("--redis-timeout-ms", type=float, default=30.0,
+                   help="bound on one Redis user read; past it the reply is degraded "
+                        "(cold start, degraded=true), and writes fail with UNAVAILABLE")
+    p.add_argument("--breaker-failures", type=int, default=3,
+                   help="consecutive Redis failures that open the circuit breaker")
+    p.add_argument("--breaker-cool-down-ms", type=float, default=500.0,
+                   help="how long the open breaker skips Redis before one probe call")
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20,
+                   help="largest request message accepted (larger: RESOURCE_EXHAUSTED)")
+    p.add_argument("--grace-seconds", type=float, default=5.0,
+                   help="on SIGTERM, how long in-flight calls may take to finish")
 
 
 def _generate(args) -> None:
@@ -277,6 +290,7 @@ def _rollback(args) -> None:
 
 
 def _serve(args) -> None:
+    from retrieval.circuit_breaker import BreakerConfig
     from retrieval.retriever import BatchingConfig
     from retrieval.server import ServerConfig, serve
 
@@ -284,9 +298,15 @@ def _serve(args) -> None:
                           port=args.port, redis_url=args.redis_url, features_from=args.features,
                           metrics_port=args.metrics_port,
                           batching=BatchingConfig(max_batch=args.max_batch,
-                                                  max_wait_us=args.max_wait_us),
+                                                  max_wait_us=args.max_wait_us,
+                                                  max_queue=args.max_queue),
                           user_tower=args.user_tower,
-                          watch_interval_s=args.watch_interval or None)
+                          watch_interval_s=args.watch_interval or None,
+                          redis_timeout_s=args.redis_timeout_ms / 1000,
+                          breaker=BreakerConfig(args.breaker_failures,
+                                                args.breaker_cool_down_ms / 1000),
+                          max_message_bytes=args.max_message_bytes,
+                          grace_seconds=args.grace_seconds)
     asyncio.run(serve(config, args.port_file))
 
 

@@ -7,7 +7,8 @@
     │                            artifact refused (training.errors.ArtifactError)
     └── DeadlineExceeded         DEADLINE_EXCEEDED: the caller's deadline passed; the rest
                                  of the work is skipped
-    (retrieval.feature_store.FeatureStoreUnavailable → UNAVAILABLE: the caller may retry)
+    (retrieval.feature_store.FeatureStoreUnavailable → UNAVAILABLE: the caller may retry.
+     Only writes get there: a Retrieve whose feature read fails is answered degraded.)
 
 ``status_of`` is the one place any exception becomes a (code, message) pair; the server's
 interceptor calls it. Anything that is not ours is INTERNAL with a fixed message: its

@@ -33,6 +33,7 @@ Errors (redis exceptions are translated in one place, ``RedisFeatureStore._trans
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -156,6 +157,7 @@ class RedisFeatureStore:
         history_length: int = DEFAULT_HISTORY_LENGTH,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        read_timeout_s: float | None = None,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError(f"key_prefix must be a non-empty string (got {key_prefix!r})")
@@ -165,6 +167,7 @@ class RedisFeatureStore:
         self._history_length = _check_history_length(history_length)
         self._prefix = key_prefix
         self._batch_size = batch_size
+        self._read_timeout_s = read_timeout_s  # bounds a whole get_user, not one socket read
         self._where = _describe(client)
 
     @classmethod
@@ -178,8 +181,9 @@ class RedisFeatureStore:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> RedisFeatureStore:
         """A store on ``url`` (``redis://host:port/db``). Connecting and each reply are
-        bounded by ``timeout_s`` seconds; there are no retries, so a failure surfaces
-        within about one timeout and the caller's deadline decides what to do."""
+        bounded by ``timeout_s`` seconds, and so is a whole ``get_user`` (connect, write
+        and both replies); there are no retries, so a failure surfaces within one timeout
+        and the caller decides what to do (the server answers degraded)."""
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, Real) or not timeout_s > 0:
             raise ValueError(f"timeout_s must be a number of seconds > 0 (got {timeout_s!r})")
         try:
@@ -193,16 +197,18 @@ class RedisFeatureStore:
         except ValueError as exc:
             raise ValueError(f"{exc} (expected a URL like redis://127.0.0.1:6379/0)") from exc
         return cls(
-            client, history_length=history_length, key_prefix=key_prefix, batch_size=batch_size
+            client, history_length=history_length, key_prefix=key_prefix, batch_size=batch_size,
+            read_timeout_s=timeout_s,
         )
 
     async def get_user(self, user_id: str) -> StoredUser | None:
         user_key, history_key = self._keys(user_id)
         async with self._translate(f"reading user {user_id!r}"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(user_key)
-                pipe.lrange(history_key, 0, self._history_length - 1)
-                fields, history = await pipe.execute()
+            async with asyncio.timeout(self._read_timeout_s):  # None: socket timeouts only
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.hgetall(user_key)
+                    pipe.lrange(history_key, 0, self._history_length - 1)
+                    fields, history = await pipe.execute()
         if not fields and not history:
             return None
         return _decode_user(user_key, fields, history)
@@ -259,9 +265,10 @@ class RedisFeatureStore:
         """The one place where redis exceptions become feature-store errors."""
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # OSError: TimeoutError
             raise FeatureStoreUnavailable(
-                f"Redis at {self._where} is unavailable while {action}: {exc}. "
+                f"Redis at {self._where} is unavailable while {action}: "
+                f"{str(exc) or type(exc).__name__}. "
                 "Check that redis-server runs there and is reachable, or raise timeout_s."
             ) from exc
         except RedisError as exc:

@@ -4,6 +4,10 @@
     two_tower_requests_total{rpc, code}      every finished call by gRPC status code
     two_tower_batch_size                     requests answered by one tower + ANN call
     two_tower_feature_store_errors_total     feature-store calls that failed
+    two_tower_degraded_replies_total{reason} replies computed without stored features:
+                                             unavailable (Redis failed or timed out),
+                                             breaker_open (Redis skipped), bad_data
+    two_tower_feature_store_breaker_state    0 closed, 1 half-open (probing), 2 open
     two_tower_serving_info{model_version, index_version}   1 for the pair being served
 """
 
@@ -33,6 +37,12 @@ class ServiceMetrics:
         self.feature_store_errors = Counter("two_tower_feature_store_errors_total",
                                             "Feature-store calls that failed",
                                             registry=self.registry)
+        self.degraded = Counter("two_tower_degraded_replies_total",
+                                "Replies computed without stored user features, by reason",
+                                ("reason",), registry=self.registry)
+        self.breaker_state = Gauge("two_tower_feature_store_breaker_state",
+                                   "Feature-store circuit breaker: 0 closed, 1 half-open, 2 open",
+                                   registry=self.registry)
         self.serving = Gauge("two_tower_serving_info", "The model and index being served",
                              ("model_version", "index_version"), registry=self.registry)
 

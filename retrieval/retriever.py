@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
+from retrieval.circuit_breaker import BreakerConfig, CircuitBreaker
 from retrieval.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from retrieval.feature_store import FeatureStore
+from retrieval.feature_store import (
+    FeatureStore, FeatureStoreError, FeatureStoreUnavailable, StoredUser,
+)
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
 from retrieval.query import Limits, RetrieveQuery, validate_interactions, validate_query
@@ -25,6 +28,7 @@ class RetrieveResult:
     candidates: Candidates
     model_version: str
     index_version: str
+    degraded: bool = False  # answered without stored features: the store failed or was skipped
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,12 @@ class Retriever:
     def __init__(self, store: FeatureStore, limits: Limits = Limits(),
                  history_ttl_s: int | None = None,
                  metrics: ServiceMetrics | None = None,
-                 batching: BatchingConfig = BatchingConfig()) -> None:
+                 batching: BatchingConfig = BatchingConfig(),
+                 breaker: BreakerConfig = BreakerConfig()) -> None:
         self.store, self.limits, self.history_ttl_s = store, limits, history_ttl_s
         self.metrics = metrics or ServiceMetrics()
+        self.breaker = CircuitBreaker("feature store", breaker,
+                                      on_change=self.metrics.breaker_state.set)
         self._pair: ServingPair | None = None
         # One compute thread: the tower and Faiss run there once per batch, so the event
         # loop thread only decodes, reads Redis and encodes (2 cores: one each).
@@ -77,7 +84,7 @@ class Retriever:
         validate_query(query, pair.model.feature_spec, self.limits)
         pair.index.check_rules(query.rules)
         with self.metrics.stage("Retrieve", "features"):
-            stored = await self._get_user(query.user_id)
+            stored, degraded = await self._get_user(query.user_id)
         _check_deadline(deadline, "after reading features")
         request = UserRequest(
             user_id=query.user_id,
@@ -89,7 +96,7 @@ class Retriever:
         exclude = query.exclude_item_ids | (frozenset(request.history) if query.exclude_seen
                                             else frozenset())
         candidates = await self._batcher.submit(_Job(pair, request, query, exclude))
-        return RetrieveResult(candidates, pair.model_version, pair.index_version)
+        return RetrieveResult(candidates, pair.model_version, pair.index_version, degraded)
 
     async def batch_retrieve(self, queries: list[RetrieveQuery], deadline: float | None = None
                              ) -> list[RetrieveResult]:
@@ -137,12 +144,29 @@ class Retriever:
         await self._batcher.close()
         self._executor.shutdown(wait=True)
 
-    async def _get_user(self, user_id: str):
+    async def _get_user(self, user_id: str) -> tuple[StoredUser | None, bool]:
+        """(the stored user or None, degraded). A store that fails, times out or holds
+        unreadable data never fails the call: the user is served as a cold start (request
+        history and context only) and the reply is flagged degraded. While the breaker is
+        open the store is not asked at all, so an outage costs no waiting."""
+        if not self.breaker.allow():
+            self.metrics.degraded.labels("breaker_open").inc()
+            return None, True
         try:
-            return await self.store.get_user(user_id)
-        except Exception:
-            self.metrics.feature_store_errors.inc()
-            raise
+            stored = await self.store.get_user(user_id)
+        except FeatureStoreUnavailable:
+            self.breaker.record_failure()
+            reason = "unavailable"
+        except FeatureStoreError as exc:  # one user's record is bad; the store itself is up
+            self.breaker.record_success()
+            log.warning("serving user %r as a cold start: %s", user_id, exc)
+            reason = "bad_data"
+        else:
+            self.breaker.record_success()
+            return stored, False
+        self.metrics.feature_store_errors.inc()
+        self.metrics.degraded.labels(reason).inc()
+        return None, True
 
     def _embed_and_search_batch(self, jobs: list[_Job]) -> list[Candidates]:
         """One tower call and one ANN search per serving pair in the batch (a hot swap can

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from retrieval.circuit_breaker import BreakerConfig
 from retrieval.feature_store import (
     FeatureStore, InMemoryFeatureStore, RedisFeatureStore, users_from_dataset,
 )
@@ -48,6 +49,19 @@ class ServerConfig:
     user_tower: str = "auto"  # auto | numpy | savedmodel (retrieval.pair.load_user_tower)
     watch_interval_s: float | None = 2.0  # poll the index pointer; None: never swap
     limits: Limits = field(default_factory=Limits)
+    # Redis: bound on one user read (connect + reply); past it the reply is degraded.
+    redis_timeout_s: float = 0.03
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)  # when to stop asking Redis
+    max_message_bytes: int = 4 << 20  # largest request accepted (gRPC's own default)
+
+    def __post_init__(self) -> None:
+        t = self.redis_timeout_s
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 60:
+            raise ValueError(f"redis_timeout_s must be in (0, 60] seconds (got {t!r})")
+        m = self.max_message_bytes
+        if isinstance(m, bool) or not isinstance(m, int) or not 64 << 10 <= m <= 1 << 30:
+            raise ValueError(f"max_message_bytes must be an integer in [65536, 2**30] "
+                             f"(got {m!r})")
 
 
 @dataclass
@@ -89,8 +103,9 @@ async def create_server(config: ServerConfig) -> RunningServer:
     faiss.omp_set_num_threads(config.faiss_threads)
     metrics = ServiceMetrics()
     retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s,
-                          metrics, config.batching)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)])
+                          metrics, config.batching, config.breaker)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)], options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes)])
     pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -114,7 +129,8 @@ async def create_server(config: ServerConfig) -> RunningServer:
 
 async def _feature_store(config: ServerConfig) -> FeatureStore:
     if config.redis_url:
-        return RedisFeatureStore.from_url(config.redis_url, history_length=config.history_length)
+        return RedisFeatureStore.from_url(config.redis_url, history_length=config.history_length,
+                                          timeout_s=config.redis_timeout_s)
     store = InMemoryFeatureStore(history_length=config.history_length)
     if config.features_from is not None:
         from training.dataset import load_dataset

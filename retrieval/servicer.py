@@ -97,6 +97,7 @@ def encode_retrieve(result: RetrieveResult, request_id: str) -> pb.RetrieveRespo
         model_version=result.model_version,
         index_version=result.index_version,
         request_id=request_id,
+        degraded=result.degraded,
     )
 
 

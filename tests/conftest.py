@@ -65,19 +65,33 @@ def private_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         _stop_redis_server(server)
 
 
-def _start_redis_server(directory: Path, attempts: int = 3) -> RedisServer:
+def start_redis_server(directory: Path, port: int | None = None,
+                       extra_args: tuple[str, ...] = ()) -> RedisServer:
+    """A redis-server on 127.0.0.1 (on ``port``, to restart one where it was); the caller
+    stops it with ``stop_redis_server``."""
+    return _start_redis_server(directory, port=port, extra_args=extra_args)
+
+
+def stop_redis_server(server: RedisServer) -> None:
+    _stop_redis_server(server)
+
+
+def _start_redis_server(directory: Path, attempts: int = 3, port: int | None = None,
+                        extra_args: tuple[str, ...] = ()) -> RedisServer:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.access(binary, os.X_OK):
         pytest.fail(
             "redis-server not found (looked on PATH and at /usr/bin/redis-server); the "
             "integration tests need a real one. Run `make test`, which installs it."
         )
+    fixed = port
     for attempt in range(attempts):  # another process may take the free port before us
-        port = _free_port()
+        port = fixed or _free_port()
         log = directory / f"redis-{port}.log"
         process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-             "--appendonly", "no", "--dir", str(directory), "--logfile", str(log)],
+             "--appendonly", "no", "--dir", str(directory), "--logfile", str(log),
+             *extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         server = RedisServer(port, process)

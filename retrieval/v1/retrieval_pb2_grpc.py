@@ -72,8 +72,12 @@ class RetrievalServiceServicer:
         know, or a context value of the wrong type or range. The message
         names the field.
         FAILED_PRECONDITION  the server has no loaded model and index pair yet.
+        RESOURCE_EXHAUSTED   the server is overloaded (its queue is full); retry with backoff.
+        DEADLINE_EXCEEDED    the caller's deadline passed before the reply was computed.
         An unknown user is not an error: the reply is computed from the context and the
         recent items alone (cold start). Exclude ids that the index does not hold are ignored.
+        Nor is a feature store that is down or slow: the reply is a cold start too, with
+        degraded = true (see RetrieveResponse.degraded).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +110,9 @@ class RetrievalServiceServicer:
         next Retrieve for that user reflects it.
 
         Errors: INVALID_ARGUMENT for an empty user_id or item_id (the message names the field);
-        UNAVAILABLE when the feature store cannot be reached (nothing was recorded; retry).
+        UNAVAILABLE when the feature store cannot be reached (nothing was recorded; retry) or
+        did not answer within the server's --redis-timeout-ms (it may have been recorded). A
+        write is never degraded: unlike Retrieve, it fails fast while Redis is down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
