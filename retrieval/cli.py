@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--redis-url", required=True)
     p.add_argument("--history-length", type=int, default=20)
+    _add_redis_auth_args(p)
     p.set_defaults(run=_load_features)
 
     p = sub.add_parser("query", help="call Retrieve on a running server, print a table")
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recent", action="append", default=[], metavar="ITEM_ID")
     p.add_argument("--exclude", action="append", default=[], metavar="ITEM_ID")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    _add_client_security_args(p)
     p.set_defaults(run=_query)
 
     p = sub.add_parser("demo", help="generate → train → index → serve → query, end to end")
@@ -172,6 +175,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests gathered into one tower + ANN call")
     p.add_argument("--max-wait-us", type=int, default=0,
                    help="how long the first request of a batch may wait for others")
+    _add_serve_security_args(p)
+    _add_redis_auth_args(p)
     p.add_argument("--max-queue", type=int, default=2048,
                    help="requests waiting for the compute thread; beyond, RESOURCE_EXHAUSTED")
     p.add_argument("--redis-timeout-ms", type=float, default=30.0,
@@ -185,6 +190,86 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest request message accepted (larger: RESOURCE_EXHAUSTED)")
     p.add_argument("--grace-seconds", type=float, default=5.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
+
+
+def _add_serve_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", type=Path, metavar="FILE",
+                   help="PEM certificate chain of the server; with --tls-key the port is TLS-only")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                   help="PEM CA(s): clients must present a certificate they signed (mutual TLS)")
+    p.add_argument("--auth-tokens-file", type=Path, metavar="FILE",
+                   help="bearer tokens, one per line ('token' or 'name:token'); every call "
+                        "but grpc.health.v1 then needs 'authorization: Bearer <token>'")
+    p.add_argument("--auth-tokens-env", metavar="VAR",
+                   help="as --auth-tokens-file, from this environment variable")
+
+
+def _add_redis_auth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-username", metavar="NAME", help="Redis ACL user (default: default)")
+    p.add_argument("--redis-password-file", type=Path, metavar="FILE",
+                   help="file holding the Redis password (kept off the command line)")
+    p.add_argument("--redis-password-env", metavar="VAR",
+                   help="environment variable holding the Redis password")
+    p.add_argument("--redis-tls-ca", type=Path, metavar="FILE",
+                   help="rediss:// only: PEM CA of the Redis server's certificate")
+    p.add_argument("--redis-tls-cert", type=Path, metavar="FILE",
+                   help="rediss:// only: client certificate, when Redis asks for one")
+    p.add_argument("--redis-tls-key", type=Path, metavar="FILE", help="key of --redis-tls-cert")
+
+
+def _add_client_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", action="store_true",
+                   help="TLS, trusting the system's CAs (implied by the other --tls-* flags)")
+    p.add_argument("--tls-ca", type=Path, metavar="FILE", help="PEM CA of the server's certificate")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE",
+                   help="PEM client certificate, for a server that asks for one (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="name to check the server's certificate against (default: the host)")
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="file holding a bearer token")
+    p.add_argument("--token-env", metavar="VAR", default="TWO_TOWER_TOKEN",
+                   help="environment variable holding a bearer token, used when set "
+                        "(default: TWO_TOWER_TOKEN)")
+
+
+def _serve_security(args) -> dict:
+    from retrieval.security import SecurityConfigError, TlsConfig, TokenSet
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SecurityConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.auth_tokens_file is not None and args.auth_tokens_env is not None:
+        raise SecurityConfigError("pass one of --auth-tokens-file and --auth-tokens-env")
+    tls = (TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+           if args.tls_cert else None)
+    auth = (TokenSet.from_file(args.auth_tokens_file) if args.auth_tokens_file else
+            TokenSet.from_env(args.auth_tokens_env) if args.auth_tokens_env else None)
+    redis_auth = _redis_auth(args)
+    if args.redis_url:
+        redis_auth.client_kwargs(args.redis_url)  # contradictions are refused before loading
+    return {"tls": tls, "auth": auth, "redis_auth": redis_auth}
+
+
+def _redis_auth(args):
+    from retrieval.redis_options import RedisAuth
+
+    return RedisAuth.from_sources(args.redis_username, args.redis_password_file,
+                                  args.redis_password_env, args.redis_tls_ca,
+                                  args.redis_tls_cert, args.redis_tls_key)
+
+
+def _client_channel(args):
+    from retrieval.client import open_channel
+    from retrieval.security import ClientTls, read_token
+
+    wants_tls = args.tls or any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name))
+    tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key,
+                               args.tls_server_name) if wants_tls else None
+    token = read_token(args.token_file) if args.token_file else (
+        read_token(variable=args.token_env) if os.environ.get(args.token_env) else None)
+    return open_channel(args.address, tls, token)
 
 
 def _generate(args) -> None:
@@ -295,6 +380,7 @@ def _serve(args) -> None:
     from retrieval.server import ServerConfig, serve
 
     config = ServerConfig(model_dir=args.model, index_dir=args.index, host=args.host,
+                          **_serve_security(args),
                           port=args.port, redis_url=args.redis_url, features_from=args.features,
                           metrics_port=args.metrics_port,
                           batching=BatchingConfig(max_batch=args.max_batch,
@@ -317,7 +403,9 @@ def _load_features(args) -> None:
     users = users_from_dataset(load_dataset(args.data), args.history_length)
 
     async def write() -> None:
-        store = RedisFeatureStore.from_url(args.redis_url, history_length=args.history_length)
+        store = RedisFeatureStore.from_url(
+            args.redis_url, history_length=args.history_length,
+            client_options=_redis_auth(args).client_kwargs(args.redis_url))
         try:
             await store.put_users(users)
         finally:
@@ -337,7 +425,7 @@ def _query(args) -> int:
                             args.exclude)
 
     async def call():
-        async with grpc.aio.insecure_channel(args.address) as channel:
+        async with _client_channel(args) as channel:
             return await retrieve(channel, request, args.timeout)
 
     try:

@@ -1,4 +1,4 @@
-"""A small client: one Retrieve call, and the reply as a table."""
+"""A small client: a channel (TLS, bearer token), one Retrieve call, the reply as a table."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from retrieval.security import ClientTls
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -49,6 +50,34 @@ def build_request(user_id: str, k: int, context: Mapping[str, str | int | float]
         event_time_unix_seconds=event_time, recent_item_ids=list(recent),
         exclude_item_ids=list(exclude), request_id=request_id,
     )
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Client side: adds ``authorization: Bearer <token>`` to every unary call. An
+    interceptor rather than call credentials so that it works on a plaintext channel too
+    (e.g. behind a mesh that terminates TLS); the token is then readable on the wire."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def __repr__(self) -> str:
+        return "BearerToken(<redacted>)"
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), self._header)
+        details = client_call_details._replace(metadata=metadata)
+        return await continuation(details, request)
+
+
+def open_channel(address: str, tls: ClientTls | None = None,
+                 token: str | None = None) -> grpc.aio.Channel:
+    """An aio channel to ``address``: TLS when ``tls`` is given, with a bearer token when
+    ``token`` is. Plaintext only when asked for (tls None); never a fallback."""
+    interceptors = [BearerToken(token)] if token else None
+    if tls is None:
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                   options=tls.channel_options(), interceptors=interceptors)
 
 
 async def retrieve(channel: grpc.aio.Channel, request: pb.RetrieveRequest,

@@ -48,6 +48,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -179,6 +180,7 @@ class RedisFeatureStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        client_options: Mapping[str, Any] | None = None,
     ) -> RedisFeatureStore:
         """A store on ``url`` (``redis://host:port/db``). Connecting and each reply are
         bounded by ``timeout_s`` seconds, and so is a whole ``get_user`` (connect, write
@@ -193,6 +195,7 @@ class RedisFeatureStore:
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
                 retry=Retry(NoBackoff(), 0),
+                **(client_options or {}),  # credentials, TLS: retrieval.redis_options
             )
         except ValueError as exc:
             raise ValueError(f"{exc} (expected a URL like redis://127.0.0.1:6379/0)") from exc
@@ -265,6 +268,12 @@ class RedisFeatureStore:
         """The one place where redis exceptions become feature-store errors."""
         try:
             yield
+        except RedisAuthenticationError as exc:  # a ConnectionError, but not transient
+            raise FeatureStoreError(
+                f"Redis at {self._where} refused the credentials while {action}: {exc} "
+                "Check --redis-username and the password (--redis-password-file or "
+                "--redis-password-env)."
+            ) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # OSError: TimeoutError
             raise FeatureStoreUnavailable(
                 f"Redis at {self._where} is unavailable while {action}: "

@@ -4,6 +4,7 @@
     two_tower_requests_total{rpc, code}      every finished call by gRPC status code
     two_tower_batch_size                     requests answered by one tower + ANN call
     two_tower_feature_store_errors_total     feature-store calls that failed
+    two_tower_auth_failures_total{reason}    calls refused for their token: missing, invalid
     two_tower_degraded_replies_total{reason} replies computed without stored features:
                                              unavailable (Redis failed or timed out),
                                              breaker_open (Redis skipped), bad_data
@@ -43,6 +44,9 @@ class ServiceMetrics:
         self.breaker_state = Gauge("two_tower_feature_store_breaker_state",
                                    "Feature-store circuit breaker: 0 closed, 1 half-open, 2 open",
                                    registry=self.registry)
+        self.auth_failures = Counter("two_tower_auth_failures_total",
+                                     "Calls refused for a missing or invalid bearer token",
+                                     ("reason",), registry=self.registry)
         self.serving = Gauge("two_tower_serving_info", "The model and index being served",
                              ("model_version", "index_version"), registry=self.registry)
 

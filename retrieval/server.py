@@ -22,7 +22,9 @@ from retrieval.feature_store import (
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import load_pair
 from retrieval.query import Limits
+from retrieval.redis_options import RedisAuth
 from retrieval.retriever import BatchingConfig, Retriever
+from retrieval.security import AuthInterceptor, TlsConfig, TokenSet
 from retrieval.swap import PairWatcher, resolve_pair_dirs
 from retrieval.servicer import ErrorInterceptor, RetrievalServicer
 from retrieval.v1 import retrieval_pb2 as pb
@@ -49,6 +51,9 @@ class ServerConfig:
     user_tower: str = "auto"  # auto | numpy | savedmodel (retrieval.pair.load_user_tower)
     watch_interval_s: float | None = 2.0  # poll the index pointer; None: never swap
     limits: Limits = field(default_factory=Limits)
+    tls: TlsConfig | None = None  # set: the port is TLS-only (mutual with a client CA)
+    auth: TokenSet | None = None  # set: every call but grpc.health.v1 needs a token
+    redis_auth: RedisAuth = field(default_factory=RedisAuth)  # user, password, TLS
     # Redis: bound on one user read (connect + reply); past it the reply is degraded.
     redis_timeout_s: float = 0.03
     breaker: BreakerConfig = field(default_factory=BreakerConfig)  # when to stop asking Redis
@@ -104,7 +109,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     metrics = ServiceMetrics()
     retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s,
                           metrics, config.batching, config.breaker)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)], options=[
+    server = grpc.aio.server(interceptors=_interceptors(config, metrics), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes)])
     pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()
@@ -114,12 +119,12 @@ async def create_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = _bind(server, config)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
-    log.info("listening on %s:%d (NOT_SERVING until the model and index are loaded)",
-             config.host, port)
+    log.info("listening on %s:%d, %s (NOT_SERVING until the model and index are loaded)",
+             config.host, port, _security(config))
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = metrics.serve_http(config.host, config.metrics_port)
@@ -127,9 +132,39 @@ async def create_server(config: ServerConfig) -> RunningServer:
     return RunningServer(server, port, retriever, health_servicer, metrics_port)
 
 
+def _interceptors(config: ServerConfig, metrics: ServiceMetrics) -> list:
+    interceptors: list = [ErrorInterceptor(metrics)]
+    if config.auth is not None:  # inside ErrorInterceptor: refusals are counted by code too
+        interceptors.append(AuthInterceptor(config.auth, metrics))
+    return interceptors
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """One port: TLS-only when TLS is configured, plaintext otherwise; never both."""
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        return server.add_secure_port(address, config.tls.server_credentials())
+    if config.auth is not None:
+        log.warning("bearer tokens without TLS can be read on the network; pass --tls-cert "
+                    "and --tls-key unless a proxy or mesh encrypts the connection")
+    return server.add_insecure_port(address)
+
+
+def _security(config: ServerConfig) -> str:
+    tls = "plaintext" if config.tls is None else "mutual TLS" if config.tls.mutual else "TLS"
+    if config.auth is None:
+        return f"{tls}, no token needed"
+    return f"{tls}, {len(config.auth.names)} bearer token(s), none needed for grpc.health.v1"
+
+
+def _redis_options(config: ServerConfig) -> dict:
+    return config.redis_auth.client_kwargs(config.redis_url or "")
+
+
 async def _feature_store(config: ServerConfig) -> FeatureStore:
     if config.redis_url:
-        return RedisFeatureStore.from_url(config.redis_url, history_length=config.history_length,
+        return RedisFeatureStore.from_url(config.redis_url, client_options=_redis_options(config),
+                                          history_length=config.history_length,
                                           timeout_s=config.redis_timeout_s)
     store = InMemoryFeatureStore(history_length=config.history_length)
     if config.features_from is not None:
