@@ -42,6 +42,7 @@ from training.artifact import (
     MANIFEST,
     ModelManifest,
     checksums,
+    load_npy,
     new_version,
     read_manifest_json,
     verify_checksums,
@@ -149,7 +150,7 @@ def load_index_artifact(directory: str | Path) -> IndexArtifact:
     directory = resolve_index_dir(directory)
     doc = _read_manifest(directory)
     try:
-        verify_checksums(directory, dict(doc["files"]))
+        verify_checksums(directory, dict(doc["files"]), _files_read(directory))
         spec = IndexSpec(factory=str(doc["factory"]), ef_construction=int(doc["ef_construction"]),
                          search={str(k): int(v) for k, v in doc["search"].items()})
         fields = (str(doc["index_version"]), str(doc["model_version"]), int(doc["embedding_dim"]),
@@ -158,7 +159,7 @@ def load_index_artifact(directory: str | Path) -> IndexArtifact:
         raise ArtifactError(str(directory / MANIFEST), f"malformed manifest: {exc!r}") from exc
     index_version, model_version, dim, similarity, num_items = fields
     index = _read_index(directory / "index.faiss")
-    item_ids = np.load(directory / "item_ids.npy", allow_pickle=False)
+    item_ids = load_npy(directory / "item_ids.npy")
     tombstones = _load_tombstones(directory)
     if index.d != dim or index.ntotal != num_items or len(item_ids) != num_items:
         raise ArtifactError(str(directory / "index.faiss"),
@@ -185,6 +186,12 @@ def load_item_metadata(artifact: IndexArtifact) -> dict[str, np.ndarray]:
     return out
 
 
+def _files_read(directory: Path) -> tuple[str, ...]:
+    """What loading reads besides the manifest: each must be covered by its checksums."""
+    optional = tuple(n for n in ("tombstones.npy", METADATA) if (directory / n).exists())
+    return ("index.faiss", "item_ids.npy", *optional)
+
+
 def _read_manifest(directory: Path) -> dict[str, Any]:
     try:
         return read_manifest_json(directory, INDEX_FORMAT)
@@ -206,7 +213,7 @@ def _load_tombstones(directory: Path) -> np.ndarray:
     path = directory / "tombstones.npy"
     if not path.exists():  # format 1
         return np.zeros(0, np.int64)
-    return np.unique(np.load(path, allow_pickle=False).astype(np.int64))
+    return np.unique(load_npy(path).astype(np.int64))
 
 
 def _arrow(values: np.ndarray) -> pa.Array:

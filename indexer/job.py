@@ -31,7 +31,7 @@ from indexer.publish import DEFAULT_KEEP, publish
 from indexer.queries import item_queries, user_queries
 from indexer.source import EmbeddingSource, NpySource
 from indexer.timing import FaissClock
-from training.artifact import ModelManifest, load_model_manifest
+from training.artifact import ModelManifest, load_model_manifest, load_npy
 from training.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def item_side(model: ModelManifest, options: JobOptions) -> ItemSide:
         log.info("no --items given: indexing the %d item embeddings exported with the model",
                  model.num_items)
         source = NpySource(model.path / "item_embeddings.npy")
-        item_ids = np.load(model.path / "item_ids.npy", allow_pickle=False)
+        item_ids = load_npy(model.path / "item_ids.npy")
         if (source.num_items, source.dim) != (len(item_ids), model.embedding_dim):
             raise ArtifactError(str(source.path), f"shape ({source.num_items}, {source.dim}) "
                                 f"does not match {len(item_ids)} ids of dim {model.embedding_dim}")

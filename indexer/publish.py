@@ -230,12 +230,15 @@ def send_notification(redis_url: str, message: dict[str, Any]) -> int:
     """PUBLISH the message on CHANNEL; returns how many subscribers received it."""
     import redis
 
+    from retrieval.redis_options import redact_url
+
     try:
         with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
             receivers = int(client.publish(CHANNEL, json.dumps(message, sort_keys=True)))
     except redis.RedisError as exc:
         raise NotificationError(
             f"published {message['index_version']} (CURRENT moved) but could not notify "
-            f"{redis_url} on {CHANNEL}: {exc}; servers watching CURRENT still pick it up") from exc
+            f"{redact_url(redis_url)} on {CHANNEL}: {exc}; servers watching CURRENT still pick "
+            "it up") from exc
     log.info("notified %d subscriber(s) on %s", receivers, CHANNEL)
     return receivers

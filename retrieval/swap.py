@@ -44,9 +44,14 @@ def resolve_pair_dirs(model_arg: Path, index_arg: Path) -> tuple[Path, Path]:
 def _index_model_version(index_dir: Path) -> str:
     path = index_dir / MANIFEST
     try:
-        return str(json.loads(path.read_text())["model_version"])
+        version = str(json.loads(path.read_text())["model_version"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(str(path), f"cannot read the model version: {exc!r}") from exc
+    if not version or "/" in version or "\\" in version or version.startswith("."):
+        # it becomes a path below the model store: it must not lead out of it
+        raise ArtifactError(str(path), f"model_version must be a version directory name "
+                            f"(got {version!r})")
+    return version
 
 
 class PairWatcher:

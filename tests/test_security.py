@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -461,3 +463,63 @@ def test_a_password_in_the_url_and_in_a_file_is_refused_without_showing_either()
 ])
 def test_redact_url_hides_only_the_password(url, shown):
     assert redact_url(url) == shown
+
+
+# --- artifacts: only what the checksums cover, nothing pickled --------------------------------
+
+
+def _copy_index(pipeline, tmp_path: Path) -> Path:
+    copy = tmp_path / pipeline.index_dir.name
+    shutil.copytree(pipeline.index_dir, copy)
+    return copy
+
+
+def _rewrite_manifest(directory: Path, change) -> None:
+    path = directory / "manifest.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_an_object_array_in_an_artifact_is_refused_not_unpickled(pipeline, tmp_path):
+    from indexer.artifact import load_index_artifact
+    from training.artifact import checksums
+    from training.errors import ArtifactError
+
+    index_dir = _copy_index(pipeline, tmp_path)
+    ids = np.load(index_dir / "item_ids.npy", allow_pickle=False)
+    np.save(index_dir / "item_ids.npy", np.array(list(ids), dtype=object), allow_pickle=True)
+    _rewrite_manifest(index_dir, lambda doc: doc.update(files=checksums(index_dir)))
+    with pytest.raises(ArtifactError, match=r"item_ids\.npy: cannot be read without pickle"):
+        load_index_artifact(index_dir)
+
+
+def test_a_file_the_loader_reads_must_be_covered_by_the_checksums(pipeline, tmp_path):
+    from indexer.artifact import load_index_artifact
+    from training.errors import ArtifactError
+
+    index_dir = _copy_index(pipeline, tmp_path)
+    _rewrite_manifest(index_dir, lambda doc: doc["files"].pop("index.faiss"))
+    with pytest.raises(ArtifactError, match=r"index\.faiss: not listed in the manifest"):
+        load_index_artifact(index_dir)
+
+
+def test_a_manifest_cannot_point_outside_its_artifact(pipeline, tmp_path):
+    from indexer.artifact import load_index_artifact
+    from retrieval.swap import resolve_pair_dirs
+    from training.errors import ArtifactError
+
+    index_dir = _copy_index(pipeline, tmp_path)
+    _rewrite_manifest(index_dir, lambda doc: doc["files"].update({"../../etc/passwd": "0"}))
+    with pytest.raises(ArtifactError, match="outside the artifact directory"):
+        load_index_artifact(index_dir)
+    _rewrite_manifest(index_dir, lambda doc: doc.update(model_version="../../elsewhere/m-1"))
+    with pytest.raises(ArtifactError, match="model_version must be a version directory name"):
+        resolve_pair_dirs(pipeline.model_dir.parent, index_dir)
+
+
+def test_no_code_path_unpickles():
+    sources = [p for d in ("training", "indexer", "retrieval") for p in (ROOT / d).rglob("*.py")]
+    for path in sources:
+        text = path.read_text()
+        assert "import pickle" not in text and "allow_pickle=True" not in text, path

@@ -129,9 +129,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(directory: Path, expected: dict[str, str]) -> None:
-    """Raise ArtifactError naming the first missing or altered file."""
+def verify_checksums(directory: Path, expected: dict[str, str],
+                     required: tuple[str, ...] = ()) -> None:
+    """Raise ArtifactError naming the first missing or altered file, a listed path outside
+    ``directory``, or a ``required`` file (one the loader reads) the manifest does not list:
+    nothing is read that the checksums do not cover."""
+    for rel in required:
+        if rel not in expected:
+            raise ArtifactError(str(directory / rel), "not listed in the manifest's checksums; "
+                                "it would be read unverified: rebuild the artifact")
     for rel, digest in expected.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ArtifactError(str(directory / MANIFEST),
+                                f"lists {rel!r}, outside the artifact directory")
         path = directory / rel
         if not path.is_file():
             raise ArtifactError(str(path), "missing (listed in the manifest)")
@@ -171,14 +181,27 @@ def load_model_manifest(directory: str | Path, verify: bool = True) -> ModelMani
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(str(directory / MANIFEST), f"malformed manifest: {exc!r}") from exc
     if verify:
-        verify_checksums(directory, manifest.files)
+        verify_checksums(directory, manifest.files, MODEL_FILES_READ)
     return manifest
+
+
+MODEL_FILES_READ = ("item_embeddings.npy", "item_ids.npy")  # the towers: retrieval.pair
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A .npy of numbers or strings. One of Python objects is refused: only pickle reads
+    those, and unpickling runs whatever code the file names."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ArtifactError(str(path), f"cannot be read without pickle ({exc}); artifacts "
+                            "hold plain arrays only: rebuild it") from exc
 
 
 def load_item_embeddings(manifest: ModelManifest) -> tuple[np.ndarray, np.ndarray]:
     """(item_emb [n, d] float32, item_ids [n] str) of a model artifact."""
-    item_emb = np.load(manifest.path / "item_embeddings.npy", allow_pickle=False)
-    item_ids = np.load(manifest.path / "item_ids.npy", allow_pickle=False)
+    item_emb = load_npy(manifest.path / "item_embeddings.npy")
+    item_ids = load_npy(manifest.path / "item_ids.npy")
     if item_emb.shape != (manifest.num_items, manifest.embedding_dim) or len(item_ids) != len(item_emb):
         raise ArtifactError(str(manifest.path / "item_embeddings.npy"),
                             f"shape {item_emb.shape} does not match the manifest "
