@@ -19,12 +19,31 @@ from indexer.artifact import IndexArtifact, load_item_metadata
 from indexer.build import search_parameters
 from retrieval.errors import InvalidArgument
 from retrieval.query import ItemRules
+from retrieval.wire import CandidateWire
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidates:
-    item_ids: list[str]
-    scores: list[float]
+    """Up to k results of one query, best first, as rows of the searched index's table."""
+
+    rows: np.ndarray          # int64 [m]: labels = rows of index.item_ids
+    score_array: np.ndarray   # float32 [m]: the index metric's scores
+    index: CandidateIndex
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.index.item_ids[self.rows].tolist()
+
+    @property
+    def scores(self) -> list[float]:
+        return self.score_array.tolist()
+
+    def top(self, k: int) -> Candidates:
+        return Candidates(self.rows[:k], self.score_array[:k], self.index)
+
+    def wire(self) -> bytes:
+        """The serialised ``candidates`` field of a reply (retrieval.wire)."""
+        return self.index.wire.records(self.rows, self.score_array)
 
 
 class CandidateIndex:
@@ -38,6 +57,7 @@ class CandidateIndex:
         self._live = live
         self._selector = _without(artifact.tombstones)
         self._rows_by_value = _rows_by_value(load_item_metadata(artifact))
+        self.wire = CandidateWire(artifact.item_ids)
 
     @property
     def size(self) -> int:
@@ -93,7 +113,7 @@ class CandidateIndex:
             selector, eligible = _only(allowed), int(allowed.sum())
         fetch_k = min(eligible, k + max((len(r) for r in excluded_rows), default=0))
         if fetch_k == 0:
-            return [Candidates([], []) for _ in excluded_rows]
+            return [self._keep(_NO_SCORES, _NO_ROWS, _NO_ROWS, k) for _ in excluded_rows]
         index = self.artifact.index
         scores, rows = index.search(np.ascontiguousarray(user_emb, dtype=np.float32), fetch_k,
                                     params=search_parameters(index, self.artifact.spec, fetch_k,
@@ -116,13 +136,25 @@ class CandidateIndex:
             mask[by_value.get(value, [])] = True
         return mask
 
-    def _rows(self, item_ids: frozenset[str]) -> set[int]:
-        return {self._row_of[i] for i in item_ids if i in self._row_of}
+    def _rows(self, item_ids: frozenset[str]) -> np.ndarray:
+        """int64 rows of the ids the index holds (others are ignored)."""
+        row_of = self._row_of
+        return np.fromiter((row_of[i] for i in item_ids if i in row_of), dtype=np.int64)
 
-    def _keep(self, scores: np.ndarray, rows: np.ndarray, excluded: set[int], k: int) -> Candidates:
-        keep = [(int(r), float(s)) for s, r in zip(scores, rows, strict=True)
-                if r >= 0 and int(r) not in excluded][:k]
-        return Candidates([str(self.item_ids[r]) for r, _ in keep], [s for _, s in keep])
+    def _keep(self, scores: np.ndarray, rows: np.ndarray, excluded: np.ndarray,
+              k: int) -> Candidates:
+        """The first k found rows that are real (Faiss pads with -1) and not excluded."""
+        ok = rows >= 0
+        if len(excluded):
+            ok &= ~np.isin(rows, excluded)
+        if ok.all():
+            return Candidates(rows[:k], scores[:k], self)
+        keep = np.flatnonzero(ok)[:k]
+        return Candidates(rows[keep], scores[keep], self)
+
+
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_SCORES = np.zeros(0, dtype=np.float32)
 
 
 def _without(labels: np.ndarray) -> faiss.IDSelector | None:

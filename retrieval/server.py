@@ -26,9 +26,8 @@ from retrieval.redis_options import RedisAuth
 from retrieval.retriever import BatchingConfig, Retriever
 from retrieval.security import AuthInterceptor, TlsConfig, TokenSet
 from retrieval.swap import PairWatcher, resolve_pair_dirs
-from retrieval.servicer import ErrorInterceptor, RetrievalServicer
+from retrieval.servicer import ErrorInterceptor, RetrievalServicer, add_to_server
 from retrieval.v1 import retrieval_pb2 as pb
-from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
@@ -111,7 +110,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
                           metrics, config.batching, config.breaker)
     server = grpc.aio.server(interceptors=_interceptors(config, metrics), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes)])
-    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(retriever), server)
+    add_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -1,10 +1,17 @@
-"""Thin gRPC layer: decode proto → Retriever → encode proto, and the error interceptor."""
+"""Thin gRPC layer: decode proto → Retriever → encode reply, and the error interceptor.
+
+Replies that carry candidates (Retrieve, BatchRetrieve, SimilarItems) are encoded as bytes
+by retrieval.wire rather than built as messages (a 100-candidate message costs 0.19 ms of
+Python per reply); ``add_to_server`` registers the service with a serializer that passes
+those bytes through.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 
 import grpc
 
@@ -14,21 +21,25 @@ from retrieval.query import ItemRules, RetrieveQuery
 from retrieval.retriever import RetrieveResult, Retriever
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+from retrieval.wire import repeated_messages, response_bytes, serialize
 
 log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["RetrievalService"]
+# Request ids the server makes up: unique per process start, cheaper than uuid4 per call.
+_REQUEST_ID_PREFIX = os.urandom(6).hex() + "-"
+_request_numbers = itertools.count(1)
 
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, retriever: Retriever) -> None:
         self.retriever = retriever
 
-    async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
+    async def Retrieve(self, request: pb.RetrieveRequest, context) -> bytes:
         query = decode_retrieve(request)
         result = await self.retriever.retrieve(query, _deadline(context))
         return encode_retrieve(result, query.request_id)
 
-    async def BatchRetrieve(self, request: pb.BatchRetrieveRequest, context
-                            ) -> pb.BatchRetrieveResponse:
+    async def BatchRetrieve(self, request: pb.BatchRetrieveRequest, context) -> bytes:
         queries = []
         for i, r in enumerate(request.requests):
             try:
@@ -37,18 +48,15 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 raise InvalidArgument(f"requests[{i}].{exc.field}",
                                       str(exc).split(": ", 1)[1]) from None
         results = await self.retriever.batch_retrieve(queries, _deadline(context))
-        return pb.BatchRetrieveResponse(responses=[
-            encode_retrieve(result, q.request_id) for result, q in zip(results, queries, strict=True)])
+        return repeated_messages(1, [encode_retrieve(result, q.request_id)
+                                     for result, q in zip(results, queries, strict=True)])
 
-    async def SimilarItems(self, request: pb.SimilarItemsRequest, context
-                           ) -> pb.SimilarItemsResponse:
+    async def SimilarItems(self, request: pb.SimilarItemsRequest, context) -> bytes:
         result = await self.retriever.similar_items(request.item_id, request.k,
                                                     frozenset(request.exclude_item_ids))
-        c = result.candidates
-        return pb.SimilarItemsResponse(
-            candidates=[pb.Candidate(item_id=i, score=s)
-                        for i, s in zip(c.item_ids, c.scores, strict=True)],
-            model_version=result.model_version, index_version=result.index_version)
+        # SimilarItemsResponse's fields 1-3 are RetrieveResponse's.
+        return response_bytes(result.candidates.wire(), result.model_version,
+                              result.index_version)
 
     async def RecordInteraction(self, request: pb.Interaction, context
                                 ) -> pb.RecordInteractionsResponse:
@@ -83,22 +91,30 @@ def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:
         event_time=request.event_time_unix_seconds or int(time.time()),
         recent_item_ids=tuple(request.recent_item_ids),
         exclude_item_ids=frozenset(request.exclude_item_ids),
-        request_id=request.request_id or uuid.uuid4().hex,
+        request_id=request.request_id or f"{_REQUEST_ID_PREFIX}{next(_request_numbers)}",
         rules=ItemRules({c: frozenset(v.values) for c, v in request.allow.items()},
                         {c: frozenset(v.values) for c, v in request.block.items()}),
         exclude_seen=request.exclude_seen,
     )
 
 
-def encode_retrieve(result: RetrieveResult, request_id: str) -> pb.RetrieveResponse:
-    c = result.candidates
-    return pb.RetrieveResponse(
-        candidates=[pb.Candidate(item_id=i, score=s) for i, s in zip(c.item_ids, c.scores, strict=True)],
-        model_version=result.model_version,
-        index_version=result.index_version,
-        request_id=request_id,
-        degraded=result.degraded,
-    )
+def encode_retrieve(result: RetrieveResult, request_id: str) -> bytes:
+    """The RetrieveResponse of ``result``, serialised."""
+    return response_bytes(result.candidates.wire(), result.model_version,
+                          result.index_version, request_id, result.degraded)
+
+
+def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated code does, with replies that may be bytes."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=serialize)
+        for method in SERVICE.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

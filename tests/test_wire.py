@@ -1,0 +1,60 @@
+"""Replies assembled by retrieval.wire parse as the messages the generated code builds."""
+
+import numpy as np
+import pytest
+
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.wire import CandidateWire, repeated_messages, response_bytes, varint
+
+ITEM_IDS = np.array(["i0", "i1", "", "é" * 70, "x" * 300, "日本語", *(f"item-{n}" for n in range(200))])
+
+
+def expected(rows, scores, **fields) -> pb.RetrieveResponse:
+    return pb.RetrieveResponse(
+        candidates=[pb.Candidate(item_id=str(ITEM_IDS[r]), score=float(s))
+                    for r, s in zip(rows, scores, strict=True)], **fields)
+
+
+@pytest.mark.parametrize("value", [1, 127, 128, 300, 16383, 16384, 2**31, 2**63 - 1])
+def test_varint_matches_protobuf(value):
+    serialized = pb.RetrieveRequest(event_time_unix_seconds=value).SerializeToString()
+    assert serialized == bytes([4 << 3]) + varint(value)  # field 4, wire type VARINT
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("m", [0, 1, 7, 100, len(ITEM_IDS)])
+def test_a_reply_parses_as_the_generated_message(seed, m):
+    rng = np.random.default_rng(seed)
+    rows = rng.permutation(len(ITEM_IDS))[:m].astype(np.int64)
+    scores = rng.normal(size=m).astype(np.float32)
+    if m > 2:
+        scores[:3] = (0.0, -0.0, np.inf)
+    fields = dict(model_version="m-20261202T000000Z-abcdef", index_version="i-1",
+                  request_id="req-" * seed, degraded=bool(seed % 2))
+    got = pb.RetrieveResponse.FromString(
+        response_bytes(CandidateWire(ITEM_IDS).records(rows, scores), **fields))
+    assert got == expected(rows, scores, **fields)
+
+
+def test_scores_keep_their_float32_bits():
+    scores = np.array([1e-30, -3.4e38, 0.1], dtype=np.float32)
+    body = CandidateWire(ITEM_IDS).records(np.array([0, 1, 2]), scores)
+    got = pb.RetrieveResponse.FromString(response_bytes(body, "m", "i"))
+    assert np.array_equal(np.array([c.score for c in got.candidates], dtype=np.float32), scores)
+
+
+def test_the_same_bytes_are_a_similar_items_reply():
+    rows, scores = np.array([5, 0, 3]), np.array([0.9, 0.5, 0.1], dtype=np.float32)
+    got = pb.SimilarItemsResponse.FromString(
+        response_bytes(CandidateWire(ITEM_IDS).records(rows, scores), "m-1", "i-1"))
+    assert [c.item_id for c in got.candidates] == [str(ITEM_IDS[r]) for r in rows]
+    assert (got.model_version, got.index_version) == ("m-1", "i-1")
+
+
+def test_batch_replies_are_repeated_retrieve_replies():
+    wire = CandidateWire(ITEM_IDS)
+    replies = [response_bytes(wire.records(np.array([r]), np.array([r / 10], np.float32)),
+                              "m", "i", f"r{r}") for r in range(4)]
+    got = pb.BatchRetrieveResponse.FromString(repeated_messages(1, replies))
+    assert [r.request_id for r in got.responses] == ["r0", "r1", "r2", "r3"]
+    assert [r.candidates[0].item_id for r in got.responses] == [str(i) for i in ITEM_IDS[:4]]
