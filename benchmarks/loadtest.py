@@ -1,7 +1,8 @@
 """Load test of the retrieval service with ghz, beside the ceiling and the naive baseline.
 
     python -m benchmarks.loadtest [--model M --index I [--features D | --redis-url URL]]
-        [--workdir W] [--concurrency 1,10,50] [--rate R] [--duration 10s] [--quick]
+        [--workdir W] [--items N] [--redis] [--concurrency 1,10,50] [--rate R]
+        [--duration 10s] [--quick]
         [--server-args "..."] [--variant NAME="serve args"] [--out benchmarks/results]
 
 For each server variant, in one run on one machine, it starts the server on a free
@@ -25,8 +26,10 @@ gRPC reflection cannot describe the methods to it, and ``--cpus 1`` (GOMAXPROCS=
 load generator leaves the other core(s) to the server. Every run is bounded (``-z`` or
 ``-n``, per-request timeout, a hard subprocess timeout) and targets 127.0.0.1 only.
 
-Without ``--model``/``--index`` the artifacts come from ``--workdir``: synthetic data,
-training and an index made there with the ``two-tower`` command once, then reused.
+Without ``--model``/``--index`` the artifacts come from ``--workdir``: synthetic data
+(3000 users, ``--items`` items), training and an index made there with the ``two-tower``
+command once, then reused. ``--redis`` starts a redis-server of the run's own on a free
+loopback port, fills it with ``two-tower load-features`` and serves every variant from it.
 
 Writes to ``--out``: loadtest.json (rows + run metadata), loadtest.csv (rows),
 loadtest_latency_hist.png and loadtest_throughput.png; raw ghz reports stay in the workdir.
@@ -47,12 +50,14 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.redis_process import RedisUnavailable, redis_server
 
 log = logging.getLogger("benchmarks.loadtest")
 
@@ -358,9 +363,11 @@ class ArtifactsUnavailable(RuntimeError):
     """The model/index pair could not be made; the message says which step and why."""
 
 
-def ensure_artifacts(workdir: Path, quick: bool) -> tuple[Path, Path, Path]:
-    """(model, index, data) made in ``workdir`` by the two-tower command, or reused from an
-    earlier run (``workdir/pair.json``)."""
+def ensure_artifacts(workdir: Path, quick: bool, items: int = 50_000
+                     ) -> tuple[Path, Path, Path]:
+    """(model, index, data) made in ``workdir/items-N`` by the two-tower command, or reused
+    from an earlier run (its ``pair.json``)."""
+    workdir = workdir / ("quick" if quick else f"items-{items}")
     pair_file = workdir / "pair.json"
     if pair_file.exists():
         pair = json.loads(pair_file.read_text())
@@ -371,8 +378,8 @@ def ensure_artifacts(workdir: Path, quick: bool) -> tuple[Path, Path, Path]:
     data = workdir / "data"
     if not (data / "features.toml").exists():
         sizes = (("--users", "300", "--items", "300") if quick
-                 else ("--users", "3000", "--items", "50000"))
-        _two_tower("generate", "--out", str(data), *sizes)
+                 else ("--users", "3000", "--items", str(items)))
+        _two_tower("generate", "--out", str(data), *sizes, prints_path=False)
     model = Path(_two_tower("train", "--data", str(data), "--out", str(workdir / "models"),
                             "--epochs", "1" if quick else "5", "--no-eval"))
     # As the nightly job builds it: item tower over the catalogue, auto index (IVF at
@@ -388,13 +395,14 @@ def ensure_artifacts(workdir: Path, quick: bool) -> tuple[Path, Path, Path]:
     return model, index, data
 
 
-def _two_tower(*args: str) -> str:
-    """Runs one two-tower subcommand; returns the last line it printed (the path it made)."""
+def _two_tower(*args: str, prints_path: bool = True) -> str:
+    """Runs one two-tower subcommand; returns the last line it printed (the path it made,
+    for the commands that print one)."""
     log.info("two-tower %s", shlex.join(args))
     done = subprocess.run([sys.executable, "-m", "retrieval.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=1800)
     lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or (args[0] != "generate" and not lines):
+    if done.returncode != 0 or (prints_path and not lines):
         raise ArtifactsUnavailable(
             f"`two-tower {args[0]}` failed (exit {done.returncode}): "
             f"{done.stderr.strip()[-1500:] or '(no stderr)'}\n"
@@ -413,6 +421,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=Path, help="dataset dir that fills the server's "
                    "in-process feature store (default with --workdir: its data)")
     p.add_argument("--redis-url", help="serve user features from this Redis instead")
+    p.add_argument("--redis", action="store_true",
+                   help="start a redis-server of this run's own, fill it with the data's "
+                        "users (two-tower load-features) and serve from it")
+    p.add_argument("--items", type=int, default=50_000,
+                   help="catalogue size of the artifacts made in --workdir")
     p.add_argument("--workdir", type=Path, default=REPO / "artifacts/loadtest",
                    help="made artifacts and raw ghz reports (reused when present)")
     p.add_argument("--users", type=Path, default=DEFAULT_USERS,
@@ -480,7 +493,7 @@ def _pair(args) -> tuple[Path, Path, Path | None] | None:
             log.warning("no --features or --redis-url: every user is served cold-start")
         return args.model, args.index, args.features
     try:
-        model, index, data = ensure_artifacts(args.workdir, args.quick)
+        model, index, data = ensure_artifacts(args.workdir, args.quick, args.items)
     except (ArtifactsUnavailable, subprocess.TimeoutExpired) as exc:
         log.error("no model/index pair, so only the echo server is measured: %s", exc)
         return None
@@ -515,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(args, name, value)
     try:
         return _run(args, ghz)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RedisUnavailable) as exc:
         print(f"loadtest: error: {exc}", file=sys.stderr)
         return 2
 
@@ -526,6 +539,23 @@ def _run(args: argparse.Namespace, ghz: Path) -> int:
         raise ValueError(f"--concurrency: expected positive integers (got {args.concurrency!r})")
     _seconds(args.duration)  # validates early
     pair = _pair(args)
+    with ExitStack() as stack:
+        if args.redis and pair is not None:
+            args.redis_url = _filled_redis(stack, args.workdir, pair[2])
+        return _measure_all(args, ghz, pair, concurrency)
+
+
+def _filled_redis(stack: ExitStack, workdir: Path, data: Path | None) -> str:
+    """A private redis-server holding the users of ``data``; stopped with ``stack``."""
+    if data is None:
+        raise ValueError("--redis needs the users' data: pass --features DIR (or no --model)")
+    url = stack.enter_context(redis_server(workdir / "redis"))
+    _two_tower("load-features", "--data", str(data), "--redis-url", url, prints_path=False)
+    log.info("serving features from %s, filled from %s", url, data)
+    return url
+
+
+def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[int]) -> int:
     variants = _variants(args, pair)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_file = args.workdir / "call-data.json"

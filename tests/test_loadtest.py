@@ -112,7 +112,7 @@ def test_naive_baseline_serves_the_pipeline_pair_without_errors(pipeline, tmp_pa
 def test_without_a_model_index_pair_only_the_echo_server_is_measured(monkeypatch, tmp_path):
     from benchmarks import loadtest
 
-    def fail(workdir, quick):
+    def fail(workdir, quick, items):
         raise loadtest.ArtifactsUnavailable("`two-tower build-index` failed (exit 2): boom")
 
     monkeypatch.setattr(loadtest, "ensure_artifacts", fail)
@@ -123,3 +123,24 @@ def test_without_a_model_index_pair_only_the_echo_server_is_measured(monkeypatch
     with pytest.raises(ValueError, match="--variant: expected NAME"):
         loadtest._variants(loadtest._parser().parse_args(["--variant", "noname"]),
                            (tmp_path, tmp_path, None))
+
+
+def test_the_harness_serves_from_a_redis_of_its_own(pipeline, tmp_path):
+    """`--redis`: a private redis-server filled by load-features, every variant reads it,
+    and it is gone after the run."""
+    _ghz()
+    from benchmarks import loadtest
+
+    code = loadtest.main([
+        "--model", str(pipeline.model_dir), "--index", str(pipeline.index_dir),
+        "--features", str(pipeline.data_dir), "--redis", "--variants", "server",
+        "--concurrency", "2", "--duration", "1s", "--rate", "0", "--warmup", "10",
+        "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+
+    assert code == 0
+    rows = json.loads((tmp_path / "out" / "loadtest.json").read_text())["rows"]
+    assert rows and all(r["errors"] == {} and r["ok"] > 0 for r in rows)
+    command = json.loads((tmp_path / "out" / "loadtest.json").read_text())["meta"]["variants"]
+    assert "--redis-url redis://127.0.0.1:" in command["server"]
+    redis_logs = list((tmp_path / "work" / "redis").glob("redis-*.log"))
+    assert redis_logs and "ready to accept connections" in redis_logs[0].read_text().lower()
