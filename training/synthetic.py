@@ -172,6 +172,8 @@ def _interactions(config, rng, item_cluster, day_cluster, night_cluster) -> dict
     n_users, per_user = config.num_users, config.interactions_per_user
     popularity = _popularity(config, rng, item_cluster)
     members = [np.flatnonzero(item_cluster == k) for k in range(config.num_clusters)]
+    catalogue = _Sampler(np.arange(config.num_items), popularity)
+    by_cluster = [_Sampler(m, popularity[m]) for m in members]
     ts = np.sort(START_TIME + rng.integers(0, config.days * 86400, (n_users, per_user)), axis=1)
     hours = (ts // 3600) % 24
     users, items, times, devices = [], [], [], []
@@ -180,7 +182,7 @@ def _interactions(config, rng, item_cluster, day_cluster, night_cluster) -> dict
         for t, hour in zip(ts[u], hours[u], strict=True):
             night = int(hour) in NIGHT_HOURS
             cluster = night_cluster[u] if night else day_cluster[u]
-            pool = members[cluster] if rng.random() < config.taste_strength else None
+            pool = by_cluster[cluster] if rng.random() < config.taste_strength else catalogue
             item = _draw_unseen(rng, pool, popularity, seen)
             seen.add(item)
             users.append(u)
@@ -204,8 +206,30 @@ def _popularity(config, rng, item_cluster) -> np.ndarray:
     return pop
 
 
-def _draw_unseen(rng, pool, popularity, seen) -> int:
-    candidates = np.arange(len(popularity)) if pool is None else pool
+class _Sampler:
+    """Draws from ``candidates`` with probability ∝ ``weights`` in O(log n) a draw."""
+
+    def __init__(self, candidates: np.ndarray, weights: np.ndarray) -> None:
+        self.candidates, self.cdf = candidates, np.cumsum(weights)
+
+    def draw(self, rng: np.random.Generator, seen: set[int], tries: int = 64) -> int | None:
+        """A candidate not in ``seen`` (rejection sampling, so the draw is exactly
+        weights-proportional among the unseen); None when ``tries`` draws were all seen."""
+        if len(self.cdf) == 0:
+            return None
+        for _ in range(tries):
+            at = int(np.searchsorted(self.cdf, rng.random() * self.cdf[-1], side="right"))
+            item = int(self.candidates[min(at, len(self.candidates) - 1)])
+            if item not in seen:
+                return item
+        return None
+
+
+def _draw_unseen(rng, pool: _Sampler, popularity, seen) -> int:
+    item = pool.draw(rng, seen)
+    if item is not None:
+        return item
+    candidates = pool.candidates  # nearly all of the pool is seen: draw among the rest
     weights = popularity[candidates].copy()
     if seen:
         weights[np.isin(candidates, list(seen))] = 0.0
