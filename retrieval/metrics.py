@@ -50,13 +50,29 @@ class ServiceMetrics:
         self.serving = Gauge("two_tower_serving_info", "The model and index being served",
                              ("model_version", "index_version"), registry=self.registry)
 
+        # labels() takes a lock and hashes its arguments: the hot path keeps the children.
+        self._stage_children: dict[tuple[str, str], Histogram] = {}
+        self._request_children: dict[tuple[str, str], Counter] = {}
+
     @contextmanager
     def stage(self, rpc: str, stage: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.stage_seconds.labels(rpc, stage).observe(time.perf_counter() - start)
+            self.observe_stage(rpc, stage, time.perf_counter() - start)
+
+    def observe_stage(self, rpc: str, stage: str, seconds: float) -> None:
+        child = self._stage_children.get((rpc, stage))
+        if child is None:
+            child = self._stage_children[rpc, stage] = self.stage_seconds.labels(rpc, stage)
+        child.observe(seconds)
+
+    def count_request(self, rpc: str, code: str) -> None:
+        child = self._request_children.get((rpc, code))
+        if child is None:
+            child = self._request_children[rpc, code] = self.requests.labels(rpc, code)
+        child.inc()
 
     def set_serving(self, model_version: str, index_version: str) -> None:
         self.serving.clear()

@@ -148,7 +148,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code = status[0]
                 await context.abort(*status)
             finally:
-                self.metrics.requests.labels(rpc, code.name).inc()
+                self.metrics.count_request(rpc, code.name)
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
