@@ -203,6 +203,29 @@ def parse_report(report: dict, variant: str, load: Load) -> Row:
                errors={code: int(n) for code, n in statuses.items() if n})
 
 
+def summary(rows: Sequence[Row]) -> list[str]:
+    """The ratios the service's targets are stated in, from this run's rows: each variant's
+    best closed-loop RPS against echo's and naive's, and its open-loop p99."""
+    best = {}
+    for r in rows:
+        if r.mode == "closed" and r.rps > best.get(r.variant, (0.0, 0))[0]:
+            best[r.variant] = (r.rps, r.concurrency)
+    lines = []
+    for variant, (rps, c) in best.items():
+        if variant == "echo":
+            continue
+        parts = [f"{variant}: best {rps:,.0f} RPS (c={c})"]
+        for base in ("echo", "naive"):
+            if base in best and base != variant:
+                parts.append(f"{rps / best[base][0]:.2f}× {base}")
+        lines.append(", ".join(parts))
+    for r in rows:
+        if r.mode == "open" and r.variant != "echo":
+            lines.append(f"{r.variant}: open loop at {r.target_rps}/s: p99 {r.p99_ms:.2f} ms, "
+                         f"errors {r.error_text}")
+    return lines
+
+
 def format_table(rows: Sequence[Row]) -> str:
     head = (f"{'variant':<10} {'load':<12} {'requests':>8} {'RPS':>8} {'p50 ms':>8} "
             f"{'p90 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}  errors")
@@ -268,27 +291,68 @@ def _stop(process: subprocess.Popen) -> None:
 
 # --- the run --------------------------------------------------------------------------------
 
-def loads(concurrency: Sequence[int], rate: int, duration: str, total: int = 0) -> list[Load]:
-    closed = [Load("closed", c, duration, total=total) for c in concurrency]
-    # Open loop: --async sends on schedule; -c only spreads the schedule over workers.
-    return [*closed, Load("open", max(concurrency), duration, rps=rate, total=total)] \
-        if rate > 0 else closed
+HALF_MAX = "half-max"
 
 
-def measure(ghz: Path, variant: Variant, plan: Sequence[Load], data_file: Path,
+@dataclass(frozen=True)
+class Plan:
+    """Closed-loop runs at each concurrency, then one open-loop run at ``rate`` arrivals/s:
+    a number, ``half-max`` (half the variant's best closed-loop RPS of this run, where a
+    latency target is stated), or 0 for none."""
+
+    concurrency: tuple[int, ...]
+    rate: int | str
+    duration: str
+    total: int = 0
+
+    def closed(self) -> list[Load]:
+        return [Load("closed", c, self.duration, total=self.total) for c in self.concurrency]
+
+    def open(self, closed_rows: Sequence[Row]) -> Load | None:
+        rate = self.rate
+        if rate == HALF_MAX:
+            rate = max(1, round(max((r.rps for r in closed_rows), default=2.0) / 2))
+        # Open loop: --async sends on schedule; -c only spreads the schedule over workers.
+        return Load("open", max(self.concurrency), self.duration, rps=int(rate),
+                    total=self.total) if int(rate) > 0 else None
+
+
+def parse_rate(text: str) -> int | str:
+    if text == HALF_MAX:
+        return HALF_MAX
+    try:
+        rate = int(text)
+    except ValueError:
+        rate = -1
+    if rate < 0:
+        raise ValueError(f"--rate: expected arrivals per second >= 0 or {HALF_MAX!r} "
+                         f"(got {text!r})")
+    return rate
+
+
+def measure(ghz: Path, variant: Variant, plan: Plan, data_file: Path,
             workdir: Path, warmup: int) -> tuple[list[Row], dict[str, np.ndarray]]:
     """Every load of the plan against one fresh server of the variant."""
-    rows, latencies = [], {}
+    rows: list[Row] = []
+    latencies: dict[str, np.ndarray] = {}
     with running(variant, workdir) as address:
         if warmup > 0:
             run_ghz(ghz, address, Load("closed", 4, total=warmup), data_file,
                     workdir / f"{variant.name}-warmup.json")
-        for load in plan:
-            raw = workdir / f"{variant.name}-{load.label.replace('/', '_')}.json"
-            report = run_ghz(ghz, address, load, data_file, raw)
-            rows.append(parse_report(report, variant.name, load))
-            latencies[load.label] = ok_latencies_ms(report)
+        for load in plan.closed():
+            _measure_one(ghz, address, variant, load, data_file, workdir, rows, latencies)
+        open_load = plan.open(rows)
+        if open_load is not None:
+            _measure_one(ghz, address, variant, open_load, data_file, workdir, rows, latencies)
     return rows, latencies
+
+
+def _measure_one(ghz: Path, address: str, variant: Variant, load: Load, data_file: Path,
+                 workdir: Path, rows: list[Row], latencies: dict[str, np.ndarray]) -> None:
+    raw = workdir / f"{variant.name}-{load.label.replace('/', '_')}.json"
+    report = run_ghz(ghz, address, load, data_file, raw)
+    rows.append(parse_report(report, variant.name, load))
+    latencies[load.label] = ok_latencies_ms(report)
 
 
 def write_results(rows: Sequence[Row], latencies: dict[str, dict[str, np.ndarray]],
@@ -432,8 +496,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="user ids, one a line, sent round-robin")
     p.add_argument("--concurrency", default="1,10,50",
                    help="comma-separated closed-loop worker counts")
-    p.add_argument("--rate", type=int, default=100,
-                   help="open-loop arrivals per second (0: no open-loop run)")
+    p.add_argument("--rate", default="100",
+                   help=f"open-loop arrivals per second (0: no open-loop run; {HALF_MAX}: "
+                        "half of each variant's best closed-loop RPS in this run)")
     p.add_argument("--duration", default="10s", help="length of each ghz run (ghz -z)")
     p.add_argument("--total", type=int, default=0,
                    help="requests per ghz run instead of --duration (ghz -n)")
@@ -522,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.quick:  # smaller defaults; values given on the command line are kept
-        for name, value in (("concurrency", "1,4"), ("duration", "2s"), ("rate", 20),
+        for name, value in (("concurrency", "1,4"), ("duration", "2s"), ("rate", "20"),
                             ("warmup", 50)):
             if getattr(args, name) == _parser().get_default(name):
                 setattr(args, name, value)
@@ -538,6 +603,7 @@ def _run(args: argparse.Namespace, ghz: Path) -> int:
     if not concurrency or min(concurrency) < 1:
         raise ValueError(f"--concurrency: expected positive integers (got {args.concurrency!r})")
     _seconds(args.duration)  # validates early
+    parse_rate(args.rate)
     pair = _pair(args)
     with ExitStack() as stack:
         if args.redis and pair is not None:
@@ -560,7 +626,7 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_file = args.workdir / "call-data.json"
     data_file.write_text(json.dumps(call_data(read_user_ids(args.users))))
-    plan = loads(concurrency, args.rate, args.duration, args.total)
+    plan = Plan(tuple(concurrency), parse_rate(args.rate), args.duration, args.total)
     rows, latencies, failed = [], {}, []
     for variant in variants:
         try:
@@ -572,7 +638,9 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
             continue
         rows += variant_rows
     print(format_table(rows))
-    for path in write_results(rows, latencies, _meta(ghz, variants, args.note), args.out):
+    print("\n".join(summary(rows)))
+    meta = {**_meta(ghz, variants, args.note), "summary": summary(rows)}
+    for path in write_results(rows, latencies, meta, args.out):
         log.info("wrote %s", path)
     if pair is None and wants_server(args):
         failed.append("naive/server (no model/index pair; see the error above)")

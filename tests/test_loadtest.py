@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from benchmarks.loadtest import (
-    ECHO, NAIVE, Load, Variant, call_data, find_ghz, format_table, parse_report, run_ghz,
-    running, serve_command,
+    ECHO, HALF_MAX, NAIVE, Load, Plan, Row, Variant, call_data, find_ghz, format_table,
+    parse_rate, parse_report, run_ghz, running, serve_command, summary,
 )
 
 SAMPLE = Path(__file__).parent / "data" / "ghz_report_sample.json"
@@ -144,3 +144,32 @@ def test_the_harness_serves_from_a_redis_of_its_own(pipeline, tmp_path):
     assert "--redis-url redis://127.0.0.1:" in command["server"]
     redis_logs = list((tmp_path / "work" / "redis").glob("redis-*.log"))
     assert redis_logs and "ready to accept connections" in redis_logs[0].read_text().lower()
+
+
+def _row(variant, mode, c, rps, p99=1.0, target=0):
+    return Row(variant, mode, c, target, count=100, ok=100, rps=rps, p50_ms=0.5, p90_ms=0.8,
+               p99_ms=p99, p999_ms=p99)
+
+
+def test_half_max_rate_is_half_the_best_closed_loop_rps_of_the_variant():
+    plan = Plan((1, 10, 50), HALF_MAX, "2s")
+    rows = [_row("server", "closed", 1, 400.0), _row("server", "closed", 50, 1201.0),
+            _row("server", "closed", 10, 900.0)]
+    assert plan.open(rows) == Load("open", 50, "2s", rps=600)
+    assert Plan((4,), 0, "2s").open(rows) is None
+    assert Plan((4,), 250, "2s").open(rows).rps == 250
+
+
+@pytest.mark.parametrize("text", ["-5", "fast", "1.5"])
+def test_a_bad_rate_is_refused_naming_the_flag(text):
+    with pytest.raises(ValueError, match="--rate"):
+        parse_rate(text)
+
+
+def test_summary_gives_the_ratios_the_targets_are_stated_in():
+    rows = [_row("echo", "closed", 50, 2000.0), _row("naive", "closed", 50, 400.0),
+            _row("server", "closed", 1, 300.0), _row("server", "closed", 50, 1500.0),
+            _row("server", "open", 50, 750.0, p99=3.5, target=750)]
+    lines = summary(rows)
+    assert "server: best 1,500 RPS (c=50), 0.75× echo, 3.75× naive" in lines
+    assert "server: open loop at 750/s: p99 3.50 ms, errors -" in lines
