@@ -188,6 +188,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how long the open breaker skips Redis before one probe call")
     p.add_argument("--max-message-bytes", type=int, default=4 << 20,
                    help="largest request message accepted (larger: RESOURCE_EXHAUSTED)")
+    p.add_argument("--gil-switch-interval-us", type=int, default=5000,
+                   help="how long a Python thread may hold the GIL while another waits "
+                        "(sys.setswitchinterval); the compute thread waits this long at worst")
     p.add_argument("--grace-seconds", type=float, default=5.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
 
@@ -392,6 +395,7 @@ def _serve(args) -> None:
                           breaker=BreakerConfig(args.breaker_failures,
                                                 args.breaker_cool_down_ms / 1000),
                           max_message_bytes=args.max_message_bytes,
+                          gil_switch_interval_s=args.gil_switch_interval_us / 1e6,
                           grace_seconds=args.grace_seconds)
     asyncio.run(serve(config, args.port_file))
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ class ServerConfig:
     redis_timeout_s: float = 0.03
     breaker: BreakerConfig = field(default_factory=BreakerConfig)  # when to stop asking Redis
     max_message_bytes: int = 4 << 20  # largest request accepted (gRPC's own default)
+    # sys.setswitchinterval: the longest the compute thread waits for the GIL after Faiss
+    # returns while the event loop holds it (Python's default is 5 ms).
+    gil_switch_interval_s: float = 0.005
 
     def __post_init__(self) -> None:
         t = self.redis_timeout_s
@@ -66,6 +70,9 @@ class ServerConfig:
         if isinstance(m, bool) or not isinstance(m, int) or not 64 << 10 <= m <= 1 << 30:
             raise ValueError(f"max_message_bytes must be an integer in [65536, 2**30] "
                              f"(got {m!r})")
+        g = self.gil_switch_interval_s
+        if isinstance(g, bool) or not isinstance(g, int | float) or not 1e-5 <= g <= 0.1:
+            raise ValueError(f"gil_switch_interval_s must be in [1e-5, 0.1] seconds (got {g!r})")
 
 
 @dataclass
@@ -195,6 +202,7 @@ def wait_for_port_file(process: subprocess.Popen, port_file: Path, log_path: Pat
 
 async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
     """Run until SIGTERM/SIGINT: load, serve, then drain in-flight calls and stop."""
+    sys.setswitchinterval(config.gil_switch_interval_s)
     running = await create_server(config)
     try:
         await running.load(config)
