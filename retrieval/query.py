@@ -63,6 +63,10 @@ def validate_query(query: RetrieveQuery, spec: FeatureSpec, limits: Limits) -> N
     _check_count("exclude_item_ids", len(query.exclude_item_ids), limits.max_exclude_items)
     if query.event_time < 0:
         raise InvalidArgument("event_time_unix_seconds", f"must be >= 0 (got {query.event_time})")
+    for column, values in query.rules.allow.items():
+        if not values:
+            raise InvalidArgument(f"allow[{column!r}]", "give at least one value (an empty "
+                                  "list would allow no item; leave the column out instead)")
     known = {f.name: f for f in spec.tower("context")}
     for key, value in query.context.items():
         if key not in known:

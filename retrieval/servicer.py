@@ -14,10 +14,12 @@ import os
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from retrieval.errors import InvalidArgument, status_of
 from retrieval.metrics import ServiceMetrics
 from retrieval.query import ItemRules, RetrieveQuery
+from retrieval.undecodable import bad_field
 from retrieval.retriever import RetrieveResult, Retriever
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
@@ -134,6 +136,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request, context):
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, _Undecodable):
+                    raise request.error()
                 with self.metrics.stage(rpc, "total"):
                     return await inner(request, context)
             except grpc.aio.AbortError:
@@ -152,6 +156,36 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer, method),
             response_serializer=handler.response_serializer,
         )
+
+
+class _Undecodable:
+    """A request of ours that protobuf could not parse (a string field that is not
+    UTF-8, a cut-short message): handed to the handler so that it becomes INVALID_ARGUMENT
+    naming the field, instead of the UNKNOWN gRPC gives a failed deserializer."""
+
+    def __init__(self, raw: bytes, descriptor) -> None:
+        self.raw, self.descriptor = raw, descriptor
+
+    def error(self) -> InvalidArgument:
+        field = bad_field(self.raw, self.descriptor) or "request"
+        return InvalidArgument(field, "cannot be parsed: string fields must be valid UTF-8 "
+                               f"and the message a valid {self.descriptor.name}")
+
+
+def _tolerant(deserializer, method: str):
+    service, _, name = method.lstrip("/").rpartition("/")
+    if deserializer is None or service != SERVICE.full_name or (
+            name not in SERVICE.methods_by_name):
+        return deserializer
+    descriptor = SERVICE.methods_by_name[name].input_type
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except DecodeError:
+            return _Undecodable(raw, descriptor)
+
+    return parse
