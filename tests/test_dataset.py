@@ -49,7 +49,7 @@ def test_missing_column_is_named(small, tmp_path):
     write_dataset(dataset, tmp_path, spec_toml, "csv")
     text = (tmp_path / "items.csv").read_text().replace('"tags"', '"labels"', 1)
     (tmp_path / "items.csv").write_text(text)
-    with pytest.raises(DataError, match=r"items.csv: column 'tags': missing column"):
+    with pytest.raises(DataError, match=r"items.csv:1: column 'tags': missing column"):
         load_dataset(tmp_path)
 
 

@@ -15,6 +15,7 @@ Parquet it may also be a list<string> column. Every reader error names the file,
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,16 +130,32 @@ def _read_table(path: Path, columns: list[Feature | str], spec: FeatureSpec) -> 
         else:
             arrow = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(str(path), f"cannot read table: {exc}") from exc
+        bad_row = _csv_row_error(path) if is_csv and isinstance(exc, pa.ArrowInvalid) else None
+        raise (bad_row or DataError(str(path), f"cannot read table: {exc}")) from exc
     out: Table = {}
     for col in columns:
         name = _name(col)
         if name not in arrow.column_names:
             raise DataError(str(path), f"missing column (has: {', '.join(arrow.column_names)})",
-                            column=name)
+                            line=1 if is_csv else None, column=name)
         values = arrow.column(name).to_pylist()
         out[name] = _convert(values, col, spec, str(path), first_line=2 if is_csv else None)
     return out
+
+
+def _csv_row_error(path: Path) -> DataError | None:
+    """The first row whose field count differs from the header's, as a DataError naming its
+    line and the first column it lacks (or that it has one too many); pyarrow's own message
+    quotes the row but not where it is."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        for row in reader:
+            if row and len(row) != len(header):
+                column = header[len(row)] if len(row) < len(header) else "(beyond the header)"
+                return DataError(str(path), f"row has {len(row)} fields, the header "
+                                 f"{len(header)}", line=reader.line_num, column=column)
+    return None
 
 
 def _name(col: Feature | str) -> str:
