@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH_INDEX_ARGS ?= --sizes 100000,1000000 --exact-qps 50
 
-.PHONY: help install demo test redis ghz loadtest proto quality bench-index clean
+.PHONY: help install demo test redis ghz loadtest proto quality bench-index chaos clean
 
 help:
 	@echo "make demo     generate data, train, build the index, serve, query (end to end)"
@@ -16,6 +16,7 @@ help:
 	@echo "make proto    regenerate the Python stubs from proto/"
 	@echo "make loadtest ghz load test: echo ceiling, naive baseline, server (LOADTEST_ARGS=--quick)"
 	@echo "make bench-index  index build/recall/QPS at 100k and 1M items (BENCH_INDEX_ARGS)"
+	@echo "make chaos    faults under load: Redis down/slow, overload, SIGTERM, bad publish, swap, soak (CHAOS_ARGS)"
 	@echo "make quality  retrieval quality on MovieLens vs the plain TFRS baseline (../shared/data)"
 
 $(BIN)/python:
@@ -63,6 +64,11 @@ quality: install
 
 bench-index: install
 	$(BIN)/python -m benchmarks.index_scale $(BENCH_INDEX_ARGS)
+
+# Every scenario against a real server on loopback; the soak runs 30 minutes by default.
+CHAOS_ARGS ?= --soak-seconds 1800
+chaos: install redis
+	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf demo-run build *.egg-info

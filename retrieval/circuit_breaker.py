@@ -4,7 +4,7 @@
     open ──(cool_down_s passed; the next call is let through as a probe)──▶ half_open
     half_open ──(the probe succeeds)──▶ closed
     half_open ──(the probe fails)──▶ open (a new cool-down starts)
-    half_open ──(no answer within cool_down_s, e.g. the probe was cancelled)──▶ a new probe
+    half_open ──(no answer in cool_down_s: the probe was cancelled)──▶ a new probe
 
 While open, and while a half-open probe is in flight, ``allow()`` is False: the caller skips
 the dependency at once (the retriever answers from cold start, flagged degraded) instead of
