@@ -45,3 +45,18 @@ def test_early_stopping_keeps_the_best_epoch(dataset):
 def test_tensorboard_logs_are_written(dataset, tmp_path):
     train(dataset, TrainConfig(epochs=1, tensorboard_dir=str(tmp_path)))
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_over_all_epochs(dataset):
+    rates = {}
+    for schedule in ("constant", "cosine"):
+        config = TrainConfig(epochs=2, batch_size=32, learning_rate=0.01,
+                             learning_rate_schedule=schedule)
+        rates[schedule] = float(train(dataset, config).model.optimizer.learning_rate)
+    assert rates["constant"] == pytest.approx(0.01)
+    assert rates["cosine"] < 1e-4  # the rate of the last of the epochs' steps: near zero
+
+
+def test_unknown_learning_rate_schedule_is_refused():
+    with pytest.raises(ValueError, match="learning_rate_schedule must be one of constant, cosine"):
+        TrainConfig(learning_rate_schedule="step")

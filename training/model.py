@@ -25,22 +25,37 @@ from training.tf_env import keras, tf, tfrs
 
 @dataclass(frozen=True)
 class TowerConfig:
+    """``history_dropout``: share of history items dropped from each bag at training time
+    only (the user tower then cannot lean on the user-id embedding alone); ``embedding_l2``:
+    L2 penalty on every embedding table, ``embedding_l2 · Σ w²``, added to the loss."""
+
     embedding_dim: int = 32
     hidden_dims: tuple[int, ...] = (64,)
     normalize: bool = False  # L2-normalise tower outputs (scores become cosines)
     output_layer: bool = True  # False: the concatenated encodings are the embedding (the
                                # TFRS tutorial's plain id-embedding towers)
+    history_dropout: float = 0.0
+    embedding_l2: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ValueError(f"history_dropout must be in [0, 1) (got {self.history_dropout})")
+        if not self.embedding_l2 >= 0.0:
+            raise ValueError(f"embedding_l2 must be >= 0 (got {self.embedding_l2})")
 
 
 LOGQ_MODES = ("none", "exact", "streaming")
+CORPUS_DISTRIBUTIONS = ("uniform", "unigram", "full")
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """The sampled softmax. ``logq``: none | exact (training counts) | streaming (Yi et al.).
     ``corpus_negatives``: extra negatives per batch drawn from the catalogue by
-    ``corpus_distribution`` (uniform | unigram, count^corpus_beta). ``hard_negatives``:
-    keep only the top-scoring negatives per row (0 = all)."""
+    ``corpus_distribution`` (uniform | unigram, count^corpus_beta); ``full`` instead adds
+    every catalogue item to every batch (a full softmax, for catalogues of thousands; each
+    then has q = 1) and leaves ``corpus_negatives`` at 0. ``hard_negatives``: keep only the
+    top-scoring negatives per row (0 = all)."""
 
     logq: str = "exact"
     corpus_negatives: int = 0
@@ -59,6 +74,17 @@ class LossConfig:
             raise ValueError("corpus_negatives and hard_negatives must be >= 0")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (got {self.temperature})")
+        if self.corpus_distribution not in CORPUS_DISTRIBUTIONS:
+            raise ValueError(f"corpus_distribution must be one of "
+                             f"{', '.join(CORPUS_DISTRIBUTIONS)} (got {self.corpus_distribution!r})")
+        if self.corpus_distribution == "full" and self.corpus_negatives:
+            raise ValueError(f"corpus_distribution 'full' adds every catalogue item; leave "
+                             f"corpus_negatives at 0 (got {self.corpus_negatives})")
+
+    @property
+    def uses_corpus(self) -> bool:
+        """Whether candidates beyond the batch's positives are scored."""
+        return self.corpus_negatives > 0 or self.corpus_distribution == "full"
 
 
 @dataclass(frozen=True)
@@ -106,10 +132,21 @@ def _vocabulary(values: np.ndarray, f: Feature) -> tuple[str, ...]:
 
 
 class MaskedMeanPool(keras.layers.Layer):
-    """Mean of the embeddings of the non-padding ids; zeros for an empty row."""
+    """Mean of the embeddings of the non-padding ids; zeros for an empty row. With
+    ``dropout`` > 0, each id is left out with that probability, in training only."""
 
-    def call(self, embeddings, ids):
-        mask = tf.cast(tf.not_equal(ids, ""), embeddings.dtype)[..., tf.newaxis]
+    def __init__(self, dropout: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dropout = dropout
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "dropout": self.dropout}
+
+    def call(self, embeddings, ids, training=None):
+        present = tf.not_equal(ids, "")
+        if training and self.dropout > 0.0:
+            present &= tf.random.uniform(tf.shape(ids)) >= self.dropout
+        mask = tf.cast(present, embeddings.dtype)[..., tf.newaxis]
         total = tf.reduce_sum(embeddings * mask, axis=1)
         count = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
         return total / count
@@ -157,15 +194,20 @@ class Towers:
         else:
             lookup, embedding = self._lookup_and_embedding(f)
         embedded = embedding(lookup(x))
-        return MaskedMeanPool(name=f"{f.name}_pool")(embedded, x) if f.is_sequence else embedded
+        if not f.is_sequence:
+            return embedded
+        dropout = self.config.history_dropout if f.kind == "history" else 0.0
+        return MaskedMeanPool(dropout, name=f"{f.name}_pool")(embedded, x)
 
     def _lookup_and_embedding(self, f: Feature):
         vocabulary = list(self.stats.vocabularies[f.name])
         lookup = keras.layers.StringLookup(
             vocabulary=vocabulary, num_oov_indices=f.oov_buckets, name=f"{f.name}_lookup"
         )
+        l2 = self.config.embedding_l2
         embedding = keras.layers.Embedding(
-            len(vocabulary) + f.oov_buckets, f.embedding_dim, name=f"{f.name}_embedding"
+            len(vocabulary) + f.oov_buckets, f.embedding_dim, name=f"{f.name}_embedding",
+            embeddings_regularizer=keras.regularizers.L2(l2) if l2 else None,
         )
         return lookup, embedding
 
@@ -177,6 +219,7 @@ def _input(f: Feature):
     return keras.Input(shape=shape, dtype=tf.string, name=f.name)
 
 
+ID_HASH_BUCKETS = (1 << 62) - 1
 CANDIDATE_Q = "_candidate_q"  # per-example feature: expected count of the positive in a batch
 
 
@@ -184,7 +227,8 @@ class TwoTowerModel(tfrs.Model):
     """Sampled softmax over dot-product scores of the two towers (see the module docstring).
 
     ``corpus`` (item-tower inputs of every catalogue item) and ``corpus_probs`` (the
-    probability of drawing each) are needed only with corpus negatives.
+    probability of drawing each) are needed only with corpus negatives (the probabilities
+    not with the full corpus).
     """
 
     def __init__(self, user_tower: keras.Model, item_tower: keras.Model, item_id: str,
@@ -208,12 +252,14 @@ class TwoTowerModel(tfrs.Model):
             self.estimator = StreamingFrequencyEstimator(loss.streaming_buckets,
                                                          loss.streaming_alpha)
         self._corpus = None
-        if loss.corpus_negatives:
-            if corpus is None or corpus_probs is None:
+        if loss.uses_corpus:
+            sampled = loss.corpus_distribution != "full"
+            if corpus is None or (sampled and corpus_probs is None):
                 raise ValueError("corpus negatives need the corpus and its sampling probabilities")
             self._corpus = {k: tf.constant(corpus[k]) for k in self.item_keys}
-            self._corpus_log_probs = tf.constant(np.log(corpus_probs)[None, :], tf.float32)
-            self._corpus_probs = tf.constant(corpus_probs, tf.float32)
+            if sampled:
+                self._corpus_log_probs = tf.constant(np.log(corpus_probs)[None, :], tf.float32)
+                self._corpus_probs = tf.constant(corpus_probs, tf.float32)
 
     def compute_loss(self, features, training: bool = False):
         user_emb = self.user_tower({k: features[k] for k in self.user_keys}, training=training)
@@ -229,8 +275,11 @@ class TwoTowerModel(tfrs.Model):
             # The softmax only sees differences of log q within a row, so q may be rescaled;
             # TFRS clips it to [1e-6, 1], so the largest is brought to 1 (not past it).
             q = q / tf.reduce_max(q)
+        # accidental hits are found by comparing ids: as 64-bit hashes, not strings, since
+        # the comparison is [batch, candidates] (collisions: ~1e-10 at a million items)
         return self.task(user_emb, item_emb, candidate_sampling_probability=q,
-                         candidate_ids=ids, compute_metrics=False)
+                         candidate_ids=tf.strings.to_hash_bucket_fast(ids, ID_HASH_BUCKETS),
+                         compute_metrics=False)
 
     def _in_batch_q(self, features, ids):
         """Expected number of times each in-batch candidate appears in a batch."""
@@ -241,6 +290,13 @@ class TwoTowerModel(tfrs.Model):
         return None
 
     def _corpus_negatives(self, training: bool):
+        if self.loss_config.corpus_distribution == "full":  # each item once: q = 1
+            # through a gather, as sampled rows are (feeding the constants straight in is
+            # several times slower to train with a history bag sharing the item embedding)
+            rows = tf.range(tf.shape(self._corpus[self.item_id])[0])
+            features = {k: tf.gather(v, rows) for k, v in self._corpus.items()}
+            emb = self.item_tower(features, training=training)
+            return emb, features[self.item_id], tf.ones(tf.shape(rows), tf.float32)
         m = self.loss_config.corpus_negatives
         rows = tf.random.categorical(self._corpus_log_probs, m)[0]
         features = {k: tf.gather(v, rows) for k, v in self._corpus.items()}

@@ -23,6 +23,9 @@ from training.tf_env import keras, tf
 log = logging.getLogger(__name__)
 
 
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     tower: TowerConfig = field(default_factory=TowerConfig)
@@ -34,6 +37,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None    # resume from the latest checkpoint found there
     tensorboard_dir: str | None = None
     early_stopping_patience: int = 0     # epochs without validation gain; 0 = off
+    # constant, or cosine: decayed from learning_rate to 0 over all epochs' steps
+    learning_rate_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -41,6 +46,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
+        if self.learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+            raise ValueError(f"learning_rate_schedule must be one of "
+                             f"{', '.join(LEARNING_RATE_SCHEDULES)} "
+                             f"(got {self.learning_rate_schedule!r})")
 
 
 @dataclass
@@ -87,17 +96,18 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
     stats = compute_feature_stats(spec, examples, dataset.items)
     examples = _with_candidate_q(examples, spec.columns.item_id)
     corpus, corpus_probs = None, None
-    if config.loss.corpus_negatives:
+    if config.loss.uses_corpus:
         corpus = item_inputs(spec, dataset.items)
+    if config.loss.corpus_negatives:
         counts = _item_counts(examples[spec.columns.item_id], corpus[spec.columns.item_id])
         corpus_probs = corpus_sampling_weights(counts, config.loss.corpus_distribution,
                                                config.loss.corpus_beta)
+    n = len(examples[spec.columns.item_id])
     with training_strategy().scope():
         towers = Towers(spec, stats, config.tower)
         model = TwoTowerModel(towers.user_tower(), towers.item_tower(), spec.columns.item_id,
                               config.loss, config.batch_size, corpus, corpus_probs)
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-    n = len(examples[spec.columns.item_id])
+        model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, n)))
     data = (
         tf.data.Dataset.from_tensor_slices(examples)
         .shuffle(min(n, 1_000_000), seed=config.seed, reshuffle_each_iteration=True)
@@ -113,6 +123,13 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
                     callbacks=callbacks)
     trained.history = {k: [float(x) for x in v] for k, v in fit.history.items()}
     return trained
+
+
+def _learning_rate(config: TrainConfig, n: int):
+    if config.learning_rate_schedule == "constant":
+        return config.learning_rate
+    steps = config.epochs * max(1, n // config.batch_size)
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
 
 
 def _with_candidate_q(examples: dict[str, np.ndarray], item_id: str) -> dict[str, np.ndarray]:
