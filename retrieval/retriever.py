@@ -39,6 +39,12 @@ class BatchingConfig:
     threads: int = 1
     faiss_threads: int = 1  # OpenMP threads of one Faiss search; batching gives parallelism
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "threads", "faiss_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+
 
 @dataclass(frozen=True, slots=True)
 class _Job:

@@ -44,7 +44,6 @@ class ServerConfig:
     features_from: Path | None = None  # dataset dir that fills the in-process store
     history_length: int = 20
     history_ttl_s: int | None = 90 * 86400  # Redis: a history without events expires
-    faiss_threads: int = 1
     grace_seconds: float = 5.0
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0: any free port
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -111,7 +110,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     """Build and start the server, NOT_SERVING until ``RunningServer.load``."""
     import faiss
 
-    faiss.omp_set_num_threads(config.faiss_threads)
+    faiss.omp_set_num_threads(config.batching.faiss_threads)
     metrics = ServiceMetrics()
     retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s,
                           metrics, config.batching, config.breaker)

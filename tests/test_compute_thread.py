@@ -3,17 +3,25 @@
 import asyncio
 
 import faiss
+import pytest
 
 from retrieval.feature_store import InMemoryFeatureStore
 from retrieval.retriever import BatchingConfig, Retriever
 
 
-def test_faiss_in_the_compute_thread_uses_the_configured_threads():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_faiss_in_the_compute_thread_uses_the_configured_threads(threads):
     # omp_set_num_threads is per calling thread: set on the event loop's thread only, the
     # compute thread would search with one OpenMP thread per core, spinning between batches.
     faiss.omp_set_num_threads(1)
-    retriever = Retriever(InMemoryFeatureStore(), batching=BatchingConfig(faiss_threads=1))
+    retriever = Retriever(InMemoryFeatureStore(), batching=BatchingConfig(faiss_threads=threads))
     try:
-        assert retriever._executor.submit(faiss.omp_get_max_threads).result() == 1
+        assert retriever._executor.submit(faiss.omp_get_max_threads).result() == threads
     finally:
         asyncio.run(retriever.close())
+
+
+@pytest.mark.parametrize("field", ["max_batch", "max_queue", "threads", "faiss_threads"])
+def test_a_batching_config_below_one_is_refused_naming_the_field(field):
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
+        BatchingConfig(**{field: 0})
