@@ -235,14 +235,17 @@ def server(pipeline: Pipeline, tmp_path_factory) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def redis_backed_server(pipeline: Pipeline, tmp_path_factory):
     """Serving the same pair with user features in a real Redis of its own (other tests
-    flush theirs), loaded by `two-tower load-features`."""
+    flush theirs), loaded by `two-tower load-features`. Its Redis timeout is 2 s, not the
+    30 ms default: these tests compare exact candidates, and on a loaded machine one slow
+    read would turn a reply into a degraded cold start (tests/test_faults.py covers that)."""
     redis_process = _start_redis_server(tmp_path_factory.mktemp("redis-for-server"))
     url = f"redis://127.0.0.1:{redis_process.port}/0"
     subprocess.run([sys.executable, "-m", "retrieval.cli", "load-features", "--data",
                     str(pipeline.data_dir), "--redis-url", url], check=True, capture_output=True)
     workdir = tmp_path_factory.mktemp("redis-server")
     running = start_server(["--model", str(pipeline.model_dir), "--index",
-                            str(pipeline.index_dir), "--redis-url", url], workdir)
+                            str(pipeline.index_dir), "--redis-url", url,
+                            "--redis-timeout-ms", "2000"], workdir)
     yield running, url
     stop_server(running)
     _stop_redis_server(redis_process)
