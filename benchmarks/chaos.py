@@ -359,9 +359,9 @@ def overload(a: Artifacts, work: Path, opts) -> Row:
 
 
 def sigterm(a: Artifacts, work: Path, opts) -> Row:
-    row = Row("sigterm", "SIGTERM with 40 calls in flight (300 ms batching window)")
+    row = Row("sigterm", "SIGTERM with 40 calls in flight (1 s batching window)")
     server = Server(work / "server", _serve_args(a, "--features", str(a.data), "--max-batch",
-                                                 "1000", "--max-wait-us", "300000"))
+                                                 "1000", "--max-wait-us", "1000000"))
 
     async def scenario():
         load = Load(server.address)
@@ -370,7 +370,7 @@ def sigterm(a: Artifacts, work: Path, opts) -> Row:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             await watch.read()
             calls = [asyncio.create_task(load._call(stub, i)) for i in range(40)]
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.4)  # all accepted, waiting in the batch
             server.process.send_signal(signal.SIGTERM)
             status = (await watch.read()).status
             watch.cancel()
