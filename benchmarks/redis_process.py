@@ -29,6 +29,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
     if binary is None:
         raise RedisUnavailable("redis-server not found on PATH; `make test` installs it "
                                "(apt-get install redis-server)")
+    workdir = workdir.resolve()  # redis-server enters --dir before it opens --logfile
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = workdir / f"redis-{port}.log"
