@@ -280,13 +280,14 @@ def redis_down(a: Artifacts, work: Path, opts) -> Row:
             killed = time.monotonic()
             redis.kill()
             time.sleep(opts.outage_seconds)
+            restarting = time.monotonic()  # replies from here on may be normal again
             redis.start()
-            back = time.monotonic()
+            back = time.monotonic()  # Redis answers PING
             time.sleep(3)
         samples = load.samples
         after = [s for s in samples if s.start >= back and not s.degraded and s.code == "OK"]
         recovery = (after[0].start - back) if after else float("inf")
-        outage = between(samples, killed + 0.05, back)
+        outage = between(samples, killed + 0.05, restarting)
         row.calls, row.errors = len(samples), errors_of(samples)
         row.p99_steady_ms = p99_ms(between(samples, 0, killed))
         row.p99_during_ms = p99_ms(outage)
@@ -309,12 +310,11 @@ def slow_redis(a: Artifacts, work: Path, opts) -> Row:
             a, "--redis-url", redis.url, "--redis-timeout-ms", str(REDIS_TIMEOUT_MS)))
         with Load(server.address) as load:
             time.sleep(3)
-            paused = time.monotonic()
             redis.command("CLIENT", "PAUSE", "3000", "ALL")
-            time.sleep(3)
-            time.sleep(2)
+            paused = time.monotonic()  # after redis-cli returned: the pause is on
+            time.sleep(5)
         samples = load.samples
-        during = between(samples, paused, paused + 3)
+        during = between(samples, paused, paused + 2.9)
         row.calls, row.errors = len(samples), errors_of(samples)
         row.p99_steady_ms = p99_ms(between(samples, 0, paused))
         row.p99_during_ms = p99_ms(during)
@@ -444,14 +444,14 @@ def hot_swap(a: Artifacts, work: Path, opts) -> Row:
     server = Server(work / "server", ["--model", str(a.model), "--index", str(store),
                                       "--features", str(a.data), "--watch-interval", "0.2"])
     # Built beforehand, as the nightly job does on its own machine (here, a build beside the
-    # server takes one of the two cores and doubles p99); under load it is only published:
-    # the version directory copied in, then CURRENT moved atomically.
+    # server takes one of the two cores and doubles p99), and its version directory put in
+    # the store; under load, CURRENT is moved to it atomically, as indexer.publish does.
     second = _build_index(a.model, work / "staging", "Flat", a.data)
-    row = Row("hot_swap", "publish a new (Flat) index under load: version dir, then CURRENT")
+    shutil.copytree(work / "staging" / second, store / second)
+    row = Row("hot_swap", "move CURRENT to a new (Flat) index version under load")
     with Load(server.address) as load:
         time.sleep(3)
         began = time.monotonic()
-        shutil.copytree(work / "staging" / second, store / second)
         (store / "CURRENT.tmp").write_text(second + "\n")
         os.replace(store / "CURRENT.tmp", store / "CURRENT")
         time.sleep(2)
