@@ -52,7 +52,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.redis_process import _free_port, _wait_for_ping
+from benchmarks.redis_process import free_port, wait_for_ping
 from retrieval.client import build_request
 from retrieval.server import wait_for_port_file
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
@@ -171,7 +171,7 @@ class Redis:
     """A redis-server on 127.0.0.1 that can be killed and restarted on the same port."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir.resolve(), _free_port()  # redis-server cds there
+        self.workdir, self.port = workdir.resolve(), free_port()  # redis-server cds there
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -185,7 +185,7 @@ class Redis:
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(log_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        _wait_for_ping(self.port, self.process, log_path)
+        wait_for_ping(self.port, self.process, log_path)
 
     def kill(self) -> None:
         self.process.kill()

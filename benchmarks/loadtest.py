@@ -45,196 +45,41 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.ghz import (
+    HALF_MAX,
+    Load,
+    Plan,
+    Row,
+    ghz_version,
+    parse_duration,
+    call_data,
+    find_ghz,
+    format_table,
+    ok_latencies_ms,
+    parse_rate,
+    parse_report,
+    read_user_ids,
+    run_ghz,
+    summary,
+)
 from benchmarks.redis_process import RedisUnavailable, redis_server
 
 log = logging.getLogger("benchmarks.loadtest")
 
 REPO = Path(__file__).resolve().parents[1]
-PROTO = "proto/retrieval/v1/retrieval.proto"  # relative to REPO, where ghz runs
-CALL = "two_tower.retrieval.v1.RetrievalService.Retrieve"
-GHZ_CONFIG = REPO / "deploy/ghz/retrieve.json"
 DEFAULT_USERS = REPO / "deploy/ghz/users.txt"
-DEVICES = ("mobile", "desktop", "tv")
-HOURS = 24
 SERVER_START_TIMEOUT_S = 180.0
-
-
-@dataclass(frozen=True)
-class Load:
-    """One ghz run: closed loop at ``concurrency`` workers, or open loop at ``rps``."""
-
-    mode: str              # "closed" | "open"
-    concurrency: int
-    duration: str = "10s"  # ghz -z; ignored when total > 0
-    rps: int = 0           # open loop: arrivals per second
-    total: int = 0         # > 0: ghz -n instead of -z (smoke runs)
-
-    @property
-    def label(self) -> str:
-        return f"open@{self.rps}/s" if self.mode == "open" else f"c={self.concurrency}"
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the result table: what ghz saw in one run against one variant."""
-
-    variant: str
-    mode: str
-    concurrency: int
-    target_rps: int
-    count: int               # completed requests, OK or not
-    ok: int
-    rps: float               # OK replies per second of the run
-    p50_ms: float            # latency percentiles of OK replies (NaN when none)
-    p90_ms: float
-    p99_ms: float
-    p999_ms: float
-    errors: dict[str, int] = field(default_factory=dict)  # status name → count, non-OK only
-
-    @property
-    def error_text(self) -> str:
-        return ", ".join(f"{code}×{n}" for code, n in sorted(self.errors.items())) or "-"
-
-
-# --- ghz --------------------------------------------------------------------------------
-
-def find_ghz() -> Path | None:
-    """The project's ghz (.tools/bin, from .ci/install-ghz.sh) or one on PATH."""
-    local = REPO / ".tools/bin/ghz"
-    if os.access(local, os.X_OK):
-        return local
-    found = shutil.which("ghz")
-    return Path(found) if found else None
-
-
-def call_data(user_ids: Sequence[str], k: int = 100) -> list[dict]:
-    """Requests ghz sends round-robin: user i of U with hour (i mod 24) and a device that
-    changes every 24 — lcm(U, 72) messages, so each user meets several contexts."""
-    if not user_ids:
-        raise ValueError("expected at least one user id (got an empty list)")
-    n = math.lcm(len(user_ids), HOURS * len(DEVICES))
-    n = min(n, max(len(user_ids), 20_000))  # bounded file; still every user once
-    return [{"user_id": user_ids[i % len(user_ids)], "k": k,
-             "context": {"hour_of_day": {"int_value": i % HOURS},
-                         "device": {"string_value": DEVICES[(i // HOURS) % len(DEVICES)]}}}
-            for i in range(n)]
-
-
-def read_user_ids(path: Path) -> list[str]:
-    ids = [line.strip() for line in path.read_text().splitlines()]
-    ids = [u for u in ids if u and not u.startswith("#")]
-    if not ids:
-        raise ValueError(f"{path}: expected one user id per line (found none)")
-    return ids
-
-
-def _ghz_version(ghz: Path) -> str:
-    stamp = ghz.parent / ".ghz-version"  # written by .ci/install-ghz.sh (ghz itself says "dev")
-    return stamp.read_text().strip() if stamp.exists() else "(version unknown)"
-
-
-def ghz_command(ghz: Path, address: str, load: Load, data_file: Path, out: Path,
-                cpus: int = 1) -> list[str]:
-    """ghz on the shared config (deploy/ghz/retrieve.json), bounded by -z or -n."""
-    cmd = [str(ghz), "--config", str(GHZ_CONFIG), "--proto", PROTO, "--call", CALL,
-           "--insecure", "-D", str(data_file), "-c", str(load.concurrency),
-           "--cpus", str(cpus), "-t", "5s", "--duration-stop", "wait",
-           "-O", "json", "-o", str(out)]
-    cmd += ["-n", str(load.total)] if load.total > 0 else ["-z", load.duration]
-    if load.mode == "open":
-        cmd += ["--rps", str(load.rps), "--async"]
-    return [*cmd, address]
-
-
-def run_ghz(ghz: Path, address: str, load: Load, data_file: Path, out: Path) -> dict:
-    """Runs ghz once and returns its JSON report; raises RuntimeError with its stderr."""
-    cmd = ghz_command(ghz, address, load, data_file, out)
-    limit = (60.0 + load.total / 10) if load.total > 0 else _seconds(load.duration) + 60.0
-    log.info("ghz %s → %s", load.label, address)
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
-    if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"ghz exited with {done.returncode}: {done.stderr.strip()[-2000:]}\n"
-                           f"command: {shlex.join(cmd)}")
-    return json.loads(out.read_text())
-
-
-def _seconds(duration: str) -> float:
-    units = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if duration.endswith(suffix) and duration[:-len(suffix)].replace(".", "", 1).isdigit():
-            return float(duration[:-len(suffix)]) * units[suffix]
-    raise ValueError(f"duration must look like 500ms, 10s or 2m (got {duration!r})")
-
-
-# --- reports → rows -------------------------------------------------------------------------
-
-def ok_latencies_ms(report: dict) -> np.ndarray:
-    """Latency of every OK reply, in ms, from the report's per-request details."""
-    details = report.get("details") or []
-    return np.array([d["latency"] / 1e6 for d in details if d.get("status") == "OK"],
-                    dtype=np.float64)
-
-
-def parse_report(report: dict, variant: str, load: Load) -> Row:
-    """A ghz JSON report (``-O json``) → one table row. Percentiles are computed from the
-    details (ghz's own summary stops at p99); errors are counted by gRPC status name."""
-    statuses = dict(report.get("statusCodeDistribution") or {})
-    ok = int(statuses.pop("OK", 0))
-    total_s = report["total"] / 1e9
-    lat = ok_latencies_ms(report)
-    p50, p90, p99, p999 = (np.percentile(lat, [50, 90, 99, 99.9], method="inverted_cdf")
-                           if len(lat) else [math.nan] * 4)
-    return Row(variant=variant, mode=load.mode, concurrency=load.concurrency,
-               target_rps=load.rps, count=int(report["count"]), ok=ok,
-               rps=ok / total_s if total_s > 0 else 0.0, p50_ms=float(p50), p90_ms=float(p90),
-               p99_ms=float(p99), p999_ms=float(p999),
-               errors={code: int(n) for code, n in statuses.items() if n})
-
-
-def summary(rows: Sequence[Row]) -> list[str]:
-    """The ratios the service's targets are stated in, from this run's rows: each variant's
-    best closed-loop RPS against echo's and naive's, and its open-loop p99."""
-    best = {}
-    for r in rows:
-        if r.mode == "closed" and r.rps > best.get(r.variant, (0.0, 0))[0]:
-            best[r.variant] = (r.rps, r.concurrency)
-    lines = []
-    for variant, (rps, c) in best.items():
-        if variant == "echo":
-            continue
-        parts = [f"{variant}: best {rps:,.0f} RPS (c={c})"]
-        for base in ("echo", "naive"):
-            if base in best and base != variant:
-                parts.append(f"{rps / best[base][0]:.2f}× {base}")
-        lines.append(", ".join(parts))
-    for r in rows:
-        if r.mode == "open" and r.variant != "echo":
-            lines.append(f"{r.variant}: open loop at {r.target_rps}/s: p99 {r.p99_ms:.2f} ms, "
-                         f"errors {r.error_text}")
-    return lines
-
-
-def format_table(rows: Sequence[Row]) -> str:
-    head = (f"{'variant':<10} {'load':<12} {'requests':>8} {'RPS':>8} {'p50 ms':>8} "
-            f"{'p90 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}  errors")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        label = f"open@{r.target_rps}/s" if r.mode == "open" else f"c={r.concurrency}"
-        lines.append(f"{r.variant:<10} {label:<12} {r.count:>8} {r.rps:>8.1f} {r.p50_ms:>8.2f} "
-                     f"{r.p90_ms:>8.2f} {r.p99_ms:>8.2f} {r.p999_ms:>9.2f}  {r.error_text}")
-    return "\n".join(lines)
 
 
 # --- servers ------------------------------------------------------------------------------
@@ -290,45 +135,6 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 # --- the run --------------------------------------------------------------------------------
-
-HALF_MAX = "half-max"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Closed-loop runs at each concurrency, then one open-loop run at ``rate`` arrivals/s:
-    a number, ``half-max`` (half the variant's best closed-loop RPS of this run, where a
-    latency target is stated), or 0 for none."""
-
-    concurrency: tuple[int, ...]
-    rate: int | str
-    duration: str
-    total: int = 0
-
-    def closed(self) -> list[Load]:
-        return [Load("closed", c, self.duration, total=self.total) for c in self.concurrency]
-
-    def open(self, closed_rows: Sequence[Row]) -> Load | None:
-        rate = self.rate
-        if rate == HALF_MAX:
-            rate = max(1, round(max((r.rps for r in closed_rows), default=2.0) / 2))
-        # Open loop: --async sends on schedule; -c only spreads the schedule over workers.
-        return Load("open", max(self.concurrency), self.duration, rps=int(rate),
-                    total=self.total) if int(rate) > 0 else None
-
-
-def parse_rate(text: str) -> int | str:
-    if text == HALF_MAX:
-        return HALF_MAX
-    try:
-        rate = int(text)
-    except ValueError:
-        rate = -1
-    if rate < 0:
-        raise ValueError(f"--rate: expected arrivals per second >= 0 or {HALF_MAX!r} "
-                         f"(got {text!r})")
-    return rate
-
 
 def measure(ghz: Path, variant: Variant, plan: Plan, data_file: Path,
             workdir: Path, warmup: int) -> tuple[list[Row], dict[str, np.ndarray]]:
@@ -568,7 +374,7 @@ def _pair(args) -> tuple[Path, Path, Path | None] | None:
 def _meta(ghz: Path, variants: Sequence[Variant], note: str) -> dict:
     return {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": f"{platform.node() or 'host'} ({os.cpu_count()} cores)",
-            "ghz": f"{ghz} {_ghz_version(ghz)}", "ghz_cpus": 1, "note": note,
+            "ghz": f"{ghz} {ghz_version(ghz)}", "ghz_cpus": 1, "note": note,
             "noisy": "noisy" in note.lower(),
             "command": shlex.join(["python", "-m", "benchmarks.loadtest", *sys.argv[1:]]),
             "variants": {v.name: shlex.join(v.command) for v in variants}}
@@ -602,7 +408,7 @@ def _run(args: argparse.Namespace, ghz: Path) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not concurrency or min(concurrency) < 1:
         raise ValueError(f"--concurrency: expected positive integers (got {args.concurrency!r})")
-    _seconds(args.duration)  # validates early
+    parse_duration(args.duration)  # validates early
     parse_rate(args.rate)
     pair = _pair(args)
     with ExitStack() as stack:

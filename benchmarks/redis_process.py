@@ -31,14 +31,14 @@ def redis_server(workdir: Path) -> Iterator[str]:
                                "(apt-get install redis-server)")
     workdir = workdir.resolve()  # redis-server enters --dir before it opens --logfile
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     log = workdir / f"redis-{port}.log"
     process = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
          "no", "--dir", str(workdir), "--logfile", str(log)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        _wait_for_ping(port, process, log)
+        wait_for_ping(port, process, log)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
@@ -49,7 +49,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
             process.wait()
 
 
-def _wait_for_ping(port: int, process: subprocess.Popen, log: Path) -> None:
+def wait_for_ping(port: int, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -65,7 +65,7 @@ def _wait_for_ping(port: int, process: subprocess.Popen, log: Path) -> None:
     raise RedisUnavailable(f"redis-server on port {port} did not answer PING: {text[-500:]}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -1,4 +1,4 @@
-"""The load-test harness: ghz against a real server on loopback, and its report parser.
+"""The load-test harness (benchmarks.loadtest) and ghz runs and reports (benchmarks.ghz).
 
 tests/data/ghz_report_sample.json was captured from ghz v0.120.0 (`-O json`, -n 40 -c 2)
 against `two-tower serve`, with one request in four sent with k=0, so it holds both OK
@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.loadtest import (
-    ECHO, HALF_MAX, NAIVE, Load, Plan, Row, Variant, call_data, find_ghz, format_table,
-    parse_rate, parse_report, run_ghz, running, serve_command, summary,
+from benchmarks.ghz import (
+    HALF_MAX, Load, Plan, Row, call_data, find_ghz, format_table, parse_rate, parse_report,
+    run_ghz, summary,
 )
+from benchmarks.loadtest import ECHO, NAIVE, Variant, running, serve_command
 
 SAMPLE = Path(__file__).parent / "data" / "ghz_report_sample.json"
 
