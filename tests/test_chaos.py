@@ -1,5 +1,5 @@
 """The chaos benchmark's scenarios, short forms, on the session's pipeline: a soak at half
-capacity (30 s here, 30 min in `make chaos`) and four bad publishes under load."""
+capacity (2 minutes here, as the fault issue asks; 30 min in `make chaos`) and four bad publishes under load."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def artifacts(pipeline) -> chaos.Artifacts:
 @pytest.mark.parametrize("scenario", ["bad_publish", "soak"])
 def test_the_scenario_passes_under_load(scenario, artifacts, tmp_path):
     row = getattr(chaos, scenario)(artifacts, tmp_path,
-                                   SimpleNamespace(soak_seconds=30.0, outage_seconds=3.0))
+                                   SimpleNamespace(soak_seconds=120.0, outage_seconds=3.0))
     assert row.calls > 0 and not row.errors, row
     assert row.passed, row
     assert f"| {scenario} |" in chaos.markdown([row])
