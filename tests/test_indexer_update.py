@@ -133,7 +133,7 @@ def test_the_item_tower_reproduces_the_exported_embeddings(pipeline):
 def test_an_items_table_without_a_model_feature_names_the_file_and_column(pipeline, tmp_path):
     table = tmp_path / "items.csv"
     table.write_text("item_id,category\ni1,cat1\n")
-    with pytest.raises(DataError, match=r"items.csv: column 'tags': missing column"):
+    with pytest.raises(DataError, match=r"items.csv:1: column 'tags': missing column"):
         load_items(table, _spec(pipeline))
 
 
