@@ -268,13 +268,18 @@ def _serve_args(a: Artifacts, *extra: str) -> list[str]:
 # --- scenarios -------------------------------------------------------------------------
 
 
+def _server_on(redis: Redis, a: Artifacts, work: Path) -> Server:
+    """A server reading user features from ``redis``, which load-features fills first."""
+    _run("load-features", "--data", a.data, "--redis-url", redis.url)
+    return Server(work / "server", _serve_args(
+        a, "--redis-url", redis.url, "--redis-timeout-ms", str(REDIS_TIMEOUT_MS)))
+
+
 def redis_down(a: Artifacts, work: Path, opts) -> Row:
     redis = Redis(work)
     row = Row("redis_down", f"kill redis-server for {opts.outage_seconds:g} s, restart it")
     try:
-        _run("load-features", "--data", a.data, "--redis-url", redis.url)
-        server = Server(work / "server", _serve_args(
-            a, "--redis-url", redis.url, "--redis-timeout-ms", str(REDIS_TIMEOUT_MS)))
+        server = _server_on(redis, a, work)
         with Load(server.address) as load:
             time.sleep(3)
             killed = time.monotonic()
@@ -305,9 +310,7 @@ def slow_redis(a: Artifacts, work: Path, opts) -> Row:
     redis = Redis(work)
     row = Row("slow_redis", "CLIENT PAUSE 3000 ALL (every Redis command waits 3 s)")
     try:
-        _run("load-features", "--data", a.data, "--redis-url", redis.url)
-        server = Server(work / "server", _serve_args(
-            a, "--redis-url", redis.url, "--redis-timeout-ms", str(REDIS_TIMEOUT_MS)))
+        server = _server_on(redis, a, work)
         with Load(server.address) as load:
             time.sleep(3)
             redis.command("CLIENT", "PAUSE", "3000", "ALL")
