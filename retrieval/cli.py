@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--interactions-per-user", type=int, default=30)
+    p.add_argument("--content-dims", type=int, default=0,
+                   help="dense numeric content features per item (content0 …): cold items "
+                        "then differ by their features, as in a real catalogue")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     p.set_defaults(run=_generate)
@@ -293,7 +296,8 @@ def _generate(args) -> None:
 
     dataset, spec_toml = generate_synthetic(SyntheticConfig(
         num_users=args.users, num_items=args.items,
-        interactions_per_user=args.interactions_per_user, seed=args.seed))
+        interactions_per_user=args.interactions_per_user, seed=args.seed,
+        content_dims=args.content_dims))
     write_dataset(dataset, args.out, spec_toml, args.format)
     log.info("wrote %d interactions, %d users, %d items to %s", dataset.num_interactions,
              args.users, args.items, args.out)

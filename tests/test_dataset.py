@@ -94,3 +94,35 @@ def test_history_holds_only_earlier_items_most_recent_first(small):
     for position, row in enumerate(order):
         earlier = inter["item_id"][order[:position]][::-1][:10].tolist()
         assert [h for h in examples["recent_items"][row] if h] == earlier
+
+
+def test_content_vectors_come_on_top_of_the_same_dataset():
+    plain, _ = generate_synthetic(SMALL)
+    rich, spec_toml = generate_synthetic(SyntheticConfig(**{**SMALL.__dict__, "content_dims": 4}))
+    for col, values in plain.interactions.items():
+        assert rich.interactions[col].tolist() == values.tolist(), col
+    assert rich.items["category"].tolist() == plain.items["category"].tolist()
+    assert [f.name for f in rich.spec.tower("item")][-4:] == [f"content{j}" for j in range(4)]
+    assert all(f.kind == "numeric" for f in rich.spec.tower("item")[-4:])
+    assert "[features.content3]" in spec_toml
+
+
+def test_content_vectors_cluster_by_category_and_keep_cold_items_apart():
+    config = SyntheticConfig(num_users=100, num_items=400, num_clusters=4,
+                             interactions_per_user=5, content_dims=8)
+    dataset, _ = generate_synthetic(config)
+    content = np.stack([dataset.items[f"content{j}"] for j in range(8)], axis=1)
+    category = dataset.items["category"]
+    means = np.stack([content[category == c].mean(axis=0) for c in np.unique(category)])
+    spread_of_means = np.linalg.norm(means - means.mean(axis=0), axis=1).mean()
+    assert spread_of_means > 0.5  # categories (mostly clusters) sit in different places
+    seen = set(dataset.interactions["item_id"].tolist())
+    cold = np.array([i not in seen for i in dataset.items["item_id"]])
+    assert cold.sum() > 50
+    distinct = {tuple(np.round(row, 3)) for row in content[cold]}
+    assert len(distinct) == cold.sum()  # no two untouched items share their features
+
+
+def test_content_dims_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="content_dims"):
+        SyntheticConfig(content_dims=-1)
