@@ -45,6 +45,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 HISTORY = "history"
 ML1M_L2, ML1M_TEMPERATURE = 0.02, 0.05  # see ours_config
+ML1M_HISTORY = 50  # items in an ml-1m history bag (random ones when the user has more)
 PUBLISHED_ML1M = {  # RecBole ml-1m general leaderboard, test Recall@10 / NDCG@10
     "Pop": (0.0699, 0.1006), "BPR": (0.1725, 0.2407), "NeuMF": (0.1717, 0.2393),
     "LightGCN": (0.1823, 0.2478), "MultiVAE": (0.1995, 0.2523), "SimpleX": (0.1997, 0.2700),
@@ -180,20 +181,21 @@ def recbole_ml1m(data: Path) -> Protocol:
         user=[("user_id", "categorical", 64), ("gender", "categorical", 4),
               ("age", "categorical", 4), ("occupation", "categorical", 8),
               ("zip_prefix", "categorical", 4)],
-        history=50, item=[("item_id", "categorical", 64)])
+        history=ML1M_HISTORY, item=[("item_id", "categorical", 64)])
     users = _rows(raw.users, raw.users["user_id"], split.user_ids)
     items = {"item_id": _ids(split.item_ids)}
     dataset = Dataset(parse_feature_spec(spec_doc), {}, users, items)
     tr = split.train
     user_ids, item_ids = _ids(split.user_ids[split.users[tr]]), _ids(split.item_ids[split.items[tr]])
     examples = {"user_id": user_ids, "item_id": item_ids,
-                HISTORY: histories_from_other_items(user_ids, item_ids, 50)}
+                HISTORY: histories_from_other_items(user_ids, item_ids, ML1M_HISTORY)}
     examples.update(_joined(users, "user_id", user_ids, ("gender", "age", "occupation", "zip_prefix")))
 
     def user_inputs(stage: str) -> dict[str, np.ndarray]:
         seen = tr if stage == "valid" else np.concatenate([tr, split.valid])
         bags = item_bags(_ids(split.user_ids[split.users[seen]]),
-                         _ids(split.item_ids[split.items[seen]]), _ids(split.user_ids), 50)
+                         _ids(split.item_ids[split.items[seen]]), _ids(split.user_ids),
+                         ML1M_HISTORY)
         return {"user_id": _ids(split.user_ids), HISTORY: bags,
                 **{k: users[k] for k in ("gender", "age", "occupation", "zip_prefix")}}
 
