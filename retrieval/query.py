@@ -16,6 +16,8 @@ DERIVED_RANGES = {"hour_of_day": range(24), "day_of_week": range(7)}
 class Limits:
     max_k: int = 1000
     max_user_id_bytes: int = 256
+    max_item_id_bytes: int = 256       # recorded or passed as history: it is stored and logged
+    max_request_id_bytes: int = 128    # echoed in the reply and in every log line
     max_recent_items: int = 1000
     max_exclude_items: int = 10000
     max_interactions: int = 1000
@@ -59,7 +61,12 @@ def validate_query(query: RetrieveQuery, spec: FeatureSpec, limits: Limits) -> N
     if len(query.user_id.encode()) > limits.max_user_id_bytes:
         raise InvalidArgument("user_id", f"must be at most {limits.max_user_id_bytes} bytes "
                               f"(got {len(query.user_id.encode())})")
+    if len(query.request_id.encode()) > limits.max_request_id_bytes:
+        raise InvalidArgument("request_id", f"must be at most {limits.max_request_id_bytes} "
+                              f"bytes (got {len(query.request_id.encode())})")
     _check_count("recent_item_ids", len(query.recent_item_ids), limits.max_recent_items)
+    for i, item_id in enumerate(query.recent_item_ids):
+        _check_item_id(f"recent_item_ids[{i}]", item_id, limits)
     _check_count("exclude_item_ids", len(query.exclude_item_ids), limits.max_exclude_items)
     if query.event_time < 0:
         raise InvalidArgument("event_time_unix_seconds", f"must be >= 0 (got {query.event_time})")
@@ -73,6 +80,14 @@ def validate_query(query: RetrieveQuery, spec: FeatureSpec, limits: Limits) -> N
             raise InvalidArgument(f"context[{key!r}]", "unknown context feature; the model "
                                   f"knows: {', '.join(sorted(known)) or '(none)'}")
         _check_context_value(f"context[{key!r}]", known[key], value)
+
+
+def _check_item_id(field: str, item_id: str, limits: Limits) -> None:
+    # a character is at most 4 UTF-8 bytes: short ids need no encoding to pass
+    if (len(item_id) > limits.max_item_id_bytes // 4
+            and len(item_id.encode()) > limits.max_item_id_bytes):
+        raise InvalidArgument(field, f"must be at most {limits.max_item_id_bytes} bytes "
+                              f"(got {len(item_id.encode())})")
 
 
 def _check_count(field: str, count: int, limit: int) -> None:
@@ -112,3 +127,4 @@ def validate_interactions(events: list[tuple[str, str]], limits: Limits,
                                   f"must be at most {limits.max_user_id_bytes} bytes")
         if not item_id:
             raise InvalidArgument(prefix + "item_id", "must be non-empty")
+        _check_item_id(prefix + "item_id", item_id, limits)

@@ -91,6 +91,8 @@ def test_request_id_is_echoed(stub):
     (dict(context={"device": 3}), "context['device']"),
     (dict(context={"hour_of_day": "22"}), "context['hour_of_day']"),
     (dict(context={"hour_of_day": 24}), "context['hour_of_day']"),
+    (dict(request_id="r" * 129), "request_id"),
+    (dict(recent=["i1", "é" * 129]), "recent_item_ids[1]"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(stub, kwargs, field):
     with pytest.raises(grpc.RpcError) as err:
@@ -154,6 +156,7 @@ def test_recorded_interactions_reach_the_next_retrieve(stub, request):
     ([("u", "i1"), ("u", "")], "interactions[1].item_id"),
     ([("", "i1")], "interactions[0].user_id"),
     ([], "interactions"),
+    ([("u", "i1"), ("u", "x" * 257)], "interactions[1].item_id"),
 ])
 def test_bad_interactions_are_invalid_argument_naming_the_field(stub, events, field):
     request = pb.RecordInteractionsRequest(
