@@ -46,6 +46,8 @@ class JobOptions:
     memory_budget: int = 8 * GiB       # for --index auto
     keep: int = DEFAULT_KEEP           # versions kept for rollback
     notify_url: str | None = None      # Redis URL for the publish notification
+    # credentials and TLS for it (RedisAuth.client_kwargs): kept off the URL
+    notify_options: dict[str, Any] = field(default_factory=dict, repr=False)
     chunk_size: int = CHUNK
     seed: int = 0
 
@@ -79,7 +81,7 @@ def run_build_index(model_dir: str | Path, store: str | Path, spec: IndexSpec | 
                              measured(gated, clock, items.source), metadata=items.metadata,
                              source=items.description)
     path = write_index_artifact(contents, model, store)
-    publish(path, "build", options.notify_url, options.keep)
+    publish(path, "build", options.notify_url, options.keep, options.notify_options)
     return path
 
 

@@ -130,9 +130,11 @@ def store_lock(store: str | Path) -> Iterator[None]:
 
 
 def publish(version_dir: str | Path, reason: str, notify_url: str | None = None,
-            keep: int = DEFAULT_KEEP) -> Published:
+            keep: int = DEFAULT_KEEP, notify_options: dict[str, Any] | None = None
+            ) -> Published:
     """Make ``version_dir`` (a complete version inside its store) current, prune old
-    versions beyond ``keep``, then notify. Call it only after the gate passed."""
+    versions beyond ``keep``, then notify (``notify_options``: credentials and TLS for
+    ``redis.Redis.from_url``). Call it only after the gate passed."""
     version_dir = Path(version_dir)
     store = version_dir.parent
     with store_lock(store):
@@ -143,7 +145,7 @@ def publish(version_dir: str | Path, reason: str, notify_url: str | None = None,
     message = notification(store, version_dir.name, previous, reason)
     log.info("published %s (%s); CURRENT was %s", version_dir.name, reason, previous)
     if notify_url:
-        send_notification(notify_url, message)
+        send_notification(notify_url, message, notify_options)
     return Published(store, version_dir.name, previous, message)
 
 
@@ -170,7 +172,8 @@ def prune(store: Path, keep: int) -> None:
             log.info("pruned old index version %s", name)
 
 
-def rollback(store: str | Path, to: str | None = None, notify_url: str | None = None) -> Published:
+def rollback(store: str | Path, to: str | None = None, notify_url: str | None = None,
+             notify_options: dict[str, Any] | None = None) -> Published:
     """Point CURRENT back at ``to``, or at the newest older version built from the same
     model; the target is loaded and verified before the pointer moves."""
     from indexer.artifact import load_index_artifact
@@ -187,7 +190,7 @@ def rollback(store: str | Path, to: str | None = None, notify_url: str | None = 
     message = notification(store, target, current, "rollback")
     log.info("rolled back %s → %s", current, target)
     if notify_url:
-        send_notification(notify_url, message)
+        send_notification(notify_url, message, notify_options)
     return Published(store, target, current, message)
 
 
@@ -226,14 +229,16 @@ def notification(store: Path, version: str, previous: str | None, reason: str) -
     }
 
 
-def send_notification(redis_url: str, message: dict[str, Any]) -> int:
-    """PUBLISH the message on CHANNEL; returns how many subscribers received it."""
+def send_notification(redis_url: str, message: dict[str, Any],
+                      client_options: dict[str, Any] | None = None) -> int:
+    """PUBLISH the message on CHANNEL; returns how many subscribers received it.
+    ``client_options``: password, ACL user and TLS files for ``Redis.from_url``."""
     import redis
 
     from retrieval.redis_options import redact_url
 
     try:
-        with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
+        with redis.Redis.from_url(redis_url, socket_timeout=5, **(client_options or {})) as client:
             receivers = int(client.publish(CHANNEL, json.dumps(message, sort_keys=True)))
     except redis.RedisError as exc:
         raise NotificationError(

@@ -84,7 +84,7 @@ def run_update_index(store: str | Path, model_dir: str | Path, items: str | Path
                                dataclasses.replace(options, items=Path(items)))
     contents = _apply(current, model, table, diff, tombstones, options)
     path = write_index_artifact(contents, model, store)
-    publish(path, "update", options.notify_url, options.keep)
+    publish(path, "update", options.notify_url, options.keep, options.notify_options)
     return path
 
 

@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="version to make current (default: the newest older version "
                                 "built from the same model)")
     p.add_argument("--notify-redis", metavar="URL", help="PUBLISH the change on Redis")
+    _add_redis_auth_args(p)
     p.set_defaults(run=_rollback)
 
     p = sub.add_parser("serve", help="run the gRPC retrieval service")
@@ -348,7 +349,9 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
 def _add_publish_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=int, default=5, help="versions kept for rollback")
     p.add_argument("--notify-redis", metavar="URL",
-                   help="PUBLISH the new version on Redis channel tt:v1:index-published")
+                   help="PUBLISH the new version on Redis channel tt:v1:index-published "
+                        "(credentials: --redis-password-file / --redis-password-env)")
+    _add_redis_auth_args(p)
 
 
 def _bytes(text: str) -> int:
@@ -370,7 +373,8 @@ def _job_options(args, items: Path | None):
                       gate_queries=args.gate_queries)
     return JobOptions(items=items, data=args.data, gate=gate,
                       memory_budget=getattr(args, "memory_budget", JobOptions.memory_budget),
-                      keep=args.keep, notify_url=args.notify_redis)
+                      keep=args.keep, notify_url=args.notify_redis,
+                      notify_options=_notify_options(args))
 
 
 def _build_index(args) -> None:
@@ -392,7 +396,14 @@ def _update_index(args) -> None:
 def _rollback(args) -> None:
     from indexer.publish import rollback
 
-    print(rollback(args.store, args.to, args.notify_redis).path)
+    print(rollback(args.store, args.to, args.notify_redis, _notify_options(args)).path)
+
+
+def _notify_options(args) -> dict:
+    """Redis client options for --notify-redis; contradictions (a password in the URL and
+    in a file, TLS files on redis://) are refused before any work starts."""
+    auth = _redis_auth(args)
+    return auth.client_kwargs(args.notify_redis) if args.notify_redis else {}
 
 
 def _serve(args) -> None:

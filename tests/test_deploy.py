@@ -337,7 +337,10 @@ def test_index_cronjob_is_a_valid_nightly_build_index(view):
     # it indexes a model of the store the service reads, into the index store it watches
     assert _arg(args, "--model") == _arg(serving["args"], "--model") + "/$(MODEL_VERSION)"
     assert _arg(args, "--out") == _arg(serving["args"], "--index")
-    assert _arg(args, "--notify-redis") == "$(REDIS_URL)"
+    # it notifies the Redis the service reads, the password from the Secret, not the URL
+    assert _arg(args, "--notify-redis") == _arg(serving["args"], "--redis-url")
+    assert _arg(args, "--redis-password-env") == "REDIS_PASSWORD"
+    assert not any("$(REDIS_PASSWORD)" in str(e.get("value", "")) for e in container["env"])
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert not mounts["/artifacts"].get("readOnly"), "build-index writes the store"
 

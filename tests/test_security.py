@@ -447,6 +447,34 @@ def test_redis_tls_options_need_a_rediss_url(pki):
     assert auth.client_kwargs("rediss://127.0.0.1:6380/0") == {"ssl_ca_certs": str(pki.ca)}
 
 
+def test_index_publish_notifies_a_password_protected_redis_without_the_password_on_the_command_line(
+        secured_redis, pipeline, tmp_path):
+    url = f"redis://127.0.0.1:{secured_redis.port}/0"
+    with redis.Redis.from_url(url, password=REDIS_ADMIN_PASSWORD) as client:
+        subscriber = client.pubsub(ignore_subscribe_messages=True)
+        subscriber.subscribe("tt:v1:index-published")
+        done = subprocess.run(
+            [sys.executable, "-m", "retrieval.cli", "build-index", "--model",
+             str(pipeline.model_dir), "--out", str(tmp_path / "indexes"), "--index", "Flat",
+             "--notify-redis", url, "--redis-password-env", "TT_NOTIFY_PASSWORD"],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "TT_NOTIFY_PASSWORD": REDIS_ADMIN_PASSWORD})
+        assert done.returncode == 0, done.stderr
+        deadline, message = time.monotonic() + 5, None
+        while message is None and time.monotonic() < deadline:
+            message = subscriber.get_message(timeout=0.1)
+        subscriber.close()
+    assert message is not None, "no index-published message reached the subscriber"
+    assert json.loads(message["data"])["index_version"] == Path(done.stdout.split()[-1]).name
+    assert REDIS_ADMIN_PASSWORD not in done.stdout + done.stderr
+    wrong = subprocess.run(
+        [sys.executable, "-m", "retrieval.cli", "rollback", "--store", str(tmp_path / "indexes"),
+         "--notify-redis", f"redis://:in-url@127.0.0.1:{secured_redis.port}/0",
+         "--redis-password-env", "TT_NOTIFY_PASSWORD"], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "TT_NOTIFY_PASSWORD": REDIS_ADMIN_PASSWORD})
+    assert wrong.returncode == 2 and "already has a password" in wrong.stderr
+
+
 def test_a_password_in_the_url_and_in_a_file_is_refused_without_showing_either():
     auth = RedisAuth(password="from-the-file-secret")
     with pytest.raises(RedisConfigError) as caught:
