@@ -1,8 +1,8 @@
 """Load test of the retrieval service with ghz, beside the ceiling and the naive baseline.
 
     python -m benchmarks.loadtest [--model M --index I [--features D | --redis-url URL]]
-        [--workdir W] [--items N] [--content-dims D] [--redis] [--concurrency 1,10,50]
-        [--rate R] [--duration 10s] [--quick]
+        [--workdir W] [--items N] [--clusters C] [--content-dims D] [--redis]
+        [--concurrency 1,10,50] [--rate R] [--duration 10s] [--quick]
         [--server-args "..."] [--variant NAME="serve args"] [--out benchmarks/results]
 
 For each server variant, in one run on one machine, it starts the server on a free
@@ -27,8 +27,9 @@ load generator leaves the other core(s) to the server. Every run is bounded (``-
 ``-n``, per-request timeout, a hard subprocess timeout) and targets 127.0.0.1 only.
 
 Without ``--model``/``--index`` the artifacts come from ``--workdir``: synthetic data
-(3000 users, ``--items`` items, ``--content-dims`` dense content features per item),
-training and an index made there with the ``two-tower`` command once, then reused.
+(3000 users, ``--items`` items in ``--clusters`` taste clusters, ``--content-dims`` dense
+content features per item), training and an index made there with the ``two-tower``
+command once, then reused.
 ``--redis`` starts a redis-server of the run's own on a free loopback port, fills it with
 ``two-tower load-features`` and serves every variant from it.
 
@@ -234,11 +235,12 @@ class ArtifactsUnavailable(RuntimeError):
     """The model/index pair could not be made; the message says which step and why."""
 
 
-def ensure_artifacts(workdir: Path, quick: bool, items: int = 50_000, content_dims: int = 0
-                     ) -> tuple[Path, Path, Path]:
-    """(model, index, data) made in ``workdir/items-N[-content-D]`` by the two-tower command,
-    or reused from an earlier run (its ``pair.json``)."""
+def ensure_artifacts(workdir: Path, quick: bool, items: int = 50_000, content_dims: int = 0,
+                     clusters: int = 10) -> tuple[Path, Path, Path]:
+    """(model, index, data) made in ``workdir/items-N[-clusters-C][-content-D]`` by the
+    two-tower command, or reused from an earlier run (its ``pair.json``)."""
     workdir = workdir / ("quick" if quick else f"items-{items}"
+                         + (f"-clusters-{clusters}" if clusters != 10 else "")
                          + (f"-content-{content_dims}" if content_dims else ""))
     pair_file = workdir / "pair.json"
     if pair_file.exists():
@@ -251,7 +253,7 @@ def ensure_artifacts(workdir: Path, quick: bool, items: int = 50_000, content_di
     if not (data / "features.toml").exists():
         sizes = (("--users", "300", "--items", "300") if quick
                  else ("--users", "3000", "--items", str(items)))
-        _two_tower("generate", "--out", str(data), *sizes,
+        _two_tower("generate", "--out", str(data), *sizes, "--clusters", str(clusters),
                    "--content-dims", str(content_dims), prints_path=False)
     model = Path(_two_tower("train", "--data", str(data), "--out", str(workdir / "models"),
                             "--epochs", "1" if quick else "5", "--no-eval"))
@@ -299,6 +301,8 @@ def _parser() -> argparse.ArgumentParser:
                         "users (two-tower load-features) and serve from it")
     p.add_argument("--items", type=int, default=50_000,
                    help="catalogue size of the artifacts made in --workdir")
+    p.add_argument("--clusters", type=int, default=10,
+                   help="taste clusters of the made catalogue (two-tower generate --clusters)")
     p.add_argument("--content-dims", type=int, default=0,
                    help="dense content features per item of the made catalogue (two-tower "
                         "generate --content-dims): without them, items nobody touched tie "
@@ -372,7 +376,7 @@ def _pair(args) -> tuple[Path, Path, Path | None] | None:
         return args.model, args.index, args.features
     try:
         model, index, data = ensure_artifacts(args.workdir, args.quick, args.items,
-                                               args.content_dims)
+                                               args.content_dims, args.clusters)
     except (ArtifactsUnavailable, subprocess.TimeoutExpired) as exc:
         log.error("no model/index pair, so only the echo server is measured: %s", exc)
         return None

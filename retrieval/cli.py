@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--interactions-per-user", type=int, default=30)
+    p.add_argument("--clusters", type=int, default=10,
+                   help="taste clusters (users watch within theirs; items belong to one)")
     p.add_argument("--content-dims", type=int, default=0,
                    help="dense numeric content features per item (content0 …): cold items "
                         "then differ by their features, as in a real catalogue")
@@ -297,6 +299,7 @@ def _generate(args) -> None:
 
     dataset, spec_toml = generate_synthetic(SyntheticConfig(
         num_users=args.users, num_items=args.items,
+        num_clusters=args.clusters,
         interactions_per_user=args.interactions_per_user, seed=args.seed,
         content_dims=args.content_dims))
     write_dataset(dataset, args.out, spec_toml, args.format)

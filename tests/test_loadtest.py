@@ -113,7 +113,7 @@ def test_naive_baseline_serves_the_pipeline_pair_without_errors(pipeline, tmp_pa
 def test_without_a_model_index_pair_only_the_echo_server_is_measured(monkeypatch, tmp_path):
     from benchmarks import loadtest
 
-    def fail(workdir, quick, items, content_dims):
+    def fail(workdir, quick, items, content_dims, clusters):
         raise loadtest.ArtifactsUnavailable("`two-tower build-index` failed (exit 2): boom")
 
     monkeypatch.setattr(loadtest, "ensure_artifacts", fail)
