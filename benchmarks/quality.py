@@ -171,9 +171,9 @@ def variants(protocol: str, epochs: int | None = None,
 
 # --- protocols -----------------------------------------------------------------------------
 
-def recbole_ml1m(data: Path) -> Protocol:
-    """RecBole ml-1m general: ids + user demographics; history = the user's other train
-    items (the split is random, so there is no time to respect)."""
+def recbole_ml1m(data: Path, history: int = ML1M_HISTORY) -> Protocol:
+    """RecBole ml-1m general: ids + user demographics; history = up to ``history`` of the
+    user's other train items (the split is random, so there is no time to respect)."""
     from training.movielens import convert_ml1m
 
     split = recbole_ml1m_general(data / "ml-1m" / "ratings_no_timestamps.csv")
@@ -182,21 +182,21 @@ def recbole_ml1m(data: Path) -> Protocol:
         user=[("user_id", "categorical", 64), ("gender", "categorical", 4),
               ("age", "categorical", 4), ("occupation", "categorical", 8),
               ("zip_prefix", "categorical", 4)],
-        history=ML1M_HISTORY, item=[("item_id", "categorical", 64)])
+        history=history, item=[("item_id", "categorical", 64)])
     users = _rows(raw.users, raw.users["user_id"], split.user_ids)
     items = {"item_id": _ids(split.item_ids)}
     dataset = Dataset(parse_feature_spec(spec_doc), {}, users, items)
     tr = split.train
     user_ids, item_ids = _ids(split.user_ids[split.users[tr]]), _ids(split.item_ids[split.items[tr]])
     examples = {"user_id": user_ids, "item_id": item_ids,
-                HISTORY: histories_from_other_items(user_ids, item_ids, ML1M_HISTORY)}
+                HISTORY: histories_from_other_items(user_ids, item_ids, history)}
     examples.update(_joined(users, "user_id", user_ids, ("gender", "age", "occupation", "zip_prefix")))
 
     def user_inputs(stage: str) -> dict[str, np.ndarray]:
         seen = tr if stage == "valid" else np.concatenate([tr, split.valid])
         bags = item_bags(_ids(split.user_ids[split.users[seen]]),
                          _ids(split.item_ids[split.items[seen]]), _ids(split.user_ids),
-                         ML1M_HISTORY)
+                         history)
         return {"user_id": _ids(split.user_ids), HISTORY: bags,
                 **{k: users[k] for k in ("gender", "age", "occupation", "zip_prefix")}}
 
@@ -268,6 +268,19 @@ def run_protocol(protocol: Protocol, variant_list: list[Variant]) -> dict:
 
 
 def run_variant(protocol: Protocol, variant: Variant) -> dict:
+    trained, seconds, examples = train_variant(protocol, variant)
+    test = _evaluate(trained, protocol.split, protocol.user_inputs("test"), "test")
+    epochs = len(trained.history.get("loss", []))
+    return {"test": test.as_dict(), "epochs": epochs, "seconds": round(seconds, 1),
+            "examples_per_s": round(epochs * examples / seconds),
+            "valid_recall@10": trained.history.get("val_recall@10", []),
+            "valid_ndcg@10": trained.history.get("val_ndcg@10", []),
+            "config": dataclasses.asdict(variant.config), "features": list(variant.features)}
+
+
+def train_variant(protocol: Protocol, variant: Variant) -> tuple[TrainedModel, float, int]:
+    """Trains ``variant`` on the protocol's train split with early stopping on validation
+    NDCG@10 (test is not touched) → (model, seconds, training examples)."""
     doc = {"columns": protocol.spec_doc["columns"],
            "features": {k: v for k, v in protocol.spec_doc["features"].items()
                         if k in variant.features}}
@@ -285,14 +298,7 @@ def run_variant(protocol: Protocol, variant: Variant) -> dict:
 
     start = time.perf_counter()
     trained = train(dataset, variant.config, examples, validate)
-    seconds = time.perf_counter() - start
-    test = _evaluate(trained, protocol.split, protocol.user_inputs("test"), "test")
-    epochs = len(trained.history.get("loss", []))
-    return {"test": test.as_dict(), "epochs": epochs, "seconds": round(seconds, 1),
-            "examples_per_s": round(epochs * len(examples["item_id"]) / seconds),
-            "valid_recall@10": trained.history.get("val_recall@10", []),
-            "valid_ndcg@10": trained.history.get("val_ndcg@10", []),
-            "config": dataclasses.asdict(variant.config), "features": list(variant.features)}
+    return trained, time.perf_counter() - start, len(examples["item_id"])
 
 
 def _evaluate(trained: TrainedModel, split: ProtocolSplit, inputs: dict, stage: str

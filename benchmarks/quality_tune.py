@@ -17,19 +17,14 @@ import argparse
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 
 from benchmarks import quality
-from training.dataset import Dataset
-from training.feature_spec import parse_feature_spec
-from training.train import TrainedModel, train
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = _args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    quality.ML1M_HISTORY = args.history
     base = quality.ours_config("recbole-ml1m")
     try:
         config = dataclasses.replace(
@@ -37,24 +32,14 @@ def main(argv: list[str] | None = None) -> dict:
             loss=dataclasses.replace(base.loss, **args.loss), **args.train)
     except (TypeError, ValueError) as exc:  # an unknown field or a refused value
         raise SystemExit(f"quality_tune: {exc}") from None
-    protocol = quality.recbole_ml1m(args.data)
-    doc = {"columns": protocol.spec_doc["columns"], "features": protocol.spec_doc["features"]}
-    spec = parse_feature_spec(doc)
-    dataset = Dataset(spec, protocol.dataset.interactions, protocol.dataset.users,
-                      protocol.dataset.items)
-    valid_inputs = protocol.user_inputs("valid")
-
-    def validate(trained: TrainedModel) -> dict[str, float]:
-        metrics = quality._evaluate(trained, protocol.split, valid_inputs, "valid")
-        return {"recall@10": metrics.recall[10], "ndcg@10": metrics.ndcg[10]}
-
-    start = time.perf_counter()
-    trained = train(dataset, config, protocol.examples, validate)
+    protocol = quality.recbole_ml1m(args.data, args.history)
+    variant = quality.Variant(args.name, quality.EVERYTHING, config)
+    trained, seconds, _ = quality.train_variant(protocol, variant)
     run = {"run": args.name, "history": args.history, "tower": args.tower, "loss": args.loss,
            "train": args.train,
            "valid_ndcg@10": [round(x, 4) for x in trained.history.get("val_ndcg@10", [])],
            "valid_recall@10": [round(x, 4) for x in trained.history.get("val_recall@10", [])],
-           "seconds": round(time.perf_counter() - start)}
+           "seconds": round(seconds)}
     print(json.dumps(run), flush=True)
     with open(args.log, "a") as fh:
         fh.write(json.dumps(run) + "\n")
