@@ -20,7 +20,8 @@ and every reader; change it only together with the prefix version (default ``tt:
 
 A user is unknown (``get_user`` returns None) when both keys are missing; Redis keeps no empty
 hashes or lists, so a user with no features and no history is unknown too. ``get_user`` reads
-both keys in one pipelined round trip; ``put_users`` replaces each user's keys (DEL, then
+both keys in one pipelined round trip, shared by every call made at the same time
+(retrieval.coalescer); ``put_users`` replaces each user's keys (DEL, then
 HSET / RPUSH), one MULTI/EXEC round trip per batch, so re-loading is idempotent and a reader
 never sees a user half-written. The in-memory store follows the same rules.
 
@@ -53,6 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from retrieval.coalescer import Coalescer
 from training.dataset import Dataset, table_columns
 from training.errors import DataError, TwoTowerError
 
@@ -64,6 +66,8 @@ DEFAULT_HISTORY_LENGTH = 20
 DEFAULT_KEY_PREFIX = "tt:v1"
 DEFAULT_TIMEOUT_S = 0.25
 DEFAULT_BATCH_SIZE = 1000
+DEFAULT_READ_BATCH = 64       # users read in one pipeline at most
+DEFAULT_READS_IN_FLIGHT = 2   # pipelines of user reads in flight at once
 
 
 class FeatureStoreError(TwoTowerError):
@@ -159,6 +163,8 @@ class RedisFeatureStore:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
         read_timeout_s: float | None = None,
+        read_batch: int = DEFAULT_READ_BATCH,
+        reads_in_flight: int = DEFAULT_READS_IN_FLIGHT,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError(f"key_prefix must be a non-empty string (got {key_prefix!r})")
@@ -170,6 +176,8 @@ class RedisFeatureStore:
         self._batch_size = batch_size
         self._read_timeout_s = read_timeout_s  # bounds a whole get_user, not one socket read
         self._where = _describe(client)
+        self._reads: Coalescer[str, StoredUser | None] = Coalescer(
+            self._get_users, max_batch=read_batch, max_in_flight=reads_in_flight)
 
     @classmethod
     def from_url(
@@ -180,6 +188,8 @@ class RedisFeatureStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        read_batch: int = DEFAULT_READ_BATCH,
+        reads_in_flight: int = DEFAULT_READS_IN_FLIGHT,
         client_options: Mapping[str, Any] | None = None,
     ) -> RedisFeatureStore:
         """A store on ``url`` (``redis://host:port/db``). Connecting and each reply are
@@ -201,20 +211,45 @@ class RedisFeatureStore:
             raise ValueError(f"{exc} (expected a URL like redis://127.0.0.1:6379/0)") from exc
         return cls(
             client, history_length=history_length, key_prefix=key_prefix, batch_size=batch_size,
-            read_timeout_s=timeout_s,
+            read_timeout_s=timeout_s, read_batch=read_batch, reads_in_flight=reads_in_flight,
         )
 
     async def get_user(self, user_id: str) -> StoredUser | None:
-        user_key, history_key = self._keys(user_id)
+        """One user's features and history. Concurrent calls share one pipelined round trip
+        (retrieval.coalescer); each call is still bounded by the read timeout, waiting
+        included, and a record that cannot be read fails only its own call."""
         async with self._translate(f"reading user {user_id!r}"):
             async with asyncio.timeout(self._read_timeout_s):  # None: socket timeouts only
+                return await self._reads.get(user_id)
+
+    async def _get_users(self, user_ids: list[str]) -> list[StoredUser | None | FeatureStoreError]:
+        """Both keys of every user in one pipeline (2·n commands, one round trip)."""
+        async with self._translate(f"reading {len(user_ids)} users"):
+            async with asyncio.timeout(self._read_timeout_s):
                 async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.hgetall(user_key)
-                    pipe.lrange(history_key, 0, self._history_length - 1)
-                    fields, history = await pipe.execute()
+                    for user_id in user_ids:
+                        user_key, history_key = self._keys(user_id)
+                        pipe.hgetall(user_key)
+                        pipe.lrange(history_key, 0, self._history_length - 1)
+                    # a key of the wrong type fails its own user, not the batch
+                    replies = await pipe.execute(raise_on_error=False)
+        return [self._user_of(user_id, replies[2 * i], replies[2 * i + 1])
+                for i, user_id in enumerate(user_ids)]
+
+    def _user_of(self, user_id: str, fields: Any, history: Any
+                 ) -> StoredUser | None | FeatureStoreError:
+        for reply in (fields, history):
+            if isinstance(reply, RedisError):
+                error = FeatureStoreError(f"Redis at {self._where} failed while reading user "
+                                          f"{user_id!r}: {reply}")
+                error.__cause__ = reply
+                return error
         if not fields and not history:
             return None
-        return _decode_user(user_key, fields, history)
+        try:
+            return _decode_user(self._keys(user_id)[0], fields, history)
+        except FeatureStoreError as exc:
+            return exc
 
     async def put_users(self, users: Mapping[str, StoredUser]) -> None:
         pending = list(users.items())

@@ -300,6 +300,60 @@ def test_get_user_is_one_round_trip(redis_url: str) -> None:
     assert (known - baseline, unknown - baseline) == (1, 1)
 
 
+def test_concurrent_reads_of_many_users_each_get_their_own(open_store: OpenStore) -> None:
+    users = {f"u{i}": StoredUser({"age": float(i)}, (f"i{i}", f"i{i + 1}")) for i in range(50)}
+
+    async def scenario() -> list[StoredUser | None]:
+        async with open_store() as store:
+            await store.put_users(users)
+            return list(await asyncio.gather(*(store.get_user(u) for u in [*users, "nobody"])))
+
+    assert run(scenario) == [*users.values(), None]
+
+
+def test_concurrent_reads_share_one_round_trip(redis_url: str) -> None:
+    """Forty users read at once arrive at the server in one socket read, not forty."""
+    with redis.Redis.from_url(redis_url, decode_responses=True) as raw:
+
+        async def scenario() -> tuple[int, list[StoredUser | None]]:
+            store = RedisFeatureStore.from_url(redis_url, timeout_s=TEST_TIMEOUT_S)
+            try:
+                await store.put_users({f"u{i}": ALICE for i in range(40)})
+                await store.get_user("u0")  # connect first: the handshake is not counted
+                before = int(raw.info("stats")["total_reads_processed"])
+                found = await asyncio.gather(*(store.get_user(f"u{i}") for i in range(40)))
+                return int(raw.info("stats")["total_reads_processed"]) - before, list(found)
+            finally:
+                await store.close()
+
+        reads, found = run(scenario)
+    assert found == [ALICE] * 40
+    assert reads <= 2  # the batch, and INFO's own read
+
+
+def test_a_broken_record_read_with_others_fails_only_its_own_call(redis_url: str) -> None:
+    put_with_redis(redis_url, {"alice": ALICE, "dave": ALICE})
+    with redis.Redis.from_url(redis_url, decode_responses=True) as raw:
+        raw.hset("tt:v1:user:bob", "age", "forty")
+        raw.set("tt:v1:history:carol", "not a list")
+
+    async def scenario() -> list[Any]:
+        store = RedisFeatureStore.from_url(redis_url, timeout_s=TEST_TIMEOUT_S)
+        try:
+            return list(await asyncio.gather(
+                *(store.get_user(u) for u in ("alice", "bob", "carol", "dave")),
+                return_exceptions=True))
+        finally:
+            await store.close()
+
+    alice, bob, carol, dave = run(scenario)
+    assert alice == dave == ALICE
+    assert isinstance(bob, FeatureStoreError) and "tt:v1:user:bob field 'age'" in str(bob)
+    assert isinstance(carol, FeatureStoreError) and "WRONGTYPE" in str(carol)
+    assert isinstance(carol.__cause__, redis.ResponseError)
+    assert not isinstance(bob, FeatureStoreUnavailable)
+
+
 # --- Redis down --------------------------------------------------------------------------
 
 
