@@ -8,13 +8,15 @@
 
 While open, and while a half-open probe is in flight, ``allow()`` is False: the caller skips
 the dependency at once (the retriever answers from cold start, flagged degraded) instead of
-spending its timeout on every call. One event loop drives it; there is no lock.
+spending its timeout on every call. The serving batches' compute threads drive it; a lock
+makes each transition whole when there are several.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
+        self._lock = threading.Lock()
 
     @property
     def state(self) -> BreakerState:
@@ -67,6 +70,10 @@ class CircuitBreaker:
         call after the cool-down is allowed as the probe and the breaker turns half-open."""
         if self._state is BreakerState.CLOSED:
             return True
+        with self._lock:
+            return self._allow_probe()
+
+    def _allow_probe(self) -> bool:
         now = self._clock()
         if now - self._opened_at < self.config.cool_down_s:
             return False
@@ -78,17 +85,19 @@ class CircuitBreaker:
         return True
 
     def record_success(self) -> None:
-        self._failures = 0
-        if self._state is not BreakerState.CLOSED:
-            self._set(BreakerState.CLOSED)
+        with self._lock:
+            self._failures = 0
+            if self._state is not BreakerState.CLOSED:
+                self._set(BreakerState.CLOSED)
 
     def record_failure(self) -> None:
-        self._failures += 1
-        if self._state is BreakerState.HALF_OPEN or (
-                self._state is BreakerState.CLOSED
-                and self._failures >= self.config.failures_to_open):
-            self._opened_at = self._clock()
-            self._set(BreakerState.OPEN)
+        with self._lock:
+            self._failures += 1
+            if self._state is BreakerState.HALF_OPEN or (
+                    self._state is BreakerState.CLOSED
+                    and self._failures >= self.config.failures_to_open):
+                self._opened_at = self._clock()
+                self._set(BreakerState.OPEN)
 
     def _set(self, state: BreakerState) -> None:
         if state is BreakerState.OPEN:

@@ -1,6 +1,7 @@
 """User features for serving, behind one small interface.
 
-    FeatureStore                 get_user / put_users / ping / close
+    FeatureStore                 read_users / get_user / put_users / record_interactions /
+                                 ping / close
     ├── InMemoryFeatureStore     a dict in this process: the embedded default
     └── RedisFeatureStore        redis.asyncio: the store shared by a deployment
 
@@ -19,9 +20,11 @@ and every reader; change it only together with the prefix version (default ``tt:
                                        LTRIM 0 history_length-1.
 
 A user is unknown (``get_user`` returns None) when both keys are missing; Redis keeps no empty
-hashes or lists, so a user with no features and no history is unknown too. ``get_user`` reads
-both keys in one pipelined round trip, shared by every call made at the same time
-(retrieval.coalescer); ``put_users`` replaces each user's keys (DEL, then
+hashes or lists, so a user with no features and no history is unknown too. ``read_users``
+reads both keys of every user of a serving batch in one pipelined round trip (2·n commands),
+blocking, from the compute thread that serves the batch: the event loop never waits on
+Redis for a Retrieve and spends no CPU on it (see "The request path" in the README);
+``get_user`` is the same read for one user, awaitable; ``put_users`` replaces each user's keys (DEL, then
 HSET / RPUSH), one MULTI/EXEC round trip per batch, so re-loading is idempotent and a reader
 never sees a user half-written. The in-memory store follows the same rules.
 
@@ -38,14 +41,15 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
 from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -53,8 +57,8 @@ from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as SyncRetry
 
-from retrieval.coalescer import Coalescer
 from training.dataset import Dataset, table_columns
 from training.errors import DataError, TwoTowerError
 
@@ -66,8 +70,6 @@ DEFAULT_HISTORY_LENGTH = 20
 DEFAULT_KEY_PREFIX = "tt:v1"
 DEFAULT_TIMEOUT_S = 0.25
 DEFAULT_BATCH_SIZE = 1000
-DEFAULT_READ_BATCH = 64       # users read in one pipeline at most
-DEFAULT_READS_IN_FLIGHT = 2   # pipelines of user reads in flight at once
 
 
 class FeatureStoreError(TwoTowerError):
@@ -92,9 +94,18 @@ class StoredUser:
         object.__setattr__(self, "history", tuple(_item_id(i) for i in self.history))
 
 
+UserRead = StoredUser | None | FeatureStoreError  # one user of read_users
+
+
 class FeatureStore(Protocol):
+    def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
+        """Blocking, for a worker thread (never the event loop): each user's stored record,
+        None for an unknown user, or a FeatureStoreError in the place of a user whose record
+        cannot be read. Raises FeatureStoreUnavailable when the store cannot answer in time."""
+        ...
+
     async def get_user(self, user_id: str) -> StoredUser | None:
-        """The stored user, or None when the user is unknown."""
+        """The stored user, or None when the user is unknown (read_users of one user)."""
         ...
 
     async def put_users(self, users: Mapping[str, StoredUser]) -> None:
@@ -122,6 +133,10 @@ class InMemoryFeatureStore:
     def __init__(self, *, history_length: int = DEFAULT_HISTORY_LENGTH) -> None:
         self._history_length = _check_history_length(history_length)
         self._users: dict[str, StoredUser] = {}
+
+    def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
+        users = self._users  # one dict read per user: atomic beside the loop's writes
+        return [users.get(user_id) for user_id in user_ids]
 
     async def get_user(self, user_id: str) -> StoredUser | None:
         return self._users.get(user_id)
@@ -151,33 +166,31 @@ class InMemoryFeatureStore:
 class RedisFeatureStore:
     """The Redis implementation; see the module docstring for the key layout.
 
-    ``client`` must be a ``redis.asyncio.Redis``; the store owns it and closes it in
-    ``close``. Prefer ``from_url``, which sets the timeouts and turns retries off.
+    ``client`` (a ``redis.asyncio.Redis``) writes and pings from the event loop; ``reader``
+    (a ``redis.Redis`` on the same server, thread-safe through its connection pool) reads
+    users from worker threads. The store owns both and closes them in ``close``. Prefer
+    ``from_url``, which makes both with the same options, sets the timeouts and turns
+    retries off.
     """
 
     def __init__(
         self,
         client: aioredis.Redis,
+        reader: redis.Redis,
         *,
         history_length: int = DEFAULT_HISTORY_LENGTH,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        read_timeout_s: float | None = None,
-        read_batch: int = DEFAULT_READ_BATCH,
-        reads_in_flight: int = DEFAULT_READS_IN_FLIGHT,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError(f"key_prefix must be a non-empty string (got {key_prefix!r})")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
-        self._client = client
+        self._client, self._reader = client, reader
         self._history_length = _check_history_length(history_length)
         self._prefix = key_prefix
         self._batch_size = batch_size
-        self._read_timeout_s = read_timeout_s  # bounds a whole get_user, not one socket read
         self._where = _describe(client)
-        self._reads: Coalescer[str, StoredUser | None] = Coalescer(
-            self._get_users, max_batch=read_batch, max_in_flight=reads_in_flight)
 
     @classmethod
     def from_url(
@@ -188,56 +201,45 @@ class RedisFeatureStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        read_batch: int = DEFAULT_READ_BATCH,
-        reads_in_flight: int = DEFAULT_READS_IN_FLIGHT,
         client_options: Mapping[str, Any] | None = None,
     ) -> RedisFeatureStore:
         """A store on ``url`` (``redis://host:port/db``). Connecting and each reply are
-        bounded by ``timeout_s`` seconds, and so is a whole ``get_user`` (connect, write
-        and both replies); there are no retries, so a failure surfaces within one timeout
-        and the caller decides what to do (the server answers degraded)."""
+        bounded by ``timeout_s`` seconds; there are no retries, so a failure surfaces within
+        one timeout and the caller decides what to do (the server answers degraded)."""
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, Real) or not timeout_s > 0:
             raise ValueError(f"timeout_s must be a number of seconds > 0 (got {timeout_s!r})")
+        options = dict(decode_responses=True, socket_timeout=timeout_s,
+                       socket_connect_timeout=timeout_s,
+                       **(client_options or {}))  # credentials, TLS: retrieval.redis_options
         try:
-            client = aioredis.Redis.from_url(
-                url,
-                decode_responses=True,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0),
-                **(client_options or {}),  # credentials, TLS: retrieval.redis_options
-            )
+            client = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+            reader = redis.Redis.from_url(url, retry=SyncRetry(NoBackoff(), 0), **options)
         except ValueError as exc:
             raise ValueError(f"{exc} (expected a URL like redis://127.0.0.1:6379/0)") from exc
-        return cls(
-            client, history_length=history_length, key_prefix=key_prefix, batch_size=batch_size,
-            read_timeout_s=timeout_s, read_batch=read_batch, reads_in_flight=reads_in_flight,
-        )
+        return cls(client, reader, history_length=history_length, key_prefix=key_prefix,
+                   batch_size=batch_size)
 
-    async def get_user(self, user_id: str) -> StoredUser | None:
-        """One user's features and history. Concurrent calls share one pipelined round trip
-        (retrieval.coalescer); each call is still bounded by the read timeout, waiting
-        included, and a record that cannot be read fails only its own call."""
-        async with self._translate(f"reading user {user_id!r}"):
-            async with asyncio.timeout(self._read_timeout_s):  # None: socket timeouts only
-                return await self._reads.get(user_id)
-
-    async def _get_users(self, user_ids: list[str]) -> list[StoredUser | None | FeatureStoreError]:
-        """Both keys of every user in one pipeline (2·n commands, one round trip)."""
-        async with self._translate(f"reading {len(user_ids)} users"):
-            async with asyncio.timeout(self._read_timeout_s):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for user_id in user_ids:
-                        user_key, history_key = self._keys(user_id)
-                        pipe.hgetall(user_key)
-                        pipe.lrange(history_key, 0, self._history_length - 1)
-                    # a key of the wrong type fails its own user, not the batch
-                    replies = await pipe.execute(raise_on_error=False)
+    def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
+        """Both keys of every user in one pipeline: 2·n commands, one round trip, bounded
+        by the socket timeouts. A key of the wrong type fails its own user, not the batch."""
+        what = f"user {user_ids[0]!r}" if len(user_ids) == 1 else f"{len(user_ids)} users"
+        with self._translate(f"reading {what}"):
+            with self._reader.pipeline(transaction=False) as pipe:
+                for user_id in user_ids:
+                    user_key, history_key = self._keys(user_id)
+                    pipe.hgetall(user_key)
+                    pipe.lrange(history_key, 0, self._history_length - 1)
+                replies = pipe.execute(raise_on_error=False)
         return [self._user_of(user_id, replies[2 * i], replies[2 * i + 1])
                 for i, user_id in enumerate(user_ids)]
 
-    def _user_of(self, user_id: str, fields: Any, history: Any
-                 ) -> StoredUser | None | FeatureStoreError:
+    async def get_user(self, user_id: str) -> StoredUser | None:
+        found = (await asyncio.to_thread(self.read_users, [user_id]))[0]
+        if isinstance(found, FeatureStoreError):
+            raise found
+        return found
+
+    def _user_of(self, user_id: str, fields: Any, history: Any) -> UserRead:
         for reply in (fields, history):
             if isinstance(reply, RedisError):
                 error = FeatureStoreError(f"Redis at {self._where} failed while reading user "
@@ -255,7 +257,7 @@ class RedisFeatureStore:
         pending = list(users.items())
         for start in range(0, len(pending), self._batch_size):
             batch = pending[start : start + self._batch_size]
-            async with self._translate(f"writing {len(batch)} users"):
+            with self._translate(f"writing {len(batch)} users"):
                 async with self._client.pipeline(transaction=True) as pipe:
                     for user_id, user in batch:
                         self._queue_replace(pipe, user_id, user)
@@ -269,7 +271,7 @@ class RedisFeatureStore:
         by_user: dict[str, list[str]] = {}
         for user_id, item_id in events:
             by_user.setdefault(user_id, []).append(item_id)
-        async with self._translate(f"recording {len(events)} interactions"):
+        with self._translate(f"recording {len(events)} interactions"):
             async with self._client.pipeline(transaction=True) as pipe:
                 for user_id, items in by_user.items():
                     _, history_key = self._keys(user_id)
@@ -280,12 +282,14 @@ class RedisFeatureStore:
                 await pipe.execute()
 
     async def ping(self) -> None:
-        async with self._translate("pinging"):
+        with self._translate("pinging"):
             await self._client.ping()
 
     async def close(self) -> None:
-        async with self._translate("closing the connection"):
+        with self._translate("closing the connection"):
             await self._client.aclose()
+        with self._translate("closing the reader's connections"):
+            self._reader.close()
 
     def _keys(self, user_id: str) -> tuple[str, str]:
         return f"{self._prefix}:user:{user_id}", f"{self._prefix}:history:{user_id}"
@@ -298,8 +302,8 @@ class RedisFeatureStore:
         if user.history:
             pipe.rpush(history_key, *user.history[: self._history_length])
 
-    @asynccontextmanager
-    async def _translate(self, action: str) -> AsyncIterator[None]:
+    @contextmanager
+    def _translate(self, action: str) -> Iterator[None]:
         """The one place where redis exceptions become feature-store errors."""
         try:
             yield

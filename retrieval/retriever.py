@@ -13,7 +13,10 @@ from retrieval.candidate_index import Candidates
 from retrieval.circuit_breaker import BreakerConfig, CircuitBreaker
 from retrieval.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from retrieval.feature_store import (
-    FeatureStore, FeatureStoreError, FeatureStoreUnavailable, StoredUser,
+    FeatureStore,
+    FeatureStoreError,
+    FeatureStoreUnavailable,
+    StoredUser,
 )
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
@@ -49,9 +52,14 @@ class BatchingConfig:
 @dataclass(frozen=True, slots=True)
 class _Job:
     pair: ServingPair
-    request: UserRequest
     query: RetrieveQuery
-    exclude: frozenset[str]  # the request's exclusions, plus its history with exclude_seen
+    deadline: float | None  # time.monotonic() after which the answer is of no use
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    candidates: Candidates
+    degraded: bool
 
 
 class Retriever:
@@ -67,8 +75,8 @@ class Retriever:
         self.breaker = CircuitBreaker("feature store", breaker,
                                       on_change=self.metrics.breaker_state.set)
         self._pair: ServingPair | None = None
-        # One compute thread: the tower and Faiss run there once per batch, so the event
-        # loop thread only decodes, reads Redis and encodes (2 cores: one each).
+        # One compute thread: the user read, the tower and Faiss run there once per batch,
+        # so the event loop thread only decodes, validates and encodes (2 cores: one each).
         # OpenMP's thread count is per calling thread: set it in the compute thread itself,
         # or Faiss there forks a team of one per core whose spinning workers eat the core
         # the event loop needs (measured: 2 ms of CPU per call instead of ~0.5).
@@ -95,20 +103,10 @@ class Retriever:
             raise FailedPrecondition("no model and index loaded yet")
         validate_query(query, pair.model.feature_spec, self.limits)
         pair.index.check_rules(query.rules)
-        with self.metrics.stage("Retrieve", "features"):
-            stored, degraded = await self._get_user(query.user_id)
-        _check_deadline(deadline, "after reading features")
-        request = UserRequest(
-            user_id=query.user_id,
-            features=stored.features if stored else {},
-            history=query.recent_item_ids or (stored.history if stored else ()),
-            context=query.context,
-            event_time=query.event_time,
-        )
-        exclude = query.exclude_item_ids | (frozenset(request.history) if query.exclude_seen
-                                            else frozenset())
-        candidates = await self._batcher.submit(_Job(pair, request, query, exclude))
-        return RetrieveResult(candidates, pair.model_version, pair.index_version, degraded)
+        _check_deadline(deadline, "before the request was queued")
+        answer = await self._batcher.submit(_Job(pair, query, deadline))
+        return RetrieveResult(answer.candidates, pair.model_version, pair.index_version,
+                              answer.degraded)
 
     async def batch_retrieve(self, queries: list[RetrieveQuery], deadline: float | None = None
                              ) -> list[RetrieveResult]:
@@ -156,46 +154,83 @@ class Retriever:
         await self._batcher.close()
         self._executor.shutdown(wait=True)
 
-    async def _get_user(self, user_id: str) -> tuple[StoredUser | None, bool]:
-        """(the stored user or None, degraded). A store that fails, times out or holds
-        unreadable data never fails the call: the user is served as a cold start (request
-        history and context only) and the reply is flagged degraded. While the breaker is
-        open the store is not asked at all, so an outage costs no waiting."""
-        if not self.breaker.allow():
-            self.metrics.degraded.labels("breaker_open").inc()
-            return None, True
-        try:
-            stored = await self.store.get_user(user_id)
-        except FeatureStoreUnavailable:
-            self.breaker.record_failure()
-            reason = "unavailable"
-        except FeatureStoreError as exc:  # one user's record is bad; the store itself is up
-            self.breaker.record_success()
-            log.warning("serving user %r as a cold start: %s", user_id, exc)
-            reason = "bad_data"
-        else:
-            self.breaker.record_success()
-            return stored, False
-        self.metrics.feature_store_errors.inc()
-        self.metrics.degraded.labels(reason).inc()
-        return None, True
-
-    def _embed_and_search_batch(self, jobs: list[_Job]) -> list[Candidates]:
-        """One tower call and one ANN search per serving pair in the batch (a hot swap can
-        put requests of two pairs in one batch; each is answered by the pair it started with)."""
+    def _embed_and_search_batch(self, jobs: list[_Job]) -> list[_Answer | DeadlineExceeded]:
+        """One user read, one tower call and one ANN search per serving pair in the batch (a
+        hot swap can put requests of two pairs in one batch; each is answered by the pair it
+        started with). A request whose deadline passed meanwhile is not worked on."""
         self.metrics.batch_size.observe(len(jobs))
-        results: list[Candidates | None] = [None] * len(jobs)
-        for pair, rows in _group_by_pair(jobs):
-            requests = [jobs[r].request for r in rows]
+        with self.metrics.stage("Retrieve", "features"):
+            users = self._read_users([job.query.user_id for job in jobs])
+        results: list[_Answer | DeadlineExceeded | None] = [None] * len(jobs)
+        now, live = time.monotonic(), []
+        for row, job in enumerate(jobs):
+            if job.deadline is not None and now >= job.deadline:
+                results[row] = DeadlineExceeded("deadline passed before the user tower ran; "
+                                                "the work was not done")
+            else:
+                live.append(row)
+        for pair, rows in _group_by_pair(jobs, live):
+            requests = [_user_request(jobs[r].query, users[r][0]) for r in rows]
             with self.metrics.stage("Retrieve", "tower"):
                 user_emb = pair.user_tower(user_inputs(pair.model.feature_spec, requests))
             k = max(jobs[r].query.k for r in rows)
+            exclude = [_excluded(jobs[r].query, request) for r, request in zip(rows, requests,
+                                                                                 strict=True)]
             with self.metrics.stage("Retrieve", "ann"):
-                found = pair.index.search(user_emb, k, [jobs[r].exclude for r in rows],
-                                          [jobs[r].query.rules for r in rows])
+                found = pair.index.search(user_emb, k, exclude, [jobs[r].query.rules for r in rows])
             for r, candidates in zip(rows, found, strict=True):
-                results[r] = candidates.top(jobs[r].query.k)
+                results[r] = _Answer(candidates.top(jobs[r].query.k), users[r][1])
         return results
+
+    def _read_users(self, user_ids: list[str]) -> list[tuple[StoredUser | None, bool]]:
+        """(the stored user or None, degraded) per user, in one read of the store. A store
+        that fails, times out or holds unreadable data never fails a call: the user is
+        served as a cold start (request history and context only) and the reply is flagged
+        degraded. While the breaker is open the store is not asked at all."""
+        cold = [(None, True)] * len(user_ids)
+        if not self.breaker.allow():
+            self.metrics.degraded.labels("breaker_open").inc(len(user_ids))
+            return cold
+        try:
+            found = self.store.read_users(user_ids)
+        except FeatureStoreUnavailable:
+            self.breaker.record_failure()
+            self.metrics.feature_store_errors.inc()
+            self.metrics.degraded.labels("unavailable").inc(len(user_ids))
+            return cold
+        except FeatureStoreError as exc:  # the store answered, but not with users
+            self.breaker.record_success()
+            log.warning("serving %d users as cold starts: %s", len(user_ids), exc)
+            found = [exc] * len(user_ids)
+        else:
+            self.breaker.record_success()
+        out: list[tuple[StoredUser | None, bool]] = []
+        for user_id, user in zip(user_ids, found, strict=True):
+            if isinstance(user, FeatureStoreError):  # one user's record is bad
+                log.warning("serving user %r as a cold start: %s", user_id, user)
+                self.metrics.feature_store_errors.inc()
+                self.metrics.degraded.labels("bad_data").inc()
+                out.append((None, True))
+            else:
+                out.append((user, False))
+        return out
+
+
+def _user_request(query: RetrieveQuery, stored: StoredUser | None) -> UserRequest:
+    return UserRequest(
+        user_id=query.user_id,
+        features=stored.features if stored else {},
+        history=query.recent_item_ids or (stored.history if stored else ()),
+        context=query.context,
+        event_time=query.event_time,
+    )
+
+
+def _excluded(query: RetrieveQuery, request: UserRequest) -> frozenset[str]:
+    """The request's exclusions, plus the history it was answered with when exclude_seen."""
+    if query.exclude_seen:
+        return query.exclude_item_ids | frozenset(request.history)
+    return query.exclude_item_ids
 
 
 def _set_faiss_threads(n: int) -> None:
@@ -211,10 +246,10 @@ def _similar(pair: ServingPair, item_id: str, k: int, exclude: frozenset[str]) -
     return pair.index.search(item_emb[None, :], k, [exclude])[0]
 
 
-def _group_by_pair(jobs: list[_Job]) -> list[tuple[ServingPair, list[int]]]:
+def _group_by_pair(jobs: list[_Job], rows: list[int]) -> list[tuple[ServingPair, list[int]]]:
     groups: dict[int, tuple[ServingPair, list[int]]] = {}
-    for row, job in enumerate(jobs):
-        groups.setdefault(id(job.pair), (job.pair, []))[1].append(row)
+    for row in rows:
+        groups.setdefault(id(jobs[row].pair), (jobs[row].pair, []))[1].append(row)
     return list(groups.values())
 
 

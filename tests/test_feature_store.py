@@ -311,18 +311,32 @@ def test_concurrent_reads_of_many_users_each_get_their_own(open_store: OpenStore
     assert run(scenario) == [*users.values(), None]
 
 
-def test_concurrent_reads_share_one_round_trip(redis_url: str) -> None:
-    """Forty users read at once arrive at the server in one socket read, not forty."""
+def test_a_batch_read_gives_each_user_in_place_and_none_for_the_unknown(
+    open_store: OpenStore,
+) -> None:
+    users = {f"u{i}": StoredUser({"age": float(i)}, (f"i{i}",)) for i in range(30)}
+    asked = ["u7", "nobody", "u0", "u7", *users]
+
+    async def scenario() -> list[Any]:
+        async with open_store() as store:
+            await store.put_users(users)
+            return await asyncio.to_thread(store.read_users, asked)  # a worker thread's call
+
+    assert run(scenario) == [users["u7"], None, users["u0"], users["u7"], *users.values()]
+
+
+def test_a_batch_read_is_one_round_trip(redis_url: str) -> None:
+    """Forty users read for one serving batch arrive at the server in one socket read."""
     with redis.Redis.from_url(redis_url, decode_responses=True) as raw:
 
-        async def scenario() -> tuple[int, list[StoredUser | None]]:
+        async def scenario() -> tuple[int, list[Any]]:
             store = RedisFeatureStore.from_url(redis_url, timeout_s=TEST_TIMEOUT_S)
             try:
                 await store.put_users({f"u{i}": ALICE for i in range(40)})
-                await store.get_user("u0")  # connect first: the handshake is not counted
+                store.read_users(["u0"])  # connect first: the handshake is not counted
                 before = int(raw.info("stats")["total_reads_processed"])
-                found = await asyncio.gather(*(store.get_user(f"u{i}") for i in range(40)))
-                return int(raw.info("stats")["total_reads_processed"]) - before, list(found)
+                found = store.read_users([f"u{i}" for i in range(40)])
+                return int(raw.info("stats")["total_reads_processed"]) - before, found
             finally:
                 await store.close()
 
@@ -331,7 +345,7 @@ def test_concurrent_reads_share_one_round_trip(redis_url: str) -> None:
     assert reads <= 2  # the batch, and INFO's own read
 
 
-def test_a_broken_record_read_with_others_fails_only_its_own_call(redis_url: str) -> None:
+def test_a_broken_record_in_a_batch_fails_only_its_own_user(redis_url: str) -> None:
     put_with_redis(redis_url, {"alice": ALICE, "dave": ALICE})
     with redis.Redis.from_url(redis_url, decode_responses=True) as raw:
         raw.hset("tt:v1:user:bob", "age", "forty")
@@ -340,9 +354,7 @@ def test_a_broken_record_read_with_others_fails_only_its_own_call(redis_url: str
     async def scenario() -> list[Any]:
         store = RedisFeatureStore.from_url(redis_url, timeout_s=TEST_TIMEOUT_S)
         try:
-            return list(await asyncio.gather(
-                *(store.get_user(u) for u in ("alice", "bob", "carol", "dave")),
-                return_exceptions=True))
+            return store.read_users(["alice", "bob", "carol", "dave"])
         finally:
             await store.close()
 
