@@ -116,6 +116,27 @@ def test_a_scorer_an_iterator_of_chunks_and_any_chunk_size_agree():
             assert got.as_dict() == pytest.approx(reference.as_dict(), abs=1e-12)
 
 
+def test_a_large_catalogue_is_scored_in_chunks_of_bounded_size(monkeypatch):
+    """A Scorer is never asked for more than MAX_CHUNK_SCORES scores at once (1024 users of
+    a 1M-item catalogue would be GBs), and the metrics are those of one big chunk."""
+    import training.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(40, 500))
+    relevant = UserItems.from_pairs(rng.integers(0, 40, 80), rng.integers(0, 500, 80), 40)
+    reference = evaluate_ranking(lambda rows: scores[rows], relevant, None, (5, 50), 1024)
+    asked: list[int] = []
+
+    def scorer(rows):
+        asked.append(len(rows) * scores.shape[1])
+        return scores[rows]
+
+    monkeypatch.setattr(metrics, "MAX_CHUNK_SCORES", 2_000)  # 4 users of 500 items
+    got = evaluate_ranking(scorer, relevant, None, (5, 50), 1024)
+    assert max(asked) <= 2_000 and sum(asked) == reference.n_users * 500
+    assert got.as_dict() == pytest.approx(reference.as_dict(), abs=1e-12)
+
+
 def test_user_items_from_pairs_take_and_dense():
     table = UserItems.from_pairs(np.array([2, 0, 2, 0]), np.array([5, 1, 3, 4]), n_users=3)
     np.testing.assert_array_equal(table.indptr, [0, 2, 2, 4])  # user 1 has none

@@ -34,6 +34,7 @@ import numpy as np
 KS: tuple[int, ...] = (10, 20, 50, 100)
 METRICS: tuple[str, ...] = ("recall", "ndcg", "hit", "mrr")
 DEFAULT_CHUNK = 1024
+MAX_CHUNK_SCORES = 1 << 24  # a Scorer's chunk holds at most this many scores (64 MB float32)
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 """user rows int64 [b] → scores [b, n_items] float."""
@@ -173,8 +174,9 @@ def evaluate_ranking(scores: Scorer | Iterable[np.ndarray],
     at a time, only for users with relevant items: e.g. ``lambda u: user_emb[u] @ item_emb.T``)
     or an iterable of score chunks [b, n_items] covering users 0..n_users-1 in order.
     ``relevant`` and ``exclude`` hold item rows per user (UserItems or a list of arrays).
-    Memory: a few [chunk_size, n_items] arrays at a time; lower chunk_size for a large
-    catalogue (1024 × 3,700 items is ~30 MB). An iterable sets its own chunk sizes.
+    Memory: a few [chunk_size, n_items] arrays at a time (1024 × 3,700 items is ~30 MB); a
+    Scorer's chunks are cut to MAX_CHUNK_SCORES scores (16 users at 1M items), so a large
+    catalogue is evaluated in bounded memory. An iterable sets its own chunk sizes.
     """
     ks = _checked_ks(ks)
     relevant = as_user_items(relevant)
@@ -235,7 +237,14 @@ def _score_chunks(scores: Scorer | Iterable[np.ndarray], relevant: UserItems,
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
     if callable(scores):
         users = np.flatnonzero(relevant.lengths > 0)
-        for start in range(0, len(users), chunk_size):
+        if len(users) == 0:
+            return
+        # One user first, to learn the catalogue size: 1024 users × 1M items would be
+        # several GB of scores, masks and ranks at once.
+        first = _as_matrix(scores(users[:1]), 1)
+        yield users[:1], first
+        chunk_size = max(1, min(chunk_size, MAX_CHUNK_SCORES // max(first.shape[1], 1)))
+        for start in range(1, len(users), chunk_size):
             rows = users[start:start + chunk_size]
             yield rows, _as_matrix(scores(rows), len(rows))
         return
