@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH_INDEX_ARGS ?= --sizes 100000,1000000 --exact-qps 50
-LOADTEST_ARGS ?= --redis --concurrency 1,10,50 --rate half-max --duration 8s
+LOADTEST_ARGS ?= --redis --concurrency 1,10,50 --rate 0.25max,half-max --duration 8s
 
 .PHONY: help install demo test redis ghz loadtest proto quality bench-index chaos clean
 

@@ -201,39 +201,48 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 HALF_MAX = "half-max"
+Rate = int | float  # arrivals per second (int), or a share of the best closed-loop RPS (float)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Closed-loop runs at each concurrency, then one open-loop run at ``rate`` arrivals/s:
-    a number, ``half-max`` (half the variant's best closed-loop RPS of this run, where a
-    latency target is stated), or 0 for none."""
+    """Closed-loop runs at each concurrency, then one open-loop run per entry of ``rates``:
+    arrivals per second (int; 0 for none), or a share of the variant's best closed-loop RPS
+    of this run (float: 0.5 is ``half-max``, where the latency target is stated)."""
 
     concurrency: tuple[int, ...]
-    rate: int | str
+    rates: tuple[Rate, ...]
     duration: str
     total: int = 0
 
     def closed(self) -> list[Load]:
         return [Load("closed", c, self.duration, total=self.total) for c in self.concurrency]
 
-    def open(self, closed_rows: Sequence[Row]) -> Load | None:
-        rate = self.rate
-        if rate == HALF_MAX:
-            rate = max(1, round(max((r.rps for r in closed_rows), default=2.0) / 2))
-        # Open loop: --async sends on schedule; -c only spreads the schedule over workers.
-        return Load("open", max(self.concurrency), self.duration, rps=int(rate),
-                    total=self.total) if int(rate) > 0 else None
+    def opens(self, closed_rows: Sequence[Row]) -> list[Load]:
+        best = max((r.rps for r in closed_rows), default=2.0)
+        loads = []
+        for rate in self.rates:
+            rps = max(1, round(best * rate)) if isinstance(rate, float) else rate
+            if rps > 0:  # open loop: --async sends on schedule; -c spreads it over workers
+                loads.append(Load("open", max(self.concurrency), self.duration, rps=rps,
+                                  total=self.total))
+        return loads
 
 
-def parse_rate(text: str) -> int | str:
+def parse_rates(text: str) -> tuple[Rate, ...]:
+    """``--rate``: comma-separated entries, each arrivals per second (``700``), a share of
+    the best closed-loop RPS (``0.25max``), or ``half-max`` (= ``0.5max``)."""
+    return tuple(_parse_rate(entry.strip()) for entry in text.split(","))
+
+
+def _parse_rate(text: str) -> Rate:
     if text == HALF_MAX:
-        return HALF_MAX
+        return 0.5
     try:
-        rate = int(text)
+        rate: Rate = float(text[:-3]) if text.endswith("max") else int(text)
     except ValueError:
         rate = -1
-    if rate < 0:
-        raise ValueError(f"--rate: expected arrivals per second >= 0 or {HALF_MAX!r} "
-                         f"(got {text!r})")
+    if rate < 0 or (isinstance(rate, float) and not 0 < rate <= 4):
+        raise ValueError(f"--rate: expected arrivals per second >= 0, a share of the best "
+                         f"closed-loop RPS like 0.25max, or {HALF_MAX!r} (got {text!r})")
     return rate

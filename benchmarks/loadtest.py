@@ -2,13 +2,13 @@
 
     python -m benchmarks.loadtest [--model M --index I [--features D | --redis-url URL]]
         [--workdir W] [--items N] [--clusters C] [--content-dims D] [--redis]
-        [--concurrency 1,10,50] [--rate R] [--duration 10s] [--quick]
+        [--concurrency 1,10,50] [--rate R[,R…]] [--duration 10s] [--quick]
         [--server-args "..."] [--variant NAME="serve args"] [--out benchmarks/results]
 
 For each server variant, in one run on one machine, it starts the server on a free
 loopback port (``--port 0 --port-file``), warms it up, then runs ghz closed-loop at each
 concurrency (``-c N -z DURATION``: N workers, each sends its next request when the last
-one answered) and once open-loop at a fixed arrival rate (``--rps R --async``: requests
+one answered) and open-loop at each fixed arrival rate (``--rps R --async``: requests
 are sent on schedule whether or not earlier ones answered, so queueing shows in the
 latency). The variants:
 
@@ -69,7 +69,7 @@ from benchmarks.ghz import (
     find_ghz,
     format_table,
     ok_latencies_ms,
-    parse_rate,
+    parse_rates,
     parse_report,
     read_user_ids,
     run_ghz,
@@ -149,8 +149,7 @@ def measure(ghz: Path, variant: Variant, plan: Plan, data_file: Path,
                     workdir / f"{variant.name}-warmup.json")
         for load in plan.closed():
             _measure_one(ghz, address, variant, load, data_file, workdir, rows, latencies)
-        open_load = plan.open(rows)
-        if open_load is not None:
+        for open_load in plan.opens(rows):
             _measure_one(ghz, address, variant, open_load, data_file, workdir, rows, latencies)
     return rows, latencies
 
@@ -314,8 +313,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,10,50",
                    help="comma-separated closed-loop worker counts")
     p.add_argument("--rate", default="100",
-                   help=f"open-loop arrivals per second (0: no open-loop run; {HALF_MAX}: "
-                        "half of each variant's best closed-loop RPS in this run)")
+                   help="comma-separated open-loop arrival rates: per second (0: no "
+                        f"open-loop run), a share of each variant's best closed-loop RPS in "
+                        f"this run (0.25max), or {HALF_MAX} (= 0.5max)")
     p.add_argument("--duration", default="10s", help="length of each ghz run (ghz -z)")
     p.add_argument("--total", type=int, default=0,
                    help="requests per ghz run instead of --duration (ghz -n)")
@@ -421,7 +421,7 @@ def _run(args: argparse.Namespace, ghz: Path) -> int:
     if not concurrency or min(concurrency) < 1:
         raise ValueError(f"--concurrency: expected positive integers (got {args.concurrency!r})")
     parse_duration(args.duration)  # validates early
-    parse_rate(args.rate)
+    parse_rates(args.rate)
     pair = _pair(args)
     with ExitStack() as stack:
         if args.redis and pair is not None:
@@ -444,7 +444,7 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_file = args.workdir / "call-data.json"
     data_file.write_text(json.dumps(call_data(read_user_ids(args.users))))
-    plan = Plan(tuple(concurrency), parse_rate(args.rate), args.duration, args.total)
+    plan = Plan(tuple(concurrency), parse_rates(args.rate), args.duration, args.total)
     rows, latencies, failed = [], {}, []
     for variant in variants:
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks.ghz import (
-    HALF_MAX, Load, Plan, Row, call_data, find_ghz, format_table, parse_rate, parse_report,
+    HALF_MAX, Load, Plan, Row, call_data, find_ghz, format_table, parse_rates, parse_report,
     run_ghz, summary,
 )
 from benchmarks.loadtest import ECHO, NAIVE, Variant, running, serve_command
@@ -153,18 +153,26 @@ def _row(variant, mode, c, rps, p99=1.0, target=0):
 
 
 def test_half_max_rate_is_half_the_best_closed_loop_rps_of_the_variant():
-    plan = Plan((1, 10, 50), HALF_MAX, "2s")
+    plan = Plan((1, 10, 50), parse_rates(HALF_MAX), "2s")
     rows = [_row("server", "closed", 1, 400.0), _row("server", "closed", 50, 1201.0),
             _row("server", "closed", 10, 900.0)]
-    assert plan.open(rows) == Load("open", 50, "2s", rps=600)
-    assert Plan((4,), 0, "2s").open(rows) is None
-    assert Plan((4,), 250, "2s").open(rows).rps == 250
+    assert plan.opens(rows) == [Load("open", 50, "2s", rps=600)]
+    assert Plan((4,), parse_rates("0"), "2s").opens(rows) == []
+    assert [load.rps for load in Plan((4,), parse_rates("250"), "2s").opens(rows)] == [250]
 
 
-@pytest.mark.parametrize("text", ["-5", "fast", "1.5"])
+def test_several_open_loop_rates_run_in_the_order_given_as_shares_or_per_second():
+    rows = [_row("server", "closed", 50, 1200.0)]
+    plan = Plan((1, 50), parse_rates("0.25max,half-max,700,0.75max"), "2s")
+    assert [load.rps for load in plan.opens(rows)] == [300, 600, 700, 900]
+    assert {load.label for load in plan.opens(rows)} == {"open@300/s", "open@600/s",
+                                                         "open@700/s", "open@900/s"}
+
+
+@pytest.mark.parametrize("text", ["-5", "fast", "1.5", "0max", "-1max", "100,fast", "5max"])
 def test_a_bad_rate_is_refused_naming_the_flag(text):
     with pytest.raises(ValueError, match="--rate"):
-        parse_rate(text)
+        parse_rates(text)
 
 
 def test_summary_gives_the_ratios_the_targets_are_stated_in():
