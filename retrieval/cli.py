@@ -195,10 +195,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=2048,
                    help="requests waiting for the compute thread; beyond, RESOURCE_EXHAUSTED")
     p.add_argument("--redis-timeout-ms", type=float, default=30.0,
-                   help="bound on one Redis user read; past it the reply is degraded "
-                        "(cold start, degraded=true), and writes fail with UNAVAILABLE")
+                   help="bound on connecting to Redis and on each reply of a batch's user "
+                        "read; past it the batch's replies are degraded (cold start, "
+                        "degraded=true), and writes fail with UNAVAILABLE")
     p.add_argument("--breaker-failures", type=int, default=3,
-                   help="consecutive Redis failures that open the circuit breaker")
+                   help="consecutive failed Redis reads (one a batch) that open the breaker")
     p.add_argument("--breaker-cool-down-ms", type=float, default=500.0,
                    help="how long the open breaker skips Redis before one probe call")
     p.add_argument("--max-message-bytes", type=int, default=4 << 20,
