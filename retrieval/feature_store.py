@@ -24,8 +24,8 @@ hashes or lists, so a user with no features and no history is unknown too. ``rea
 reads both keys of every user of a serving batch in one pipelined round trip (2·n commands),
 blocking, from the compute thread that serves the batch: the event loop never waits on
 Redis for a Retrieve and spends no CPU on it (see "The request path" in the README);
-``get_user`` is the same read for one user, awaitable; ``put_users`` replaces each user's keys (DEL, then
-HSET / RPUSH), one MULTI/EXEC round trip per batch, so re-loading is idempotent and a reader
+``get_user`` is the same read for one user, awaitable. ``put_users`` replaces each user's
+keys (DEL, then HSET / RPUSH), one MULTI/EXEC round trip per batch, so re-loading is idempotent and a reader
 never sees a user half-written. The in-memory store follows the same rules.
 
 Errors (redis exceptions are translated in one place, ``RedisFeatureStore._translate``)::
@@ -222,16 +222,16 @@ class RedisFeatureStore:
     def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
         """Both keys of every user in one pipeline: 2·n commands, one round trip, bounded
         by the socket timeouts. A key of the wrong type fails its own user, not the batch."""
+        keys = [self._keys(user_id) for user_id in user_ids]
         what = f"user {user_ids[0]!r}" if len(user_ids) == 1 else f"{len(user_ids)} users"
-        with self._translate(f"reading {what}"):
-            with self._reader.pipeline(transaction=False) as pipe:
-                for user_id in user_ids:
-                    user_key, history_key = self._keys(user_id)
-                    pipe.hgetall(user_key)
-                    pipe.lrange(history_key, 0, self._history_length - 1)
-                replies = pipe.execute(raise_on_error=False)
-        return [self._user_of(user_id, replies[2 * i], replies[2 * i + 1])
-                for i, user_id in enumerate(user_ids)]
+        with self._translate(f"reading {what}"), \
+                self._reader.pipeline(transaction=False) as pipe:
+            for user_key, history_key in keys:
+                pipe.hgetall(user_key)
+                pipe.lrange(history_key, 0, self._history_length - 1)
+            replies = pipe.execute(raise_on_error=False)
+        return [self._user_of(user_id, user_key, replies[2 * i], replies[2 * i + 1])
+                for i, (user_id, (user_key, _)) in enumerate(zip(user_ids, keys, strict=True))]
 
     async def get_user(self, user_id: str) -> StoredUser | None:
         found = (await asyncio.to_thread(self.read_users, [user_id]))[0]
@@ -239,7 +239,7 @@ class RedisFeatureStore:
             raise found
         return found
 
-    def _user_of(self, user_id: str, fields: Any, history: Any) -> UserRead:
+    def _user_of(self, user_id: str, user_key: str, fields: Any, history: Any) -> UserRead:
         for reply in (fields, history):
             if isinstance(reply, RedisError):
                 error = FeatureStoreError(f"Redis at {self._where} failed while reading user "
@@ -249,7 +249,7 @@ class RedisFeatureStore:
         if not fields and not history:
             return None
         try:
-            return _decode_user(self._keys(user_id)[0], fields, history)
+            return _decode_user(user_key, fields, history)
         except FeatureStoreError as exc:
             return exc
 

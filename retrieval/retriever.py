@@ -159,16 +159,19 @@ class Retriever:
         hot swap can put requests of two pairs in one batch; each is answered by the pair it
         started with). A request whose deadline passed meanwhile is not worked on."""
         self.metrics.batch_size.observe(len(jobs))
-        with self.metrics.stage("Retrieve", "features"):
-            users = self._read_users([job.query.user_id for job in jobs])
         results: list[_Answer | DeadlineExceeded | None] = [None] * len(jobs)
         now, live = time.monotonic(), []
         for row, job in enumerate(jobs):
             if job.deadline is not None and now >= job.deadline:
-                results[row] = DeadlineExceeded("deadline passed before the user tower ran; "
+                results[row] = DeadlineExceeded("deadline passed before the user was read; "
                                                 "the work was not done")
             else:
                 live.append(row)
+        if not live:
+            return results
+        with self.metrics.stage("Retrieve", "features"):
+            users = dict(zip(live, self._read_users([jobs[r].query.user_id for r in live]),
+                             strict=True))
         for pair, rows in _group_by_pair(jobs, live):
             requests = [_user_request(jobs[r].query, users[r][0]) for r in rows]
             with self.metrics.stage("Retrieve", "tower"):
@@ -200,7 +203,6 @@ class Retriever:
             return cold
         except FeatureStoreError as exc:  # the store answered, but not with users
             self.breaker.record_success()
-            log.warning("serving %d users as cold starts: %s", len(user_ids), exc)
             found = [exc] * len(user_ids)
         else:
             self.breaker.record_success()
