@@ -113,7 +113,7 @@ def test_naive_baseline_serves_the_pipeline_pair_without_errors(pipeline, tmp_pa
 def test_without_a_model_index_pair_only_the_echo_server_is_measured(monkeypatch, tmp_path):
     from benchmarks import loadtest
 
-    def fail(workdir, quick, items, content_dims, clusters):
+    def fail(*args):
         raise loadtest.ArtifactsUnavailable("`two-tower build-index` failed (exit 2): boom")
 
     monkeypatch.setattr(loadtest, "ensure_artifacts", fail)
@@ -124,6 +124,27 @@ def test_without_a_model_index_pair_only_the_echo_server_is_measured(monkeypatch
     with pytest.raises(ValueError, match="--variant: expected NAME"):
         loadtest._variants(loadtest._parser().parse_args(["--variant", "noname"]),
                            (tmp_path, tmp_path, None))
+
+
+def test_a_pair_made_with_another_index_spec_keeps_its_model_and_gets_a_new_index(
+        pipeline, tmp_path):
+    """`--index-spec` is part of what a made pair is: asking for another index rebuilds the
+    index from the same model (real `two-tower build-index`), and asking again reuses it."""
+    from benchmarks import loadtest
+
+    made = tmp_path / f"quick-{loadtest.RECIPE_TAG}"
+    made.mkdir()
+    (made / "pair.json").write_text(json.dumps({
+        "model": str(pipeline.model_dir), "index": str(pipeline.index_dir),
+        "data": str(pipeline.data_dir)}))  # an older pair.json: no index_spec, i.e. auto
+
+    model, index, data = loadtest.ensure_artifacts(tmp_path, quick=True, index_spec="Flat")
+
+    assert (model, data) == (pipeline.model_dir, pipeline.data_dir)
+    assert index != pipeline.index_dir and index.parent == made / "indexes"
+    assert json.loads((index / "manifest.json").read_text())["factory"] == "Flat"
+    assert json.loads((made / "pair.json").read_text())["index_spec"] == "Flat"
+    assert loadtest.ensure_artifacts(tmp_path, quick=True, index_spec="Flat")[1] == index
 
 
 def test_the_harness_serves_from_a_redis_of_its_own(pipeline, tmp_path):
