@@ -204,9 +204,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how long the open breaker skips Redis before one probe call")
     p.add_argument("--max-message-bytes", type=int, default=4 << 20,
                    help="largest request message accepted (larger: RESOURCE_EXHAUSTED)")
-    p.add_argument("--faiss-threads", type=int, default=1,
+    p.add_argument("--faiss-threads", type=int, default=None,
                    help="OpenMP threads of one batched Faiss search (waiting passively); "
-                        ">1 lends the event loop's idle core to the search when ANN dominates")
+                        "default 2, or 1 on a single usable core")
     p.add_argument("--gil-switch-interval-us", type=int, default=5000,
                    help="how long a Python thread may hold the GIL while another waits "
                         "(sys.setswitchinterval); the compute thread waits this long at worst")
@@ -415,7 +415,7 @@ def _serve(args) -> None:
     # cores the event loop and the compute thread need.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from retrieval.circuit_breaker import BreakerConfig
-    from retrieval.retriever import BatchingConfig
+    from retrieval.retriever import BatchingConfig, default_faiss_threads
     from retrieval.server import ServerConfig, serve
 
     config = ServerConfig(model_dir=args.model, index_dir=args.index, host=args.host,
@@ -425,7 +425,10 @@ def _serve(args) -> None:
                           batching=BatchingConfig(max_batch=args.max_batch,
                                                   max_wait_us=args.max_wait_us,
                                                   max_queue=args.max_queue,
-                                                  faiss_threads=args.faiss_threads),
+                                                  faiss_threads=(
+                                                      default_faiss_threads()
+                                                      if args.faiss_threads is None
+                                                      else args.faiss_threads)),
                           user_tower=args.user_tower,
                           watch_interval_s=args.watch_interval or None,
                           redis_timeout_s=args.redis_timeout_ms / 1000,

@@ -25,3 +25,12 @@ def test_faiss_in_the_compute_thread_uses_the_configured_threads(threads):
 def test_a_batching_config_below_one_is_refused_naming_the_field(field):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
         BatchingConfig(**{field: 0})
+
+
+def test_the_default_search_uses_two_threads_unless_one_core_is_usable(monkeypatch):
+    from retrieval.retriever import default_faiss_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert BatchingConfig().faiss_threads == default_faiss_threads() == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3})
+    assert BatchingConfig().faiss_threads == 1
