@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
@@ -35,6 +37,19 @@ class RetrieveResult:
     degraded: bool = False  # answered without stored features: the store failed or was skipped
 
 
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container limited to ``cpu: "1"`` sees every core of its node in its affinity)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
 def default_faiss_threads() -> int:
     """Two OpenMP threads for a batch's search, one on a single usable core.
 
@@ -43,7 +58,7 @@ def default_faiss_threads() -> int:
     with open-loop p99 at the same share of the maximum unchanged. While the compute thread
     searches, the event loop's core is often idle; more threads than two only queue behind
     the loop and the load generator for the same cores."""
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+    return min(2, usable_cores())
 
 
 @dataclass(frozen=True)
