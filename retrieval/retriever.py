@@ -43,11 +43,11 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     cores = len(os.sched_getaffinity(0))
     try:
         quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
+        if quota == "max":
+            return cores
+        return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 file, or not one we know
         return cores
-    if quota == "max":
-        return cores
-    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 def default_faiss_threads() -> int:

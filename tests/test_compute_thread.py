@@ -37,7 +37,8 @@ def test_the_default_search_uses_two_threads_unless_one_core_is_usable(monkeypat
 
 
 @pytest.mark.parametrize("cpu_max, cores", [("max 100000\n", 4), ("100000 100000\n", 1),
-                                            ("150000 100000\n", 2), ("800000 100000\n", 4)])
+                                            ("150000 100000\n", 2), ("800000 100000\n", 4),
+                                            ("garbled\n", 4)])
 def test_a_cgroup_cpu_quota_caps_the_usable_cores(monkeypatch, tmp_path, cpu_max, cores):
     from retrieval.retriever import usable_cores
 
