@@ -257,17 +257,13 @@ def ensure_artifacts(workdir: Path, quick: bool, items: int = 50_000, content_di
                           + (f"-content-{content_dims}" if content_dims else ""))
                          + f"-{RECIPE_TAG}")
     pair_file = workdir / "pair.json"
-    model = None
-    if pair_file.exists():
-        pair = json.loads(pair_file.read_text())
-        model, index, data = (Path(pair[k]) for k in ("model", "index", "data"))
-        if not (model.is_dir() and data.is_dir()):
-            model = None
-        elif index.is_dir() and pair.get("index_spec", "auto") == index_spec:
-            log.info("reusing model %s and index %s from %s", model.name, index.name, pair_file)
-            return model, index, data
-    if model is None:
-        data = workdir / "data"
+    pair = json.loads(pair_file.read_text()) if pair_file.exists() else {}
+    model, index, data = (Path(pair[k]) if k in pair else None for k in ("model", "index", "data"))
+    if model is None or data is None or not (model.is_dir() and data.is_dir()):
+        model, data = None, workdir / "data"
+    elif index is not None and index.is_dir() and pair.get("index_spec", "auto") == index_spec:
+        log.info("reusing model %s and index %s from %s", model.name, index.name, pair_file)
+        return model, index, data
     if not (data / "features.toml").exists():
         sizes = (("--users", "300", "--items", "300") if quick
                  else ("--users", "3000", "--items", str(items)))
