@@ -34,6 +34,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexer.build import IndexSpec
@@ -183,6 +184,50 @@ def load_item_metadata(artifact: IndexArtifact) -> dict[str, np.ndarray]:
         values = [tuple(v) if isinstance(v, list) else v for v in table.column(name).to_pylist()]
         out[name] = np.empty(len(values), dtype=object)
         out[name][:] = values
+    return out
+
+
+def load_metadata_rows(artifact: IndexArtifact) -> dict[str, dict[str, np.ndarray]]:
+    """column → value → the rows holding it (int64, ascending); a row of a list column
+    holds each of its values, and a null holds none. Values are keyed by ``str(value)``.
+
+    Built column-wise in Arrow and NumPy, with no Python object per item: a server loads
+    this beside the pair it is serving, and per-item objects would hold the GIL in one C
+    call for seconds (``to_pylist`` of 1M rows) and fill the garbage collector's
+    generations (full collections of 0.2 s), both stalling every call in flight."""
+    path = artifact.path / METADATA
+    return metadata_rows(pq.read_table(path)) if path.exists() else {}
+
+
+def metadata_rows(table: pa.Table) -> dict[str, dict[str, np.ndarray]]:
+    """``load_metadata_rows`` of a metadata table already read."""
+    out = {}
+    for name in table.column_names:
+        if name == "item_id":
+            continue
+        column = table.column(name).combine_chunks()
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            rows = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+            values = pc.list_flatten(column)
+        else:
+            rows, values = np.arange(len(column), dtype=np.int64), column
+        out[name] = _rows_by_value(values, rows.astype(np.int64, copy=False))
+    return out
+
+
+def _rows_by_value(values: pa.Array, rows: np.ndarray) -> dict[str, np.ndarray]:
+    encoded = pc.dictionary_encode(values)
+    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False)
+    keep = codes >= 0
+    codes, rows = codes[keep], rows[keep]
+    order = np.argsort(codes, kind="stable")  # rows stay ascending within a value
+    codes, rows = codes[order], rows[order]
+    starts = np.searchsorted(codes, np.arange(len(encoded.dictionary)))
+    groups = np.split(rows, starts[1:])
+    out: dict[str, np.ndarray] = {}
+    for value, group in zip(encoded.dictionary.to_pylist(), groups, strict=True):
+        key = str(value)
+        out[key] = group if key not in out else np.union1d(out[key], group)
     return out
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from indexer.artifact import IndexArtifact, load_item_metadata
+from indexer.artifact import IndexArtifact, load_metadata_rows
 from indexer.build import search_parameters
 from retrieval.errors import InvalidArgument
 from retrieval.query import ItemRules
@@ -56,7 +56,7 @@ class CandidateIndex:
                         if live[row]}
         self._live = live
         self._selector = _without(artifact.tombstones)
-        self._rows_by_value = _rows_by_value(load_item_metadata(artifact))
+        self._rows_by_value = load_metadata_rows(artifact)
         self.wire = CandidateWire(artifact.item_ids)
 
     @property
@@ -174,16 +174,3 @@ def _only(allowed: np.ndarray) -> faiss.IDSelector:
     selector.referenced = bitmap  # the C++ object holds a raw pointer: keep it alive
     return selector
 
-
-def _rows_by_value(metadata: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """column → value → rows holding it (a bag row holds each of its values)."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for column, values in metadata.items():
-        if column == "item_id":
-            continue
-        rows_of: dict[str, list[int]] = {}
-        for row, value in enumerate(values.tolist()):
-            for v in (value if isinstance(value, tuple) else (value,)):
-                rows_of.setdefault(str(v), []).append(row)
-        out[column] = {v: np.array(r, dtype=np.int64) for v, r in rows_of.items()}
-    return out

@@ -7,9 +7,15 @@ import shutil
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from indexer.artifact import load_index_artifact
+from indexer.artifact import (
+    load_index_artifact,
+    load_item_metadata,
+    load_metadata_rows,
+    metadata_rows,
+)
 from indexer.build import IndexSpec, build_index, recall_against_exact
 from indexer.exact import exact_search
 from indexer.source import ArraySource, NpySource
@@ -126,3 +132,33 @@ def test_indexed_vectors_can_be_read_back_from_an_ivf_index(pipeline, tmp_path):
     row = list(item_ids).index("i7")
     np.testing.assert_allclose(index.vector("i7"), item_emb[row], atol=1e-6)
     assert index.vector("no-such-item") is None
+
+
+def test_metadata_rows_of_a_built_index_are_the_rows_each_value_is_on(pipeline):
+    artifact = load_index_artifact(pipeline.index_dir)
+    columns = load_item_metadata(artifact)
+    rows = load_metadata_rows(artifact)
+    assert set(rows) == {"category", "tags"}
+    for name, by_value in rows.items():
+        holding: dict[str, set[int]] = {}
+        for row, value in enumerate(columns[name]):
+            for v in value if isinstance(value, tuple) else (value,):
+                holding.setdefault(str(v), set()).add(row)
+        assert {v: set(r.tolist()) for v, r in by_value.items()} == holding
+
+
+def test_metadata_rows_skip_nulls_key_values_as_text_and_keep_rows_ascending():
+    table = pa.table({
+        "item_id": ["a", "b", "c", "d"],
+        "category": ["x", None, "y", "x"],
+        "tags": pa.array([["t1", "t2"], None, ["t2", "t2"], []], pa.list_(pa.string())),
+        "year": [1999, 2001, 1999, None],
+    })
+    rows = metadata_rows(table)
+    assert "item_id" not in rows
+    assert {v: r.tolist() for v, r in rows["category"].items()} == {"x": [0, 3], "y": [2]}
+    # a list row holding a value twice is on that value's rows (once is enough for a mask)
+    assert {v: sorted(set(r.tolist())) for v, r in rows["tags"].items()} == {
+        "t1": [0], "t2": [0, 2]}
+    assert {v: r.tolist() for v, r in rows["year"].items()} == {"1999": [0, 2], "2001": [1]}
+    assert all(r.dtype == np.int64 for by in rows.values() for r in by.values())
