@@ -4,14 +4,23 @@ import numpy as np
 import pytest
 
 from retrieval.v1 import retrieval_pb2 as pb
-from retrieval.wire import CandidateWire, repeated_messages, response_bytes, varint
+from retrieval.wire import (
+    CandidateWire,
+    _any_table,
+    _ascii_table,
+    repeated_messages,
+    response_bytes,
+    varint,
+)
 
 ITEM_IDS = np.array(["i0", "i1", "", "é" * 70, "x" * 300, "日本語", *(f"item-{n}" for n in range(200))])
+# Every id ASCII and at most 120 characters: the table is built with array operations.
+ASCII_IDS = np.array(["i0", "", "x" * 120, "a\x00b", "#~ ", *(f"item-{n}" for n in range(200))])
 
 
-def expected(rows, scores, **fields) -> pb.RetrieveResponse:
+def expected(rows, scores, item_ids=ITEM_IDS, **fields) -> pb.RetrieveResponse:
     return pb.RetrieveResponse(
-        candidates=[pb.Candidate(item_id=str(ITEM_IDS[r]), score=float(s))
+        candidates=[pb.Candidate(item_id=str(item_ids[r]), score=float(s))
                     for r, s in zip(rows, scores, strict=True)], **fields)
 
 
@@ -21,19 +30,33 @@ def test_varint_matches_protobuf(value):
     assert serialized == bytes([4 << 3]) + varint(value)  # field 4, wire type VARINT
 
 
+@pytest.mark.parametrize("item_ids", [ITEM_IDS, ASCII_IDS], ids=["any", "ascii"])
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("m", [0, 1, 7, 100, len(ITEM_IDS)])
-def test_a_reply_parses_as_the_generated_message(seed, m):
+@pytest.mark.parametrize("m", [0, 1, 7, 100, 200])
+def test_a_reply_parses_as_the_generated_message(seed, m, item_ids):
     rng = np.random.default_rng(seed)
-    rows = rng.permutation(len(ITEM_IDS))[:m].astype(np.int64)
+    rows = rng.permutation(len(item_ids))[:m].astype(np.int64)
     scores = rng.normal(size=m).astype(np.float32)
     if m > 2:
         scores[:3] = (0.0, -0.0, np.inf)
     fields = dict(model_version="m-20261202T000000Z-abcdef", index_version="i-1",
                   request_id="req-" * seed, degraded=bool(seed % 2))
     got = pb.RetrieveResponse.FromString(
-        response_bytes(CandidateWire(ITEM_IDS).records(rows, scores), **fields))
-    assert got == expected(rows, scores, **fields)
+        response_bytes(CandidateWire(item_ids).records(rows, scores), **fields))
+    assert got == expected(rows, scores, item_ids, **fields)
+
+
+@pytest.mark.parametrize("item_ids", [ASCII_IDS, np.array(["only"]), np.array(["", ""])])
+def test_the_array_built_table_is_the_record_at_a_time_table(item_ids):
+    fast, slow = _ascii_table(item_ids), _any_table(item_ids)
+    assert fast is not None
+    for got, want in zip(fast, slow, strict=True):
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("item_ids", [ITEM_IDS, np.array(["x" * 121]), ASCII_IDS.astype(object)])
+def test_ids_that_are_not_short_ascii_text_take_the_record_at_a_time_build(item_ids):
+    assert _ascii_table(item_ids) is None
 
 
 def test_scores_keep_their_float32_bits():
