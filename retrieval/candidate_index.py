@@ -19,6 +19,7 @@ from indexer.artifact import IndexArtifact, load_metadata_rows
 from indexer.build import search_parameters
 from retrieval.errors import InvalidArgument
 from retrieval.query import ItemRules
+from retrieval.row_lookup import rows_by_id
 from retrieval.wire import CandidateWire
 
 
@@ -52,8 +53,8 @@ class CandidateIndex:
         self.item_ids = artifact.item_ids
         live = np.ones(len(artifact.item_ids), dtype=bool)
         live[artifact.tombstones] = False
-        self._row_of = {item: row for row, item in enumerate(artifact.item_ids.tolist())
-                        if live[row]}
+        live_rows = np.flatnonzero(live)
+        self._row_of = rows_by_id(artifact.item_ids[live_rows], live_rows)
         self._live = live
         self._selector = _without(artifact.tombstones)
         self._rows_by_value = load_metadata_rows(artifact)
@@ -173,4 +174,3 @@ def _only(allowed: np.ndarray) -> faiss.IDSelector:
     selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
     selector.referenced = bitmap  # the C++ object holds a raw pointer: keep it alive
     return selector
-

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.row_lookup import rows_by_id
 from training.artifact import ModelManifest, load_model_manifest, verify_checksums
 from training.errors import ArtifactError
 from training.inputs import PAD
@@ -88,7 +89,7 @@ class _Lookup:
     def __init__(self, vocabulary: list[str], num_oov: int, pad_row: int | None = None) -> None:
         if num_oov < 1:
             raise ValueError(f"num_oov must be >= 1 (got {num_oov})")
-        self._rows = {v: i + num_oov for i, v in enumerate(vocabulary)}
+        self._rows = rows_by_id(vocabulary, range(num_oov, num_oov + len(vocabulary)))
         if pad_row is not None:
             self._rows[PAD] = pad_row
         self.num_oov = num_oov

@@ -1,0 +1,44 @@
+"""id → row dictionaries of million-item tables, built beside a serving event loop.
+
+A server builds these when it loads a model and index pair, usually while it keeps
+serving the old pair (a hot swap). Building a dict of 1M ids holds the GIL for about half
+a second of C; in one piece, or in pieces the event loop has to wait a switch interval
+for, it stalls every call in flight. Measured on a 1M-item swap under 300 calls/s, the
+two dicts of a pair (the history vocabulary and the index's item ids) took p99 from 17 ms
+to 0.5 s: serving needs about a quarter of the GIL at that rate, and a builder that
+releases it only at switch intervals, or for short pauses, leaves less. ``rows_by_id``
+builds the dict a chunk at a time and, after each chunk, sleeps as long as the chunk took,
+so serving keeps at least half of the GIL; the build takes twice as long (about 1 s for
+1M ids), and the lookups on the hot path stay the dict's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+CHUNK = 1_024  # ids a step: about 0.25 ms of dict inserts
+
+
+def rows_by_id(ids: Sequence[str] | np.ndarray,
+               rows: Sequence[int] | np.ndarray | None = None) -> dict[str, int]:
+    """{ids[i]: rows[i]} (rows default to 0, 1, ...); an id given twice keeps its last row,
+    as a comprehension does. ``ids`` and ``rows`` may be lists or NumPy arrays."""
+    if rows is not None and len(rows) != len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(rows)} rows")
+    out: dict[str, int] = {}
+    for start in range(0, len(ids), CHUNK):
+        began = time.perf_counter()
+        stop = min(start + CHUNK, len(ids))
+        chunk = range(start, stop) if rows is None else _listed(rows[start:stop])
+        out.update(zip(_listed(ids[start:stop]), chunk))
+        if stop < len(ids):  # as long again without the GIL: serving keeps half of it
+            time.sleep(time.perf_counter() - began)
+    return out
+
+
+def _listed(values):
+    """NumPy slices become lists of Python objects here, a chunk at a time."""
+    return values.tolist() if isinstance(values, np.ndarray) else values
