@@ -9,13 +9,14 @@ STAMP  := $(VENV)/.installed
 BENCH_INDEX_ARGS ?= --sizes 100000,1000000 --exact-qps 50
 LOADTEST_ARGS ?= --redis --concurrency 1,10,50 --rate 0.25max,half-max --duration 8s
 
-.PHONY: help install demo test redis ghz loadtest proto quality bench-index chaos clean
+.PHONY: help install demo test redis ghz loadtest swap-load proto quality bench-index chaos clean
 
 help:
 	@echo "make demo     generate data, train, build the index, serve, query (end to end)"
 	@echo "make test     run the test suite (installs what it needs)"
 	@echo "make proto    regenerate the Python stubs from proto/"
 	@echo "make loadtest ghz load test: echo ceiling, naive baseline, server (LOADTEST_ARGS=--quick)"
+	@echo "make swap-load  a hot swap under open-loop load, beside a steady run (SWAP_LOAD_ARGS)"
 	@echo "make bench-index  index build/recall/QPS at 100k and 1M items (BENCH_INDEX_ARGS)"
 	@echo "make chaos    faults under load: Redis down/slow, overload, SIGTERM, bad publish, swap, soak (CHAOS_ARGS)"
 	@echo "make quality  retrieval quality on MovieLens vs the plain TFRS baseline (../shared/data)"
@@ -55,6 +56,12 @@ test: install redis ghz
 
 loadtest: install ghz
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
+
+# 1M items as in the README's load-test table; the second index is built once, then reused.
+SWAP_LOAD_ARGS ?= --items 1000000 --clusters 1000 --content-dims 8 --index-spec IVF4096,SQ8 \
+	--swap-spec IVF4096,Flat --rate 300 --duration 20s
+swap-load: install redis ghz
+	$(BIN)/python -m benchmarks.swap_load $(SWAP_LOAD_ARGS)
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \

@@ -203,3 +203,38 @@ def test_summary_gives_the_ratios_the_targets_are_stated_in():
     lines = summary(rows)
     assert "server: best 1,500 RPS (c=50), 0.75× echo, 3.75× naive" in lines
     assert "server: open loop at 750/s: p99 3.50 ms, errors -" in lines
+
+
+def test_the_swap_benchmark_swaps_under_load_without_a_failed_call(pipeline, tmp_path):
+    """benchmarks.swap_load on the pipeline's model: a second index built from it (real
+    build-index), served from a redis of its own, CURRENT moved under open-loop load."""
+    _ghz()
+    from benchmarks import swap_load
+    from benchmarks.loadtest import _two_tower
+
+    second = Path(_two_tower("build-index", "--model", str(pipeline.model_dir), "--out",
+                             str(tmp_path / "indexes"), "--index", "Flat", "--items",
+                             str(pipeline.data_dir), "--data", str(pipeline.data_dir)))
+
+    code = swap_load.main([
+        "--model", str(pipeline.model_dir), "--index", str(pipeline.index_dir),
+        "--swap-to", str(second), "--data", str(pipeline.data_dir), "--rate", "40",
+        "--duration", "4s", "--swap-after", "1", "--workdir", str(tmp_path / "work"),
+        "--out", str(tmp_path / "out")])
+
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "swap_load.json").read_text())
+    assert result["swapped"] and result["second"] == second.name
+    assert 1.0 <= result["moved_s"] < result["swapped_s"] < 4.0 + 2 * swap_load.POLL_S
+    assert [r["run"] for r in result["runs"]] == ["steady", "swap"]
+    assert all(r["errors"] == {} and r["calls"] >= 100 for r in result["runs"])
+    assert (tmp_path / "out" / "swap_load.png").stat().st_size > 0
+    assert "| swap |" in (tmp_path / "out" / "swap_load.md").read_text()
+
+
+def test_the_swap_benchmark_refuses_a_partial_pair_naming_the_flags(tmp_path, capsys):
+    _ghz()
+    from benchmarks import swap_load
+
+    assert swap_load.main(["--model", str(tmp_path), "--workdir", str(tmp_path)]) == 2
+    assert "--model, --index and --swap-to go together" in capsys.readouterr().err
