@@ -60,6 +60,10 @@ class CandidateIndex:
         self._rows_by_value = load_metadata_rows(artifact)
         self.wire = CandidateWire(artifact.item_ids)
 
+    def id_tables(self) -> list[dict]:
+        """The large id → row dicts (retrieval.swap empties them when retiring the index)."""
+        return [self._row_of]
+
     @property
     def size(self) -> int:
         return len(self._row_of)

@@ -46,6 +46,10 @@ class NumpyUserTower:
         self.input_names = tuple(e.name for e in self._encoders)
         self._input_set = frozenset(self.input_names)
 
+    def id_tables(self) -> list[dict]:
+        """The vocabularies' id → row dicts (retrieval.swap empties them when retiring)."""
+        return [e.lookup.rows for e in self._encoders if isinstance(e, _Embedded)]
+
     @classmethod
     def load(cls, model_dir: str | Path) -> NumpyUserTower:
         """From a model artifact directory; checks the two files against its manifest."""
@@ -89,15 +93,15 @@ class _Lookup:
     def __init__(self, vocabulary: list[str], num_oov: int, pad_row: int | None = None) -> None:
         if num_oov < 1:
             raise ValueError(f"num_oov must be >= 1 (got {num_oov})")
-        self._rows = rows_by_id(vocabulary, range(num_oov, num_oov + len(vocabulary)))
+        self.rows = rows_by_id(vocabulary, range(num_oov, num_oov + len(vocabulary)))
         if pad_row is not None:
-            self._rows[PAD] = pad_row
+            self.rows[PAD] = pad_row
         self.num_oov = num_oov
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids: object array of str, any shape → int64 rows of the same shape."""
         flat = ids.ravel().tolist()
-        get = self._rows.get
+        get = self.rows.get
         if self.num_oov == 1:
             return np.array([get(s, 0) for s in flat], np.int64).reshape(ids.shape)
         rows = np.array([get(s, -1) for s in flat], np.int64)
@@ -129,7 +133,7 @@ class _Embedded:
             table = np.vstack([np.hstack([table, np.ones((len(table), 1), np.float32)]),
                                np.zeros((1, table.shape[1] + 1), np.float32)])
         self._table = table
-        self._lookup = _Lookup(vocabulary, num_oov, pad_row)
+        self.lookup = _Lookup(vocabulary, num_oov, pad_row)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=object)
@@ -137,7 +141,7 @@ class _Embedded:
         if ids.ndim != expected_ndim or (self.pooled and ids.shape[1] != self.max_length):
             shape = "[n, %d]" % self.max_length if self.pooled else "[n]"
             raise ValueError(f"input {self.name!r}: expected shape {shape} (got {ids.shape})")
-        embedded = self._table.take(self._lookup(ids), axis=0)
+        embedded = self._table.take(self.lookup(ids), axis=0)
         if not self.pooled:
             return embedded
         total = embedded.sum(axis=1)

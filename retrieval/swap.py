@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from pathlib import Path
 
 from indexer.publish import resolve_index_dir
-from retrieval.pair import load_pair
+from retrieval.pair import ServingPair, load_pair
 from retrieval.retriever import Retriever
+from retrieval.row_lookup import empty_politely
 from training.artifact import MANIFEST
 from training.errors import ArtifactError
 
@@ -63,6 +65,7 @@ class PairWatcher:
         self.user_tower, self.interval_s = user_tower, interval_s
         self.serving: Path = serving  # the index version dir being served
         self.refused: Path | None = None
+        self.retiring: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         while True:
@@ -92,4 +95,23 @@ class PairWatcher:
         log.info("swapped to model %s / index %s (was %s / %s)", pair.model_version,
                  pair.index_version, old.model_version if old else None,
                  old.index_version if old else None)
+        if old is not None:
+            self.retiring.add(task := asyncio.create_task(retire(old)))
+            task.add_done_callback(self.retiring.discard)
         return True
+
+
+async def retire(pair: ServingPair, poll_s: float = 0.5) -> None:
+    """Free a replaced pair's large id tables off the event loop, a piece at a time.
+
+    Calls in flight keep the pair they started with, so the tables are held here and
+    emptied only once the pair itself is gone (its last call finished). Freed at once
+    wherever that last reference went, the 1M-entry dicts of a 1M-item pair held the GIL
+    for 30 ms or more, on the event loop's thread as often as not."""
+    tables = pair.id_tables()
+    gone = weakref.ref(pair)
+    del pair
+    while gone() is not None:
+        await asyncio.sleep(poll_s)
+    for table in tables:
+        await asyncio.to_thread(empty_politely, table)

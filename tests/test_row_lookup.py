@@ -31,3 +31,9 @@ def test_empty_and_mismatched_input():
     assert rows_by_id([]) == {}
     with pytest.raises(ValueError, match="2 ids but 1 rows"):
         rows_by_id(["a", "b"], [1])
+
+
+def test_a_table_is_emptied_a_chunk_at_a_time():
+    table = rows_by_id([f"i{n}" for n in range(10)])
+    row_lookup.empty_politely(table)
+    assert table == {}
