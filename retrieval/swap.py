@@ -9,7 +9,8 @@ a new index built from a new model brings that model along.
 (checksums, model version, dimension and metric are checked by retrieval.pair.load_pair)
 and swaps one reference; in-flight requests finish on the pair they started with. A
 refused version is logged with the reason and not retried until the pointer moves again;
-the old pair keeps serving and health stays SERVING.
+the old pair keeps serving and health stays SERVING. Once the replaced pair's last call
+has finished, ``retire`` empties its large id tables in pieces, off the event loop.
 """
 
 from __future__ import annotations
