@@ -7,7 +7,7 @@ under the GIL, and serving at 300 calls/s needs about a quarter of the GIL. Meas
 history vocabulary and the index's item ids) built in 4,096-id chunks, p99 of the run was
 0.7-1.2 s (0.55 s with 0.2 ms pauses between chunks), the calls queueing while the dicts
 were built. ``rows_by_id`` builds a chunk at a time and, after each chunk, sleeps as long
-as the chunk took, so serving keeps at least half of the GIL (p99 0.06-0.2 s for the whole
+as the chunk took, so serving keeps at least half of the GIL (p99 0.06-0.22 s for the whole
 swap); the build takes twice as long, and the lookups on the hot path stay the dict's.
 """
 
