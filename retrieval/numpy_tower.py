@@ -29,7 +29,12 @@ from retrieval.row_lookup import rows_by_id
 from training.artifact import ModelManifest, load_model_manifest, verify_checksums
 from training.errors import ArtifactError
 from training.inputs import PAD
-from training.numpy_export import NUMPY_TOWER_ARRAYS, NUMPY_TOWER_FORMAT, NUMPY_TOWER_GRAPH
+from training.numpy_export import (
+    NUMPY_TOWER_ARRAYS,
+    NUMPY_TOWER_FORMAT,
+    NUMPY_TOWER_FORMAT_1,
+    NUMPY_TOWER_GRAPH,
+)
 
 L2_EPSILON = 1e-12  # tf.math.l2_normalize's floor on the squared norm
 
@@ -90,7 +95,8 @@ class _Lookup:
     """id string → row of its embedding table, as a Keras StringLookup without mask.
     ``pad_row``: the row "" goes to instead (bag and history padding)."""
 
-    def __init__(self, vocabulary: list[str], num_oov: int, pad_row: int | None = None) -> None:
+    def __init__(self, vocabulary: list[str] | np.ndarray, num_oov: int,
+                 pad_row: int | None = None) -> None:
         if num_oov < 1:
             raise ValueError(f"num_oov must be >= 1 (got {num_oov})")
         self.rows = rows_by_id(vocabulary, range(num_oov, num_oov + len(vocabulary)))
@@ -122,7 +128,7 @@ class _Embedded:
     def __init__(self, entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
         self.name, self.pooled = entry["name"], entry["kind"] in ("bag", "history")
         self.max_length = int(entry["max_length"]) if self.pooled else None
-        vocabulary, num_oov = list(entry["vocabulary"]), int(entry["num_oov"])
+        vocabulary, num_oov = _vocabulary(entry, arrays), int(entry["num_oov"])
         table = arrays[entry["embedding"]]
         if table.ndim != 2 or table.shape[0] != len(vocabulary) + num_oov:
             raise ValueError(f"{entry['embedding']}: {table.shape[0]} rows for "
@@ -164,6 +170,19 @@ class _Numeric:
         return ((x - self._mean) / self._std)[:, np.newaxis]
 
 
+def _vocabulary(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+                ) -> list[str] | np.ndarray:
+    """Format 2: the name of a string array of the .npz; format 1: a JSON list."""
+    named = entry["vocabulary"]
+    if not isinstance(named, str):
+        return list(named)
+    vocabulary = arrays[named]
+    if vocabulary.ndim != 1 or vocabulary.dtype.kind != "U":
+        raise ValueError(f"{named}: expected a 1-d string array (got {vocabulary.dtype} "
+                         f"{vocabulary.shape})")
+    return vocabulary
+
+
 def _encoder(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]):
     if entry["kind"] == "numeric":
         return _Numeric(entry)
@@ -185,15 +204,22 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         graph = json.loads(graph_path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(str(graph_path), f"cannot read the NumPy user tower: {exc}") from exc
-    if not isinstance(graph, dict) or graph.get("format") != NUMPY_TOWER_FORMAT:
+    formats = (NUMPY_TOWER_FORMAT, NUMPY_TOWER_FORMAT_1)
+    if not isinstance(graph, dict) or graph.get("format") not in formats:
         got = graph.get("format") if isinstance(graph, dict) else type(graph).__name__
-        raise ArtifactError(str(graph_path), f"format must be {NUMPY_TOWER_FORMAT!r} (got {got!r})")
+        raise ArtifactError(str(graph_path), f"format must be one of {', '.join(formats)} "
+                            f"(got {got!r})")
     try:
         with np.load(arrays_path, allow_pickle=False) as npz:
-            arrays = {name: np.asarray(npz[name], dtype=np.float32) for name in npz.files}
+            arrays = {name: _weights_or_ids(npz[name]) for name in npz.files}
     except (OSError, ValueError) as exc:
         raise ArtifactError(str(arrays_path), f"cannot read the NumPy user tower: {exc}") from exc
     return graph, arrays
+
+
+def _weights_or_ids(array: np.ndarray) -> np.ndarray:
+    """Vocabularies stay string arrays; everything else is float32 weights."""
+    return array if array.dtype.kind == "U" else np.asarray(array, dtype=np.float32)
 
 
 def _check_against_manifest(tower: NumpyUserTower, manifest: ModelManifest) -> None:

@@ -159,9 +159,13 @@ def test_export_refuses_a_concatenation_order_other_than_the_spec(exported, tmp_
 
 
 def test_files_are_arrays_and_a_layer_graph(exported):
-    with np.load(exported.model_dir / "user_tower_numpy.npz", allow_pickle=False) as npz:
-        assert all(npz[name].dtype == np.float32 for name in npz.files)
     graph = json.loads((exported.model_dir / "user_tower_numpy.json").read_text())
+    vocabularies = {f["vocabulary"] for f in graph["features"] if "vocabulary" in f}
+    assert graph["format"] == "two-tower-numpy-user-tower/2" and vocabularies
+    with np.load(exported.model_dir / "user_tower_numpy.npz", allow_pickle=False) as npz:
+        assert all(npz[name].dtype == np.float32 for name in set(npz.files) - vocabularies)
+        assert all(npz[name].dtype.kind == "U" and npz[name].ndim == 1
+                   for name in vocabularies)
     assert [f["name"] for f in graph["features"]] == [
         f.name for f in exported.spec.user_input_features]
     assert [d["activation"] for d in graph["dense"]][-1] == "linear"
@@ -192,3 +196,40 @@ def test_altered_or_unlisted_files_are_refused(exported, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="lists no user_tower_numpy.json"):
         NumpyUserTower.load(copy)
+
+
+def test_a_format_1_tower_with_vocabularies_in_its_json_still_loads_and_agrees(
+        exported, tmp_path):
+    """Artifacts exported before format 2 keep serving: same tower, same outputs."""
+    import shutil
+
+    from retrieval.numpy_tower import NumpyUserTower
+    from training.artifact import checksums
+
+    copy = tmp_path / "model"
+    shutil.copytree(exported.model_dir, copy)
+    graph = json.loads((copy / "user_tower_numpy.json").read_text())
+    with np.load(copy / "user_tower_numpy.npz", allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    for feature in graph["features"]:
+        if "vocabulary" in feature:
+            feature["vocabulary"] = arrays.pop(feature["vocabulary"]).tolist()
+    graph["format"] = "two-tower-numpy-user-tower/1"
+    (copy / "user_tower_numpy.json").write_text(json.dumps(graph))
+    with open(copy / "user_tower_numpy.npz", "wb") as fh:
+        np.savez(fh, **arrays)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = checksums(copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    inputs = _examples(exported, 50)
+    np.testing.assert_array_equal(NumpyUserTower.load(copy)(inputs),
+                                  exported.numpy_tower(inputs))
+
+
+def test_export_refuses_an_id_a_string_array_cannot_hold():
+    from training.numpy_export import _string_array
+
+    assert _string_array(["a", "", "é"], "lookup").tolist() == ["a", "", "é"]
+    with pytest.raises(ValueError, match="lookup: an id ends with a NUL"):
+        _string_array(["a\x00"], "lookup")

@@ -3,14 +3,20 @@
 Two files next to the SavedModel in a model artifact (read by retrieval.numpy_tower)::
 
     user_tower_numpy.npz    embedding tables by layer name ("user_id_embedding"), dense
-                            weights as "<layer>.kernel" [in, out] / "<layer>.bias" [out];
-                            float32, no pickled objects
+                            weights as "<layer>.kernel" [in, out] / "<layer>.bias" [out],
+                            float32; each id feature's vocabulary as "<feature>.vocabulary",
+                            a NumPy string array; no pickled objects
     user_tower_numpy.json   {"format", "embedding_dim", "normalize",
                              "features": [one per concatenated encoding, in order:
-                                 {"name", "kind", "vocabulary", "num_oov", "embedding",
-                                  "max_length" (bag and history only)}
+                                 {"name", "kind", "vocabulary" (the array's name),
+                                  "num_oov", "embedding", "max_length" (bag and history)}
                                  or, numeric, {"name", "kind", "mean", "variance"}],
                              "dense": [{"name", "activation"}, ...] in order}
+
+Format 1 held each vocabulary in the JSON as a list of strings. A server parses that JSON
+in one C call holding the GIL (0.07-0.2 s for a 1M-id history vocabulary, stalling the
+calls it serves during a hot swap); an array is read from the .npz without building a
+Python object per id. retrieval.numpy_tower reads both formats.
 
 Everything is read from the trained Keras layers by name (as training.model.Towers names
 them), except the numeric means and variances, which the model holds as constants of its
@@ -31,7 +37,8 @@ from training.feature_spec import Feature, FeatureSpec
 if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must not
     from training.model import FeatureStats
 
-NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/1"
+NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/2"
+NUMPY_TOWER_FORMAT_1 = "two-tower-numpy-user-tower/1"  # vocabularies as JSON lists
 NUMPY_TOWER_ARRAYS = "user_tower_numpy.npz"
 NUMPY_TOWER_GRAPH = "user_tower_numpy.json"
 ACTIVATIONS = ("linear", "relu")
@@ -92,9 +99,20 @@ def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
         raise ValueError(f"{embedding.name}: {table.shape[0]} rows but the vocabulary has "
                          f"{len(vocabulary)} ids + {num_oov} OOV buckets")
     arrays[embedding.name] = table
-    entry = {"name": f.name, "kind": f.kind, "vocabulary": vocabulary, "num_oov": num_oov,
-             "embedding": embedding.name}
+    arrays[f"{f.name}.vocabulary"] = _string_array(vocabulary, lookup.name)
+    entry = {"name": f.name, "kind": f.kind, "vocabulary": f"{f.name}.vocabulary",
+             "num_oov": num_oov, "embedding": embedding.name}
     return {**entry, "max_length": f.max_length} if f.is_sequence else entry
+
+
+def _string_array(vocabulary: list[str], where: str) -> np.ndarray:
+    """The vocabulary as a NumPy string array, which must give back exactly these ids
+    (NumPy drops trailing NUL characters)."""
+    array = np.array(vocabulary, dtype=str) if vocabulary else np.zeros(0, dtype="<U1")
+    if array.tolist() != vocabulary:
+        raise ValueError(f"{where}: an id ends with a NUL character, which a NumPy string "
+                         "array cannot hold")
+    return array
 
 
 def _dense_entries(tower, arrays: dict[str, np.ndarray]) -> list[dict[str, str]]:
