@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shlex
 import sys
@@ -42,7 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ghz import Load, call_data, find_ghz, parse_duration, read_user_ids, run_ghz
+from benchmarks.ghz import (
+    Load,
+    call_data,
+    find_ghz,
+    ok_latencies_ms,
+    parse_duration,
+    read_user_ids,
+    run_ghz,
+)
 from benchmarks.loadtest import (
     DEFAULT_USERS,
     ArtifactsUnavailable,
@@ -54,6 +61,7 @@ from benchmarks.loadtest import (
     serve_command,
 )
 from benchmarks.redis_process import RedisUnavailable
+from indexer.publish import move_pointer
 
 log = logging.getLogger("benchmarks.swap_load")
 SLOW_MS = 50.0
@@ -146,7 +154,7 @@ def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: 
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(version.resolve(), target_is_directory=True)
-    _point(store, first.name)
+    move_pointer(store, first.name)
     data_file = work / "call-data.json"
     data_file.write_text(json.dumps(call_data(read_user_ids(args.users))))
     variant = Variant("server", serve_command(model, store, None, redis_url,
@@ -160,7 +168,7 @@ def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: 
                 def move() -> None:
                     nonlocal moved_at
                     moved_at = time.time()
-                    _point(store, second.name)
+                    move_pointer(store, second.name)
                 timer = threading.Timer(args.swap_after, move)
             started = time.time()
             if timer:
@@ -181,28 +189,20 @@ def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: 
             "swapped": swapped_at is not None}
 
 
-def _point(store: Path, version: str) -> None:
-    tmp = store / "CURRENT.tmp"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, store / "CURRENT")
-
-
 def _run_summary(name: str, report: dict, started: float) -> dict:
-    details = report.get("details") or []
-    ok = [d for d in details if d.get("status") == "OK"]
-    latency = np.array([d["latency"] / 1e6 for d in ok]) if ok else np.zeros(0)
-    errors: dict[str, int] = {}
-    for d in details:
-        if d.get("status") != "OK":
-            errors[d.get("status") or "unknown"] = errors.get(d.get("status") or "unknown", 0) + 1
-    sent = np.array([_epoch(d["timestamp"]) - started for d in ok])
+    latency = ok_latencies_ms(report)
+    sent = [_epoch(d["timestamp"]) - started
+            for d in report.get("details") or [] if d.get("status") == "OK"]
+    errors = {code: int(n) for code, n in (report.get("statusCodeDistribution") or {}).items()
+              if code != "OK" and n}
     pct = (lambda q: round(float(np.percentile(latency, q)), 2)) if len(latency) else (
         lambda q: float("nan"))
-    return {"run": name, "started": started, "calls": len(details), "errors": errors,
+    return {"run": name, "started": started, "calls": int(report["count"]), "errors": errors,
             "p50_ms": pct(50), "p99_ms": pct(99), "p999_ms": pct(99.9),
             "max_ms": round(float(latency.max()), 2) if len(latency) else float("nan"),
             "over_50ms": int((latency > SLOW_MS).sum()),
-            "series": [[round(float(t), 4), round(float(v), 3)] for t, v in zip(sent, latency)]}
+            "series": [[round(t, 4), round(float(v), 3)] for t, v in zip(sent, latency,
+                                                                        strict=True)]}
 
 
 def _epoch(stamp: str) -> float:

@@ -39,6 +39,10 @@ class SavedModelUserTower:
         tensors = {k: self._tf.constant(v) for k, v in inputs.items()}
         return self._fn(**tensors)["user_emb"].numpy()
 
+    def id_tables(self) -> list[dict]:
+        """None: the vocabularies live inside the SavedModel."""
+        return []
+
 
 @dataclass(frozen=True)
 class ServingPair:
@@ -56,8 +60,7 @@ class ServingPair:
 
     def id_tables(self) -> list[dict]:
         """The pair's large id → row dicts: the index's item ids, the tower's vocabularies."""
-        tower_tables = getattr(self.user_tower, "id_tables", None)
-        return self.index.id_tables() + (tower_tables() if tower_tables else [])
+        return self.index.id_tables() + self.user_tower.id_tables()
 
     def warm_up(self) -> None:
         """One cold-start request through tower and index: the first real call is not slow."""

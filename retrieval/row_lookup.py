@@ -28,25 +28,34 @@ def rows_by_id(ids: Sequence[str] | np.ndarray,
     if rows is not None and len(rows) != len(ids):
         raise ValueError(f"{len(ids)} ids but {len(rows)} rows")
     out: dict[str, int] = {}
-    for start in range(0, len(ids), CHUNK):
-        began = time.perf_counter()
+
+    def insert(start: int) -> None:
         stop = min(start + CHUNK, len(ids))
         chunk = range(start, stop) if rows is None else _listed(rows[start:stop])
         out.update(zip(_listed(ids[start:stop]), chunk))
-        if stop < len(ids):  # as long again without the GIL: serving keeps half of it
-            time.sleep(time.perf_counter() - began)
+
+    _paced(insert, range(0, len(ids), CHUNK))
     return out
 
 
 def empty_politely(table: dict) -> None:
-    """Empty ``table`` a chunk at a time, pausing as ``rows_by_id`` does: freeing 1M ids in
+    """Empty ``table`` a chunk at a time, paced as ``rows_by_id`` is: freeing 1M ids in
     one go holds the GIL for about 30 ms (more on busy cores), which a server would spend
     on the event loop's thread when the last call of a replaced pair finishes."""
-    while table:
-        began = time.perf_counter()
+    def remove(_: int) -> None:
         for _ in range(min(CHUNK, len(table))):
             table.popitem()
-        if table:
+
+    _paced(remove, range(0, len(table), CHUNK))
+
+
+def _paced(step, starts: range) -> None:
+    """``step(start)`` for each start; after each but the last, sleep as long as it took
+    (the GIL is free meanwhile: serving keeps at least half of it)."""
+    for n, start in enumerate(starts):
+        began = time.perf_counter()
+        step(start)
+        if n < len(starts) - 1:
             time.sleep(time.perf_counter() - began)
 
 
