@@ -147,8 +147,9 @@ def ours_config(protocol: str, epochs: int | None = None) -> TrainConfig:
 def variants(protocol: str, epochs: int | None = None,
              ablation_epochs: int | None = None) -> list[Variant]:
     ours = ours_config(protocol, epochs)
-    plain = TrainConfig(tower=TowerConfig(embedding_dim=64, hidden_dims=(), output_layer=False),
-                        loss=LossConfig(logq="none", remove_accidental_hits=False),
+    plain = TrainConfig(tower=TowerConfig(embedding_dim=64, hidden_dims=(), output_layer=False,
+                                          normalize=False),
+                        loss=LossConfig(logq="none", remove_accidental_hits=False, temperature=1.0),
                         epochs=ours.epochs, batch_size=512, learning_rate=0.005,
                         early_stopping_patience=2)
     ablated = dataclasses.replace(ours, epochs=ablation_epochs or ours.epochs)

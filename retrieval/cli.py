@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    default="constant", help="cosine: decay to 0 over all epochs")
     p.add_argument("--embedding-dim", type=int, default=32)
     p.add_argument("--hidden-dims", default="64", help="comma-separated MLP widths; '' = none")
-    p.add_argument("--normalize", action="store_true", help="L2-normalise tower outputs")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="L2-normalise tower outputs (scores are cosines); "
+                        "--no-normalize trains raw inner products")
     p.add_argument("--history-dropout", type=float, default=0.0,
                    help="share of history items dropped per example, in training only")
     p.add_argument("--embedding-l2", type=float, default=0.0,
@@ -77,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    default="unigram",
                    help="how corpus negatives are drawn; full = every item in every batch "
                         "(with --corpus-negatives 0)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.05,
+                   help="logits are scores / T (use about 1 with --no-normalize)")
     p.add_argument("--hard-negatives", type=int, default=0, help="0 = every negative counts")
     p.add_argument("--keep-accidental-hits", action="store_true",
                    help="do not mask negatives equal to the positive")

@@ -89,7 +89,8 @@ def test_mixed_negatives_add_corpus_candidates_with_their_own_correction():
     neg = model.item_tower({"item_id": tf.constant(np.array(ITEMS)[rows])}).numpy()
     q = np.concatenate([batch[CANDIDATE_Q].numpy() * 3, probs[rows] * 4])
     cand_ids = ["a", "b", "a"] + [ITEMS[r] for r in rows]
-    expected = _numpy_loss(u, np.vstack([c, neg]), True, q, 1.0, cand_ids, ["a", "b", "a"], True)
+    expected = _numpy_loss(u, np.vstack([c, neg]), True, q, loss.temperature, cand_ids,
+                           ["a", "b", "a"], True)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 

@@ -31,7 +31,9 @@ class TowerConfig:
 
     embedding_dim: int = 32
     hidden_dims: tuple[int, ...] = (64,)
-    normalize: bool = False  # L2-normalise tower outputs (scores become cosines)
+    # L2-normalised outputs (scores are cosines): the default because unnormalised towers
+    # drift into one shared direction that IVF and HNSW cannot split (README, Training)
+    normalize: bool = True
     output_layer: bool = True  # False: the concatenated encodings are the embedding (the
                                # TFRS tutorial's plain id-embedding towers)
     history_dropout: float = 0.0
@@ -62,7 +64,7 @@ class LossConfig:
     corpus_distribution: str = "unigram"
     corpus_beta: float = 0.75
     remove_accidental_hits: bool = True
-    temperature: float = 1.0
+    temperature: float = 0.05  # cosines lie in [-1, 1]: logits need the scale
     hard_negatives: int = 0
     streaming_buckets: int = 1 << 20
     streaming_alpha: float = 0.01
