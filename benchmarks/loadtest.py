@@ -239,9 +239,11 @@ class ArtifactsUnavailable(RuntimeError):
 # The load test's model: L2-normalised towers with temperature 0.05, the recipe our quality
 # runs chose on both MovieLens protocols (README, "Quality"). On the 50k load-test dataset it
 # also validates better after the 5 epochs trained here (held-out recall@10 0.116 against
-# 0.104 for the unnormalised default). It matters for speed: the default model's item
-# embeddings share one large common direction (random pairs at cosine 0.99), and on the 1M
-# catalogue IVF needed nprobe 320 for recall@100 0.95; the normalised model needs 128.
+# 0.104 unnormalised). It matters for speed: the unnormalised model's item embeddings share
+# one large common direction (random pairs at cosine 0.99), and on the 1M catalogue IVF
+# needed nprobe 320 for recall@100 0.95; the normalised model needs 128. It is now also
+# `two-tower train`'s default; spelled out here so the load test's model stays the same if
+# that default moves.
 MODEL_RECIPE = ("--normalize", "--temperature", "0.05")
 RECIPE_TAG = "cosine"  # in the artifact directory's name, so older models are not reused
 
