@@ -52,6 +52,22 @@ def test_manifest_describes_the_model(pipeline):
     assert item_emb.shape == (200, 32) and len(set(item_ids.tolist())) == 200
 
 
+def test_a_default_model_has_unit_length_embeddings_for_a_cosine_index(pipeline):
+    """Trained with the defaults (the pipeline fixture passes none): normalised towers."""
+    item_emb, _ = load_item_embeddings(load_model_manifest(pipeline.model_dir))
+    np.testing.assert_allclose(np.linalg.norm(item_emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_train_flags_default_to_normalised_towers_and_can_turn_them_off():
+    from retrieval.cli import _parser
+
+    default = _parser().parse_args(["train", "--data", "d", "--out", "o"])
+    assert (default.normalize, default.temperature) == (True, 0.05)
+    raw = _parser().parse_args(["train", "--data", "d", "--out", "o", "--no-normalize",
+                                "--temperature", "1"])
+    assert (raw.normalize, raw.temperature) == (False, 1.0)
+
+
 def test_altered_artifact_file_is_refused_naming_it(pipeline, tmp_path):
     copy = tmp_path / pipeline.model_dir.name
     shutil.copytree(pipeline.model_dir, copy)
