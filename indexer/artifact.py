@@ -224,11 +224,8 @@ def _rows_by_value(values: pa.Array, rows: np.ndarray) -> dict[str, np.ndarray]:
     codes, rows = codes[order], rows[order]
     starts = np.searchsorted(codes, np.arange(len(encoded.dictionary)))
     groups = np.split(rows, starts[1:])
-    out: dict[str, np.ndarray] = {}
-    for value, group in zip(encoded.dictionary.to_pylist(), groups, strict=True):
-        key = str(value)
-        out[key] = group if key not in out else np.union1d(out[key], group)
-    return out
+    return {str(value): group  # the dictionary's values are distinct, so are their texts
+            for value, group in zip(encoded.dictionary.to_pylist(), groups, strict=True)}
 
 
 def _files_read(directory: Path) -> tuple[str, ...]:
