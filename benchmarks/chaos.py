@@ -54,11 +54,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.redis_process import free_port, wait_for_ping
 from retrieval.client import build_request
-from retrieval.server import wait_for_port_file
+from app.processes import wait_for_port_file
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
 log = logging.getLogger("chaos")
-CLI = [sys.executable, "-m", "retrieval.cli"]
+CLI = [sys.executable, "-m", "app.cli"]
 NIGHT = {"hour_of_day": 22, "device": "tv"}
 REDIS_TIMEOUT_MS = 30
 SCENARIOS = ("redis_down", "slow_redis", "overload", "sigterm", "bad_publish", "hot_swap",

@@ -94,7 +94,7 @@ class Variant:
     command: list[str]  # without --port/--port-file
 
 
-SERVE = [sys.executable, "-m", "retrieval.cli", "serve"]
+SERVE = [sys.executable, "-m", "app.cli", "serve"]
 NAIVE = [sys.executable, "-m", "benchmarks.naive_server"]
 ECHO = [sys.executable, "-m", "benchmarks.echo_server"]
 
@@ -120,7 +120,7 @@ def running(variant: Variant, workdir: Path) -> Iterator[str]:
                                     str(port_file)], cwd=REPO, stdout=out,
                                    stderr=subprocess.STDOUT)
     try:
-        from retrieval.server import wait_for_port_file
+        from app.processes import wait_for_port_file
 
         port = wait_for_port_file(process, port_file, log_path, SERVER_START_TIMEOUT_S)[0]
         yield f"127.0.0.1:{port}"
@@ -292,7 +292,7 @@ def _two_tower(*args: str, prints_path: bool = True) -> str:
     """Runs one two-tower subcommand; returns the last line it printed (the path it made,
     for the commands that print one)."""
     log.info("two-tower %s", shlex.join(args))
-    done = subprocess.run([sys.executable, "-m", "retrieval.cli", *args], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=1800)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or (prints_path and not lines):

@@ -27,14 +27,14 @@ from retrieval.errors import status_of
 from retrieval.feature_store import (
     FeatureStore, InMemoryFeatureStore, RedisFeatureStore, users_from_dataset,
 )
-from retrieval.pair import SavedModelUserTower
+from training.saved_model_tower import SavedModelUserTower
 from retrieval.query import Limits, validate_query
 from retrieval.servicer import decode_retrieve
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
-from training.artifact import ModelManifest, load_model_manifest
-from training.errors import ArtifactError
-from training.inputs import UserRequest, user_inputs
+from contracts.model_manifest import ModelManifest, load_model_manifest
+from contracts.errors import ArtifactError
+from contracts.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
 HISTORY_LENGTH = 20
@@ -81,7 +81,7 @@ async def _store(features: Path | None, redis_url: str | None) -> FeatureStore:
         return RedisFeatureStore.from_url(redis_url, history_length=HISTORY_LENGTH)
     store = InMemoryFeatureStore(history_length=HISTORY_LENGTH)
     if features is not None:
-        from training.dataset import load_dataset
+        from contracts.dataset import load_dataset
 
         dataset = await asyncio.to_thread(load_dataset, features)
         await store.put_users(users_from_dataset(dataset, HISTORY_LENGTH))

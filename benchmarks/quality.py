@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.dataset import Dataset
-from training.feature_spec import parse_feature_spec
-from training.inputs import histories_from_other_items, item_bags, training_examples
+from contracts.dataset import Dataset
+from contracts.feature_spec import parse_feature_spec
+from contracts.inputs import histories_from_other_items, item_bags, training_examples
 from training.metrics import RankingMetrics
 from training.model import LossConfig, TowerConfig
 from training.protocols import (
@@ -206,7 +206,7 @@ def recbole_ml1m(data: Path, history: int = ML1M_HISTORY) -> Protocol:
 
 def ml100k_temporal(data: Path) -> Protocol:
     """ml-100k temporal leave-one-out: every feature, history and context from before
-    each event (training.inputs.training_examples)."""
+    each event (contracts.inputs.training_examples)."""
     from training.movielens import convert_ml100k
 
     raw, spec_toml = convert_ml100k(data / "ml-100k")

@@ -1,6 +1,6 @@
 """The versioned index artifact: one Faiss index built from one named model version.
 
-Layout of ``<store>/<index_version>/`` (the store and its CURRENT pointer: indexer.publish)::
+Layout of ``<store>/<index_version>/`` (the store and its CURRENT pointer: contracts.index_store)::
 
     manifest.json          format "two-tower-index/2", index_version, model_version (the model
                            it was built from), embedding_dim, similarity, factory,
@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 
 from indexer.build import IndexSpec
 from indexer.faults import crash_point
-from training.artifact import (
+from contracts.index_store import fsync_dir, resolve_index_dir
+from contracts.model_manifest import (
     MANIFEST,
     ModelManifest,
     checksums,
@@ -48,7 +49,7 @@ from training.artifact import (
     read_manifest_json,
     verify_checksums,
 )
-from training.errors import ArtifactError
+from contracts.errors import ArtifactError
 
 INDEX_FORMAT = "two-tower-index/2"
 LEGACY_FORMAT = "two-tower-index/1"
@@ -146,8 +147,6 @@ def _manifest(contents: IndexContents, model: ModelManifest, version: str,
 
 def load_index_artifact(directory: str | Path) -> IndexArtifact:
     """Load a version directory, or the current version of a store (CURRENT pointer)."""
-    from indexer.publish import resolve_index_dir
-
     directory = resolve_index_dir(directory)
     doc = _read_manifest(directory)
     try:
@@ -279,11 +278,3 @@ def _write_durably(path: Path, data: bytes) -> None:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

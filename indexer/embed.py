@@ -14,9 +14,9 @@ import numpy as np
 
 from indexer.items import ItemTable
 from indexer.source import sample_rows
-from training.artifact import ModelManifest
-from training.errors import ArtifactError
-from training.inputs import item_inputs
+from contracts.model_manifest import ModelManifest
+from contracts.errors import ArtifactError
+from contracts.inputs import item_inputs
 
 log = logging.getLogger(__name__)
 BATCH = 4096

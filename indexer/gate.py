@@ -16,7 +16,7 @@ import numpy as np
 from indexer.build import IndexSpec, search_parameters
 from indexer.exact import recall_at_k
 from indexer.timing import FaissClock
-from training.errors import TwoTowerError
+from contracts.errors import TwoTowerError
 
 LATENCY_QUERIES = 1000
 

@@ -1,6 +1,6 @@
 """The item catalogue the index is built from: ids, tower features, filterable metadata.
 
-``--items`` is a dataset directory (training.dataset) or one items table file
+``--items`` is a dataset directory (contracts.dataset) or one items table file
 (``.parquet`` / ``.csv``) with the columns the model's feature spec names. Items nobody
 interacted with are embedded like any other: the item tower needs only their features.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.dataset import load_dataset, table_columns
-from training.errors import DataError
-from training.feature_spec import FeatureSpec
+from contracts.dataset import load_dataset, table_columns
+from contracts.errors import DataError
+from contracts.feature_spec import FeatureSpec
 
 METADATA_KINDS = ("categorical", "bag")  # what a filter can match on (category, tags)
 
@@ -59,6 +59,6 @@ def load_items(path: str | Path, spec: FeatureSpec) -> ItemTable:
     if path.suffix not in (".parquet", ".csv"):
         raise DataError(str(path), f"expected a .parquet or .csv items table (got {path.suffix!r})")
     # The dataset reader's table parser: the same conversions and error messages as training.
-    from training.dataset import _read_table
+    from contracts.dataset import read_table
 
-    return ItemTable(spec, _read_table(path, table_columns(spec)["items"], spec))
+    return ItemTable(spec, read_table(path, table_columns(spec)["items"], spec))

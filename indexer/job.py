@@ -31,8 +31,8 @@ from indexer.publish import DEFAULT_KEEP, publish
 from indexer.queries import item_queries, user_queries
 from indexer.source import EmbeddingSource, NpySource
 from indexer.timing import FaissClock
-from training.artifact import ModelManifest, load_model_manifest, load_npy
-from training.errors import ArtifactError
+from contracts.model_manifest import ModelManifest, load_model_manifest, load_npy
+from contracts.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30

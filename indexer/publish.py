@@ -54,14 +54,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from indexer.artifact import INDEX_FORMAT, fsync_dir
+from contracts.index_store import POINTER, current_version, fsync_dir, versions
+from indexer.artifact import INDEX_FORMAT, load_index_artifact
 from indexer.faults import crash_point
-from training.artifact import MANIFEST
-from training.errors import ArtifactError, TwoTowerError
+from contracts.model_manifest import MANIFEST
+from contracts.redaction import redact_url
+from contracts.errors import ArtifactError, TwoTowerError
 
 log = logging.getLogger(__name__)
 
-POINTER = "CURRENT"
 CHANNEL = "tt:v1:index-published"
 DEFAULT_KEEP = 5
 
@@ -80,41 +81,6 @@ class Published:
     @property
     def path(self) -> Path:
         return self.store / self.index_version
-
-
-def resolve_index_dir(path: str | Path) -> Path:
-    """A version directory as given, or the version a store's CURRENT names."""
-    path = Path(path)
-    pointer = path / POINTER
-    if not pointer.exists():
-        return path
-    name = pointer.read_text().strip()
-    if not name or "/" in name or name.startswith("."):
-        raise ArtifactError(str(pointer), f"must name a version directory (got {name!r})")
-    target = path / name
-    if not (target / MANIFEST).is_file():
-        raise ArtifactError(str(pointer), f"names {name!r}, which is not a complete version "
-                            f"in {path}; run `two-tower rollback --store {path}`")
-    return target
-
-
-def current_version(store: str | Path) -> str | None:
-    pointer = Path(store) / POINTER
-    return pointer.read_text().strip() if pointer.exists() else None
-
-
-def versions(store: str | Path) -> list[str]:
-    """Complete versions in the store, oldest first (by the manifest's created_at)."""
-    found = []
-    for child in Path(store).iterdir():
-        if child.name.startswith(".") or not (child / MANIFEST).is_file():
-            continue
-        try:
-            created = json.loads((child / MANIFEST).read_text())["created_at"]
-        except (OSError, ValueError, KeyError):
-            continue
-        found.append((str(created), child.name))
-    return [name for _, name in sorted(found)]
 
 
 @contextmanager
@@ -176,8 +142,6 @@ def rollback(store: str | Path, to: str | None = None, notify_url: str | None = 
              notify_options: dict[str, Any] | None = None) -> Published:
     """Point CURRENT back at ``to``, or at the newest older version built from the same
     model; the target is loaded and verified before the pointer moves."""
-    from indexer.artifact import load_index_artifact
-
     store = Path(store)
     with store_lock(store):
         current = current_version(store)
@@ -234,8 +198,6 @@ def send_notification(redis_url: str, message: dict[str, Any],
     """PUBLISH the message on CHANNEL; returns how many subscribers received it.
     ``client_options``: password, ACL user and TLS files for ``Redis.from_url``."""
     import redis
-
-    from retrieval.redis_options import redact_url
 
     try:
         with redis.Redis.from_url(redis_url, socket_timeout=5, **(client_options or {})) as client:

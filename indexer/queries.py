@@ -15,7 +15,7 @@ import numpy as np
 
 from indexer.gated_build import GateConfig, RecallQueries
 from indexer.source import EmbeddingSource
-from training.artifact import ModelManifest
+from contracts.model_manifest import ModelManifest
 
 log = logging.getLogger(__name__)
 USER_BATCH = 4096
@@ -33,10 +33,10 @@ def item_queries(source: EmbeddingSource, config: GateConfig, seed: int) -> Reca
 def user_queries(model: ModelManifest, data_dir: str | Path, config: GateConfig,
                  seed: int) -> RecallQueries:
     """User embeddings [n, d] of held-out events of the dataset at ``data_dir``."""
-    from retrieval.pair import SavedModelUserTower
-    from training.dataset import load_dataset
+    from training.saved_model_tower import SavedModelUserTower
+    from contracts.dataset import load_dataset
     from training.evaluate import split_last_per_user
-    from training.inputs import training_examples
+    from contracts.inputs import training_examples
 
     dataset = load_dataset(data_dir)
     events = np.flatnonzero(split_last_per_user(dataset).test)

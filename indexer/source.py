@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from training.errors import ArtifactError
+from contracts.errors import ArtifactError
 
 CHUNK_ROWS = 65536
 

@@ -32,10 +32,11 @@ from indexer.artifact import (
 )
 from indexer.items import ItemTable, load_items
 from indexer.job import JobOptions, run_build_index
-from indexer.publish import publish, resolve_index_dir
+from contracts.index_store import resolve_index_dir
+from indexer.publish import publish
 from indexer.timing import FaissClock
-from training.artifact import ModelManifest, load_model_manifest
-from training.errors import ArtifactError
+from contracts.model_manifest import ModelManifest, load_model_manifest
+from contracts.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 MAX_TOMBSTONE_FRACTION = 0.2

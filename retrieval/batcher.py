@@ -14,9 +14,8 @@ raised by ``fn`` reaches every request of the batch. A request whose caller went
 (its ``submit`` was cancelled: deadline exceeded, client gone) is dropped from its batch
 if the batch has not started, and its result is discarded if it has.
 
-    ServiceError (retrieval.errors)
-    ├── Overloaded       RESOURCE_EXHAUSTED: ``max_queue`` requests already wait
-    └── BatcherClosed    UNAVAILABLE: submitted after ``close()``
+    Overloaded       a ResourceExhausted (contracts.errors): ``max_queue`` requests wait
+    BatcherClosed    an Unavailable: submitted after ``close()``
 """
 
 from __future__ import annotations
@@ -29,9 +28,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import grpc
-
-from retrieval.errors import ServiceError
+from contracts.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +36,12 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class Overloaded(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class Overloaded(ResourceExhausted):
+    pass
 
 
-class BatcherClosed(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+class BatcherClosed(Unavailable):
+    pass
 
 
 @dataclass(frozen=True, slots=True)

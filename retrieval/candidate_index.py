@@ -17,7 +17,7 @@ import numpy as np
 
 from indexer.artifact import IndexArtifact, load_metadata_rows
 from indexer.build import search_parameters
-from retrieval.errors import InvalidArgument
+from contracts.errors import InvalidArgument
 from retrieval.query import ItemRules
 from retrieval.row_lookup import rows_by_id
 from retrieval.wire import CandidateWire

@@ -1,17 +1,7 @@
-"""Errors of the service, each carrying its gRPC status code.
+"""The service's one mapping from exceptions to gRPC statuses (the tree: contracts.errors).
 
-    ServiceError                 INTERNAL unless a subclass says otherwise
-    ├── InvalidArgument          INVALID_ARGUMENT: a request field is wrong; names the field
-    ├── NotFound                 NOT_FOUND
-    ├── FailedPrecondition       FAILED_PRECONDITION: no model/index pair loaded, or an
-    │                            artifact refused (training.errors.ArtifactError)
-    └── DeadlineExceeded         DEADLINE_EXCEEDED: the caller's deadline passed; the rest
-                                 of the work is skipped
-    (retrieval.feature_store.FeatureStoreUnavailable → UNAVAILABLE: the caller may retry.
-     Only writes get there: a Retrieve whose feature read fails is answered degraded.)
-
-``status_of`` is the one place any exception becomes a (code, message) pair; the server's
-interceptor calls it. Anything that is not ours is INTERNAL with a fixed message: its
+``status_of`` is called by the server's one interceptor (retrieval.servicer). An error of
+ours carries its status by name; anything else is INTERNAL with a fixed message: its
 details go to the log, never to the caller.
 """
 
@@ -19,40 +9,22 @@ from __future__ import annotations
 
 import grpc
 
-from retrieval.feature_store import FeatureStoreUnavailable
-from training.errors import ArtifactError
-
-
-class ServiceError(Exception):
-    code = grpc.StatusCode.INTERNAL
-
-
-class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+from contracts.errors import (  # noqa: F401  (the service's errors, importable from here)
+    ArtifactError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RequestError,
+    ResourceExhausted,
+    TwoTowerError,
+    Unavailable,
+)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status to return for ``exc``; None when it is not ours (→ INTERNAL, logged)."""
-    if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
-    if isinstance(exc, FeatureStoreUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, "feature store unavailable"
-    if isinstance(exc, ArtifactError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    return None
+    """The status to return for ``exc``; None when it is not for callers (→ INTERNAL, logged)."""
+    if not isinstance(exc, TwoTowerError) or exc.grpc_status == "INTERNAL":
+        return None
+    message = exc.public_message() if isinstance(exc, RequestError) else str(exc)
+    return grpc.StatusCode[exc.grpc_status], message

@@ -30,7 +30,7 @@ never sees a user half-written. The in-memory store follows the same rules.
 
 Errors (redis exceptions are translated in one place, ``RedisFeatureStore._translate``)::
 
-    TwoTowerError                       (training.errors)
+    TwoTowerError                       (contracts.errors)
     └── FeatureStoreError               Redis failed, or holds data this layout cannot read
         └── FeatureStoreUnavailable     Redis cannot be reached or did not answer in time
 """
@@ -59,8 +59,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
-from training.dataset import Dataset, table_columns
-from training.errors import DataError, TwoTowerError
+from contracts.dataset import Dataset, table_columns
+from contracts.errors import DataError, TwoTowerError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,12 @@ class FeatureStoreError(TwoTowerError):
     """The feature store failed, or holds data that does not follow the key layout."""
 
 
-class FeatureStoreUnavailable(FeatureStoreError):
-    """The feature store cannot be reached or did not answer within its timeout."""
+class FeatureStoreUnavailable(FeatureStoreError, Unavailable):
+    """The feature store cannot be reached or did not answer within its timeout. Callers
+    are told only that (the message names hosts, for the log)."""
+
+    def public_message(self) -> str:
+        return "feature store unavailable"
 
 
 @dataclass(frozen=True)

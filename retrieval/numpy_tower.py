@@ -2,7 +2,7 @@
 on the request path (a SavedModel call costs hundreds of µs even for one row).
 
 It reads what training.numpy_export wrote into the model artifact and takes exactly the
-inputs of training.inputs.user_inputs. Preprocessing is the training graph's:
+inputs of contracts.inputs.user_inputs. Preprocessing is the training graph's:
 
 * categorical, bag, history: vocabulary lookup as Keras ``StringLookup`` does it — OOV
   indices first, [0, num_oov), then the vocabulary; with one OOV index every unknown id
@@ -26,21 +26,23 @@ from typing import Any
 import numpy as np
 
 from retrieval.row_lookup import rows_by_id
-from training.artifact import ModelManifest, load_model_manifest, verify_checksums
-from training.errors import ArtifactError
-from training.inputs import PAD
-from training.numpy_export import (
+from contracts.errors import ArtifactError
+from contracts.inputs import PAD
+from contracts.model_manifest import (
     NUMPY_TOWER_ARRAYS,
     NUMPY_TOWER_FORMAT,
     NUMPY_TOWER_FORMAT_1,
     NUMPY_TOWER_GRAPH,
+    ModelManifest,
+    load_model_manifest,
+    verify_checksums,
 )
 
 L2_EPSILON = 1e-12  # tf.math.l2_normalize's floor on the squared norm
 
 
 class NumpyUserTower:
-    """Raw input dict (training.inputs.user_inputs) → user_emb [n, d] float32."""
+    """Raw input dict (contracts.inputs.user_inputs) → user_emb [n, d] float32."""
 
     def __init__(self, graph: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
         self.embedding_dim = int(graph["embedding_dim"])
@@ -195,7 +197,7 @@ def _refuse_names(inputs: Mapping[str, np.ndarray], names: tuple[str, ...]) -> N
     missing = sorted(set(names) - inputs.keys())
     unknown = sorted(inputs.keys() - set(names))
     raise ValueError(f"user tower inputs: missing {missing}, unknown {unknown}; it takes "
-                     f"{', '.join(names)} (build them with training.inputs.user_inputs)")
+                     f"{', '.join(names)} (build them with contracts.inputs.user_inputs)")
 
 
 def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

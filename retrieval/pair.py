@@ -15,33 +15,11 @@ import numpy as np
 
 from indexer.artifact import load_index_artifact
 from retrieval.candidate_index import CandidateIndex
-from training.artifact import ModelManifest, load_model_manifest
-from training.errors import ArtifactError
-from training.inputs import UserRequest, user_inputs
+from contracts.model_manifest import ModelManifest, load_model_manifest
+from contracts.errors import ArtifactError
+from contracts.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
-
-
-class SavedModelUserTower:
-    """The exported user tower: raw input dict → user_emb [n, d] float32."""
-
-    def __init__(self, manifest: ModelManifest) -> None:
-        from training.tf_env import tf
-
-        self._tf = tf
-        path = manifest.path / "user_tower"
-        try:
-            self._fn = tf.saved_model.load(str(path)).signatures["serving_default"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ArtifactError(str(path), f"cannot load the user tower SavedModel: {exc}") from exc
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        tensors = {k: self._tf.constant(v) for k, v in inputs.items()}
-        return self._fn(**tensors)["user_emb"].numpy()
-
-    def id_tables(self) -> list[dict]:
-        """None: the vocabularies live inside the SavedModel."""
-        return []
 
 
 @dataclass(frozen=True)
@@ -83,6 +61,12 @@ def load_user_tower(model: ModelManifest, kind: str = "auto"):
         from retrieval.numpy_tower import NumpyUserTower
 
         return NumpyUserTower.from_manifest(model)
+    try:
+        from training.saved_model_tower import SavedModelUserTower
+    except ImportError as exc:  # the serving install has no TensorFlow
+        raise ArtifactError(str(model.path / "user_tower"), "this artifact has no NumPy user "
+                            "tower, and the SavedModel one needs TensorFlow: install "
+                            "two-tower-retrieval[train], or re-export the model") from exc
     return SavedModelUserTower(model)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from retrieval.errors import InvalidArgument
-from training.feature_spec import Feature, FeatureSpec
+from contracts.errors import InvalidArgument
+from contracts.feature_spec import Feature, FeatureSpec
 
 ContextValue = str | int | float
 DERIVED_RANGES = {"hour_of_day": range(24), "day_of_week": range(7)}

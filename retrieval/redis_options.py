@@ -13,13 +13,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from training.errors import TwoTowerError
+from contracts.errors import ConfigError
+from contracts.redaction import redact_url
 
 
-class RedisConfigError(TwoTowerError):
+class RedisConfigError(ConfigError):
     """A Redis credential or TLS option is missing, unreadable or contradictory."""
 
 
@@ -99,14 +100,3 @@ def _read_password(path: Path) -> str:
     return password
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***`` (for logs and messages)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:  # unparseable: show none of it rather than risk a secret
-        return "<unparseable Redis URL>"

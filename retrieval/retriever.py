@@ -14,7 +14,13 @@ from pathlib import Path
 from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
 from retrieval.circuit_breaker import BreakerConfig, CircuitBreaker
-from retrieval.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from contracts.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    quote,
+)
 from retrieval.feature_store import (
     FeatureStore,
     FeatureStoreError,
@@ -24,7 +30,7 @@ from retrieval.feature_store import (
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
 from retrieval.query import Limits, RetrieveQuery, validate_interactions, validate_query
-from training.inputs import UserRequest, user_inputs
+from contracts.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +156,7 @@ class Retriever:
                 validate_query(query, pair.model.feature_spec, self.limits)
                 pair.index.check_rules(query.rules)
             except InvalidArgument as exc:
-                raise InvalidArgument(f"requests[{i}].{exc.field}",
-                                      str(exc).split(": ", 1)[1]) from None
+                raise exc.within(f"requests[{i}]") from None
         return list(await asyncio.gather(*(self.retrieve(q, deadline) for q in queries)))
 
     async def similar_items(self, item_id: str, k: int, exclude: frozenset[str]
@@ -271,7 +276,8 @@ def _set_faiss_threads(n: int) -> None:
 def _similar(pair: ServingPair, item_id: str, k: int, exclude: frozenset[str]) -> Candidates:
     item_emb = pair.index.vector(item_id)
     if item_emb is None:
-        raise NotFound(f"item_id: {item_id!r} is not in the served index {pair.index_version}")
+        raise NotFound("item_id", f"{quote(item_id)} is not in the served index "
+                       f"{pair.index_version}")
     return pair.index.search(item_emb[None, :], k, [exclude])[0]
 
 

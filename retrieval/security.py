@@ -10,7 +10,7 @@
                       with a token of the set. grpc.health.v1.Health stays open, so
                       Kubernetes probes need no token; reflection needs one like any service.
 
-Errors: SecurityConfigError (a TwoTowerError) names the file or variable and what is wrong
+Errors: SecurityConfigError (a ConfigError) names the file or variable and what is wrong
 in it; it is raised once, at start, and never contains a secret. What a refused caller
 reads is one of two fixed messages (``MISSING_TOKEN``, ``INVALID_TOKEN``).
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 from retrieval.metrics import ServiceMetrics
-from training.errors import TwoTowerError
+from contracts.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ MIN_TOKEN_CHARS = 16
 TOKEN_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
-class SecurityConfigError(TwoTowerError):
+class SecurityConfigError(ConfigError):
     """A certificate, key or token source is missing, unreadable or malformed."""
 
 

@@ -16,7 +16,8 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
-from retrieval.errors import InvalidArgument, status_of
+from contracts.errors import InvalidArgument
+from retrieval.errors import status_of
 from retrieval.metrics import ServiceMetrics
 from retrieval.query import ItemRules, RetrieveQuery
 from retrieval.undecodable import bad_field
@@ -47,8 +48,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             try:
                 queries.append(decode_retrieve(r))
             except InvalidArgument as exc:
-                raise InvalidArgument(f"requests[{i}].{exc.field}",
-                                      str(exc).split(": ", 1)[1]) from None
+                raise exc.within(f"requests[{i}]") from None
         results = await self.retriever.batch_retrieve(queries, _deadline(context))
         return repeated_messages(1, [encode_retrieve(result, q.request_id)
                                      for result, q in zip(results, queries, strict=True)])

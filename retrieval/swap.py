@@ -21,12 +21,12 @@ import logging
 import weakref
 from pathlib import Path
 
-from indexer.publish import resolve_index_dir
+from contracts.index_store import resolve_index_dir
 from retrieval.pair import ServingPair, load_pair
 from retrieval.retriever import Retriever
 from retrieval.row_lookup import empty_politely
-from training.artifact import MANIFEST
-from training.errors import ArtifactError
+from contracts.model_manifest import MANIFEST
+from contracts.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

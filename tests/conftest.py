@@ -153,7 +153,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     from indexer.build import IndexSpec
     from indexer.gated_build import GateConfig
     from indexer.job import JobOptions, run_build_index
-    from training.dataset import write_dataset
+    from contracts.dataset import write_dataset
     from training.pipeline import run_training
     from training.synthetic import SyntheticConfig, generate_synthetic
     from training.train import TrainConfig
@@ -194,11 +194,11 @@ def start_server(args: list[str], workdir: Path, timeout_s: float = 120.0) -> Se
     """`two-tower serve ARGS --port 0` as a child process; returns once it is SERVING."""
     port_file = workdir / "port"
     log_path = workdir / "server.log"
-    command = [sys.executable, "-m", "retrieval.cli", "serve", *args, "--port", "0",
+    command = [sys.executable, "-m", "app.cli", "serve", *args, "--port", "0",
                "--port-file", str(port_file)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    from retrieval.server import wait_for_port_file
+    from app.processes import wait_for_port_file
 
     try:
         ports = wait_for_port_file(process, port_file, log_path, timeout_s)
@@ -240,7 +240,7 @@ def redis_backed_server(pipeline: Pipeline, tmp_path_factory):
     read would turn a reply into a degraded cold start (tests/test_faults.py covers that)."""
     redis_process = _start_redis_server(tmp_path_factory.mktemp("redis-for-server"))
     url = f"redis://127.0.0.1:{redis_process.port}/0"
-    subprocess.run([sys.executable, "-m", "retrieval.cli", "load-features", "--data",
+    subprocess.run([sys.executable, "-m", "app.cli", "load-features", "--data",
                     str(pipeline.data_dir), "--redis-url", url], check=True, capture_output=True)
     workdir = tmp_path_factory.mktemp("redis-server")
     running = start_server(["--model", str(pipeline.model_dir), "--index",

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import redis
 
-from retrieval.cli import main
+from app.cli import main
 
 
 def _csv_dataset(tmp_path):
     """The tiny synthetic dataset written as CSV, which a user can break by hand."""
     from tests.conftest import TINY
-    from training.dataset import write_dataset
+    from contracts.dataset import write_dataset
     from training.synthetic import SyntheticConfig, generate_synthetic
 
     dataset, spec_toml = generate_synthetic(SyntheticConfig(**TINY))

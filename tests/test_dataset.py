@@ -7,9 +7,9 @@ import collections
 import numpy as np
 import pytest
 
-from training.dataset import load_dataset, write_dataset
-from training.errors import DataError
-from training.inputs import derive_context, training_examples
+from contracts.dataset import load_dataset, write_dataset
+from contracts.errors import DataError
+from contracts.inputs import derive_context, training_examples
 from training.synthetic import NIGHT_HOURS, SyntheticConfig, generate_synthetic
 
 SMALL = SyntheticConfig(num_users=50, num_items=60, num_clusters=4, interactions_per_user=8)

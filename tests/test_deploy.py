@@ -230,7 +230,7 @@ def test_service_hpa_and_pdb_point_at_the_deployment(view):
 
 
 def _cli_options() -> dict[str, set[str]]:
-    from retrieval.cli import _parser
+    from app.cli import build_parser as _parser
 
     [subparsers] = [a for a in _parser()._actions if a.choices and a.dest == "command"]
     return {name: set(p._option_string_actions) for name, p in subparsers.choices.items()}
@@ -238,7 +238,7 @@ def _cli_options() -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("view", ["source", "overlays/trial", "overlays/production"])
 def test_every_command_line_is_one_the_cli_accepts(view):
-    from retrieval.cli import _parser
+    from app.cli import build_parser as _parser
 
     options = _cli_options()
     used = _ours(_docs(view))
@@ -471,7 +471,7 @@ def test_dockerignore_keeps_local_state_out_and_stubs_generated():
                  ".git/HEAD", "retrieval/v1/retrieval_pb2.py", "retrieval/v1/retrieval_pb2_grpc.py",
                  "retrieval/__pycache__/cli.cpython-311.pyc", "tests/test_deploy.py"):
         assert _ignored(path), path
-    for path in ("retrieval/cli.py", "retrieval/v1/__init__.py", "pyproject.toml",
+    for path in ("app/cli.py", "retrieval/v1/__init__.py", "pyproject.toml",
                  "proto/retrieval/v1/retrieval.proto", "deploy/entrypoint.sh"):
         assert not _ignored(path), path
 
@@ -520,7 +520,7 @@ def test_build_stage_replayed_without_docker_packages_freshly_generated_stubs(tm
         for name in ("retrieval_pb2.py", "retrieval_pb2_grpc.py", "retrieval_pb2.pyi"):
             packaged = archive.read(f"retrieval/v1/{name}")
             assert packaged == (ROOT / "retrieval" / "v1" / name).read_bytes(), name
-        assert "retrieval/cli.py" in archive.namelist()
+        assert "app/cli.py" in archive.namelist()
 
 
 def test_final_stage_is_non_root_with_probe_entrypoint_and_serve():
@@ -579,7 +579,7 @@ def test_entrypoint_fills_serve_flags_from_the_environment(tmp_path):
     assert run.argv == ["serve", "--model", "/artifacts/models/m-1", "--index",
                         "/artifacts/indexes", "--host", "0.0.0.0", "--port", "50051",
                         "--metrics-port", "9090", "--redis-url", "redis://r:6379/0"]
-    from retrieval.cli import _parser
+    from app.cli import build_parser as _parser
 
     _parser().parse_args(run.argv)  # a command line the real CLI accepts
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from training.artifact import load_model_manifest
-from training.dataset import write_dataset
+from contracts.model_manifest import load_model_manifest
+from contracts.dataset import write_dataset
 from training.synthetic import SyntheticConfig, generate_synthetic
 
 
@@ -29,7 +29,7 @@ def _free_ports(n: int) -> list[int]:
 def _train(data, out, env_extra=None) -> subprocess.Popen:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "retrieval.cli", "train", "--data", str(data), "--out", str(out),
+        [sys.executable, "-m", "app.cli", "train", "--data", str(data), "--out", str(out),
          "--epochs", "3", "--batch-size", "128", "--seed", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 

@@ -26,7 +26,7 @@ from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 from tests.conftest import (
     RedisServer, start_redis_server, start_server, stop_redis_server, stop_server,
 )
-from training.dataset import load_dataset
+from contracts.dataset import load_dataset
 
 NIGHT = {"hour_of_day": 22, "device": "tv"}
 WEDNESDAY = 1_700_611_200

@@ -6,8 +6,8 @@ import tomllib
 
 import pytest
 
-from training.errors import FeatureSpecError
-from training.feature_spec import load_feature_spec, parse_feature_spec
+from contracts.errors import FeatureSpecError
+from contracts.feature_spec import load_feature_spec, parse_feature_spec
 from training.synthetic import SPEC_TOML
 
 MINIMAL = """

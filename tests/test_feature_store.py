@@ -30,8 +30,8 @@ from retrieval.feature_store import (
     StoredUser,
     users_from_dataset,
 )
-from training.dataset import Dataset
-from training.feature_spec import parse_feature_spec
+from contracts.dataset import Dataset
+from contracts.feature_spec import parse_feature_spec
 
 T = TypeVar("T")
 OpenStore = Callable[..., contextlib.AbstractAsyncContextManager[FeatureStore]]

@@ -22,7 +22,7 @@ NIGHT = {"hour_of_day": 22, "device": "tv"}
 
 def _build_index(model_dir, store, factory: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "build-index", "--model", str(model_dir),
+        [sys.executable, "-m", "app.cli", "build-index", "--model", str(model_dir),
          "--out", str(store), "--index", factory, "--target-recall", "0.5"],
         capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

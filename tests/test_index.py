@@ -19,7 +19,7 @@ from indexer.artifact import (
 from indexer.build import IndexSpec, build_index, recall_against_exact
 from indexer.exact import exact_search
 from indexer.source import ArraySource, NpySource
-from training.errors import ArtifactError
+from contracts.errors import ArtifactError
 
 
 def _clustered(n=4000, d=32, clusters=50, seed=0):
@@ -123,7 +123,7 @@ def test_indexed_vectors_can_be_read_back_from_an_ivf_index(pipeline, tmp_path):
     from indexer.gated_build import GateConfig
     from indexer.job import JobOptions, run_build_index
     from retrieval.candidate_index import CandidateIndex
-    from training.artifact import load_item_embeddings, load_model_manifest
+    from contracts.model_manifest import load_item_embeddings, load_model_manifest
 
     version = run_build_index(pipeline.model_dir, tmp_path, IndexSpec("IVF8,Flat"),
                               JobOptions(gate=GateConfig(target_recall=0.9)))

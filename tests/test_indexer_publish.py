@@ -19,8 +19,9 @@ import redis
 from indexer.artifact import load_index_artifact
 from indexer.faults import ENV
 from indexer.job import JobOptions, run_build_index
-from indexer.publish import CHANNEL, current_version, rollback, versions
-from training.errors import ArtifactError
+from contracts.index_store import current_version, versions
+from indexer.publish import CHANNEL, rollback
+from contracts.errors import ArtifactError
 
 
 def _build(pipeline, store, **options):
@@ -51,7 +52,7 @@ def test_a_job_killed_before_the_pointer_moves_leaves_the_old_version_current(
     store = tmp_path / "indexes"
     old = _build(pipeline, store)
     job = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "build-index", "--model",
+        [sys.executable, "-m", "app.cli", "build-index", "--model",
          str(pipeline.model_dir), "--out", str(store)],
         env={**os.environ, ENV: point}, capture_output=True, text=True, timeout=120)
     assert job.returncode == -signal.SIGKILL, job.stderr
@@ -68,7 +69,7 @@ def test_rollback_returns_to_the_previous_version_and_can_be_named(pipeline, tmp
     assert rollback(store).index_version == second.name
     assert rollback(store).index_version == first.name
     assert load_index_artifact(store).index_version == first.name
-    cli = subprocess.run([sys.executable, "-m", "retrieval.cli", "rollback", "--store",
+    cli = subprocess.run([sys.executable, "-m", "app.cli", "rollback", "--store",
                           str(store), "--to", third.name], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip() == str(third) and current_version(store) == third.name

@@ -15,12 +15,12 @@ from indexer.build import IndexSpec
 from indexer.embed import ItemTowerSource
 from indexer.items import load_items
 from indexer.job import JobOptions, run_build_index
-from indexer.publish import current_version, versions
+from contracts.index_store import current_version, versions
 from indexer.update import run_update_index
 from retrieval.candidate_index import CandidateIndex
-from training.artifact import load_model_manifest
-from training.dataset import load_dataset
-from training.errors import ArtifactError, DataError
+from contracts.model_manifest import load_model_manifest
+from contracts.dataset import load_dataset
+from contracts.errors import ArtifactError, DataError
 
 NEW = [f"new{i}" for i in range(5)]
 
@@ -115,7 +115,7 @@ def test_update_index_from_the_command_line(pipeline, tmp_path):
     store = tmp_path / "indexes"
     run_build_index(pipeline.model_dir, store, None, JobOptions(items=pipeline.data_dir))
     catalogue, _ = _catalogue(pipeline, tmp_path / "items.csv", drop=3)
-    job = subprocess.run([sys.executable, "-m", "retrieval.cli", "update-index", "--store",
+    job = subprocess.run([sys.executable, "-m", "app.cli", "update-index", "--store",
                           str(store), "--model", str(pipeline.model_dir), "--items",
                           str(catalogue)], capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stderr

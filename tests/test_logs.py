@@ -12,7 +12,7 @@ from retrieval.logs import JsonFormatter
 
 def test_json_log_format_gives_one_object_per_line(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "--log-format", "json", "generate", "--out",
+        [sys.executable, "-m", "app.cli", "--log-format", "json", "generate", "--out",
          str(tmp_path / "d"), "--users", "30", "--items", "40", "--interactions-per-user", "3"],
         capture_output=True, text=True, check=True)
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]

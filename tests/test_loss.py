@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.feature_spec import parse_feature_spec
+from contracts.feature_spec import parse_feature_spec
 from training.model import CANDIDATE_Q, FeatureStats, LossConfig, Towers, TowerConfig, TwoTowerModel
 from training.tf_env import tf
 

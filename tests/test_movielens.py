@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.dataset import load_dataset, write_dataset
-from training.errors import DataError
-from training.feature_spec import parse_feature_spec
+from contracts.dataset import load_dataset, write_dataset
+from contracts.errors import DataError
+from contracts.feature_spec import parse_feature_spec
 from training.movielens import ML100K_GENRES, convert_ml1m, convert_ml100k, main_convert
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

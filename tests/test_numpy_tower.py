@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.errors import ArtifactError
-from training.inputs import PAD, UserRequest, user_inputs
+from contracts.errors import ArtifactError
+from contracts.inputs import PAD, UserRequest, user_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +39,9 @@ class Exported:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def exported(request, tmp_path_factory) -> Exported:
     from retrieval.numpy_tower import NumpyUserTower
-    from retrieval.pair import SavedModelUserTower
-    from training.artifact import export_model, load_model_manifest
+    from training.saved_model_tower import SavedModelUserTower
+    from contracts.model_manifest import load_model_manifest
+    from training.artifact import export_model
     from training.model import TowerConfig
     from training.synthetic import SyntheticConfig, generate_synthetic
     from training.train import TrainConfig, train
@@ -64,7 +65,7 @@ def _with_oov_buckets(dataset, oov: dict[str, int]):
 
 
 def _examples(exported: Exported, n: int = 200) -> dict[str, np.ndarray]:
-    from training.inputs import training_examples
+    from contracts.inputs import training_examples
 
     examples = training_examples(exported.trained.dataset)
     return {f.name: examples[f.name][:n] for f in exported.spec.user_input_features}
@@ -204,7 +205,7 @@ def test_a_format_1_tower_with_vocabularies_in_its_json_still_loads_and_agrees(
     import shutil
 
     from retrieval.numpy_tower import NumpyUserTower
-    from training.artifact import checksums
+    from contracts.model_manifest import checksums
 
     copy = tmp_path / "model"
     shutil.copytree(exported.model_dir, copy)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.dataset import Dataset
-from training.errors import DataError
-from training.feature_spec import parse_feature_spec
+from contracts.dataset import Dataset
+from contracts.errors import DataError
+from contracts.feature_spec import parse_feature_spec
 from training.protocols import (k_core, ml100k_temporal_leave_one_out, popularity_ranking,
                                 ratio_split_sizes, recbole_general, recbole_ml1m_general)
 

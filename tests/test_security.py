@@ -28,7 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from retrieval.client import build_request, open_channel, retrieve
-from retrieval.redis_options import RedisAuth, RedisConfigError, redact_url
+from contracts.redaction import redact_url
+from retrieval.redis_options import RedisAuth, RedisConfigError
 from retrieval.security import (
     INVALID_TOKEN, MISSING_TOKEN, ClientTls, SecurityConfigError, TlsConfig, TokenSet,
     bearer_token,
@@ -283,7 +284,7 @@ def _sample(text: str, name: str) -> float:
 def test_two_tower_query_connects_with_tls_and_a_token(tls_token_server, pki, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    base = [sys.executable, "-m", "retrieval.cli", "query", "--address",
+    base = [sys.executable, "-m", "app.cli", "query", "--address",
             tls_token_server.address, "--user-id", "u1", "--tls-ca", str(pki.ca)]
     done = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True,
                           text=True, timeout=60)
@@ -336,7 +337,7 @@ def test_bearer_token_reads_the_authorization_metadata(metadata, token):
 
 
 def test_serve_names_an_unreadable_tokens_file_and_exits_2(pipeline, pki, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "retrieval.cli", "serve", *_pair_args(pipeline),
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", *_pair_args(pipeline),
                            "--auth-tokens-file", str(tmp_path / "missing-tokens")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
@@ -391,7 +392,7 @@ def loaded_secured_redis(secured_redis, pipeline, tmp_path_factory):
     password_file = tmp_path_factory.mktemp("redis-secret") / "password"
     password_file.write_text(REDIS_SERVICE_PASSWORD + "\n")
     done = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "load-features", "--data", str(pipeline.data_dir),
+        [sys.executable, "-m", "app.cli", "load-features", "--data", str(pipeline.data_dir),
          "--redis-url", f"redis://127.0.0.1:{secured_redis.port}/0", "--redis-username", "svc",
          "--redis-password-file", str(password_file)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -418,7 +419,7 @@ def test_the_service_reads_features_from_redis_over_tls_as_an_acl_user(
 def _patient_redis_args() -> list[str]:
     """A TLS handshake takes tens of milliseconds on a busy 2-core test machine: where serve
     bounds each Redis call, give it room (the bound is not what these tests are about)."""
-    from retrieval.cli import _parser
+    from app.cli import build_parser as _parser
 
     [sub] = [a for a in _parser()._actions if a.dest == "command"]
     flags = {o for a in sub.choices["serve"]._actions for o in a.option_strings}
@@ -430,7 +431,7 @@ def test_a_wrong_redis_password_stops_serve_at_start_naming_the_problem(
     secured, _ = loaded_secured_redis
     wrong = "wrong-password-3b9e1d"
     done = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "serve", *_pair_args(pipeline), "--port", "0",
+        [sys.executable, "-m", "app.cli", "serve", *_pair_args(pipeline), "--port", "0",
          "--redis-url", f"redis://127.0.0.1:{secured.port}/0", "--redis-username", "svc",
          "--redis-password-env", "TT_REDIS_PASSWORD"],
         capture_output=True, text=True, timeout=120,
@@ -454,7 +455,7 @@ def test_index_publish_notifies_a_password_protected_redis_without_the_password_
         subscriber = client.pubsub(ignore_subscribe_messages=True)
         subscriber.subscribe("tt:v1:index-published")
         done = subprocess.run(
-            [sys.executable, "-m", "retrieval.cli", "build-index", "--model",
+            [sys.executable, "-m", "app.cli", "build-index", "--model",
              str(pipeline.model_dir), "--out", str(tmp_path / "indexes"), "--index", "Flat",
              "--notify-redis", url, "--redis-password-env", "TT_NOTIFY_PASSWORD"],
             capture_output=True, text=True, timeout=300,
@@ -468,7 +469,7 @@ def test_index_publish_notifies_a_password_protected_redis_without_the_password_
     assert json.loads(message["data"])["index_version"] == Path(done.stdout.split()[-1]).name
     assert REDIS_ADMIN_PASSWORD not in done.stdout + done.stderr
     wrong = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "rollback", "--store", str(tmp_path / "indexes"),
+        [sys.executable, "-m", "app.cli", "rollback", "--store", str(tmp_path / "indexes"),
          "--notify-redis", f"redis://:in-url@127.0.0.1:{secured_redis.port}/0",
          "--redis-password-env", "TT_NOTIFY_PASSWORD"], capture_output=True, text=True,
         timeout=120, env={**os.environ, "TT_NOTIFY_PASSWORD": REDIS_ADMIN_PASSWORD})
@@ -511,8 +512,8 @@ def _rewrite_manifest(directory: Path, change) -> None:
 
 def test_an_object_array_in_an_artifact_is_refused_not_unpickled(pipeline, tmp_path):
     from indexer.artifact import load_index_artifact
-    from training.artifact import checksums
-    from training.errors import ArtifactError
+    from contracts.model_manifest import checksums
+    from contracts.errors import ArtifactError
 
     index_dir = _copy_index(pipeline, tmp_path)
     ids = np.load(index_dir / "item_ids.npy", allow_pickle=False)
@@ -524,7 +525,7 @@ def test_an_object_array_in_an_artifact_is_refused_not_unpickled(pipeline, tmp_p
 
 def test_a_file_the_loader_reads_must_be_covered_by_the_checksums(pipeline, tmp_path):
     from indexer.artifact import load_index_artifact
-    from training.errors import ArtifactError
+    from contracts.errors import ArtifactError
 
     index_dir = _copy_index(pipeline, tmp_path)
     _rewrite_manifest(index_dir, lambda doc: doc["files"].pop("index.faiss"))
@@ -535,7 +536,7 @@ def test_a_file_the_loader_reads_must_be_covered_by_the_checksums(pipeline, tmp_
 def test_a_manifest_cannot_point_outside_its_artifact(pipeline, tmp_path):
     from indexer.artifact import load_index_artifact
     from retrieval.swap import resolve_pair_dirs
-    from training.errors import ArtifactError
+    from contracts.errors import ArtifactError
 
     index_dir = _copy_index(pipeline, tmp_path)
     _rewrite_manifest(index_dir, lambda doc: doc["files"].update({"../../etc/passwd": "0"}))

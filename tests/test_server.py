@@ -103,7 +103,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, kwargs, field):
 
 def test_query_command_prints_the_candidates_as_a_table(server):
     out = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "query", "--address", server.address,
+        [sys.executable, "-m", "app.cli", "query", "--address", server.address,
          "--user-id", "u3", "--k", "5", "--context", "hour_of_day=22", "--context", "device=tv"],
         capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
@@ -112,7 +112,7 @@ def test_query_command_prints_the_candidates_as_a_table(server):
 
 def test_query_command_reports_the_status_of_a_bad_request(server):
     done = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "query", "--address", server.address,
+        [sys.executable, "-m", "app.cli", "query", "--address", server.address,
          "--user-id", "u3", "--k", "0"], capture_output=True, text=True)
     assert done.returncode == 1 and "INVALID_ARGUMENT: k: must be in [1, 1000]" in done.stderr
 
@@ -199,7 +199,7 @@ def test_the_server_does_no_work_for_a_call_whose_deadline_has_passed(pipeline):
     import asyncio
     import time
 
-    from retrieval.errors import DeadlineExceeded
+    from contracts.errors import DeadlineExceeded
     from retrieval.feature_store import InMemoryFeatureStore
     from retrieval.pair import load_pair
     from retrieval.query import ItemRules, RetrieveQuery
@@ -288,7 +288,7 @@ def test_batch_retrieve_names_the_bad_request(stub):
 def test_similar_items_are_nearest_neighbours_without_the_item_itself(stub, pipeline):
     import numpy as np
 
-    from training.artifact import load_item_embeddings, load_model_manifest
+    from contracts.model_manifest import load_item_embeddings, load_model_manifest
 
     reply = stub.SimilarItems(pb.SimilarItemsRequest(item_id="i5", k=10), timeout=10)
     ids = [c.item_id for c in reply.candidates]
@@ -303,7 +303,7 @@ def test_similar_items_are_nearest_neighbours_without_the_item_itself(stub, pipe
 
 
 def _categories(pipeline) -> dict[str, str]:
-    from training.dataset import load_dataset
+    from contracts.dataset import load_dataset
 
     items = load_dataset(pipeline.data_dir).items
     return dict(zip(items["item_id"], items["category"], strict=True))

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from training.artifact import load_item_embeddings, load_model_manifest
-from training.errors import ArtifactError
+from contracts.model_manifest import load_item_embeddings, load_model_manifest
+from contracts.errors import ArtifactError
 
 
 def test_trained_model_beats_popularity_by_a_clear_margin(pipeline):
@@ -22,9 +22,9 @@ def test_trained_model_beats_popularity_by_a_clear_margin(pipeline):
 
 def test_exported_user_tower_gives_the_training_embeddings(pipeline):
     """The SavedModel the service loads must agree with the Keras tower it came from."""
-    from retrieval.pair import SavedModelUserTower
-    from training.dataset import load_dataset
-    from training.inputs import training_examples
+    from training.saved_model_tower import SavedModelUserTower
+    from contracts.dataset import load_dataset
+    from contracts.inputs import training_examples
     from training.model import TowerConfig
     from training.train import TrainConfig, train
 
@@ -59,7 +59,7 @@ def test_a_default_model_has_unit_length_embeddings_for_a_cosine_index(pipeline)
 
 
 def test_train_flags_default_to_normalised_towers_and_can_turn_them_off():
-    from retrieval.cli import _parser
+    from app.cli import build_parser as _parser
 
     default = _parser().parse_args(["train", "--data", "d", "--out", "o"])
     assert (default.normalize, default.temperature) == (True, 0.05)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.dataset import Dataset
+from contracts.dataset import Dataset
 from training.metrics import (DEFAULT_CHUNK, RankingMetrics, UserItems, evaluate_ranking,
                               popularity_scorer, popularity_scores)
 

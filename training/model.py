@@ -1,6 +1,6 @@
 """The two-tower model, built from a feature spec.
 
-Each tower is a Keras functional model over a dict of raw inputs (training.inputs): every
+Each tower is a Keras functional model over a dict of raw inputs (contracts.inputs): every
 feature is encoded (vocabulary lookup + embedding, normalisation, or masked mean of a bag),
 the encodings are concatenated and an MLP maps them to the embedding. The user tower's
 history feature shares the item-id vocabulary and embedding table with the item tower.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.feature_spec import Feature, FeatureSpec
+from contracts.feature_spec import Feature, FeatureSpec
 from training.tf_env import keras, tf, tfrs
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.dataset import Dataset, Table, write_dataset
-from training.errors import DataError
-from training.feature_spec import DERIVATIONS, parse_feature_spec
+from contracts.dataset import Dataset, Table, write_dataset
+from contracts.errors import DataError
+from contracts.feature_spec import DERIVATIONS, parse_feature_spec
 
 logger = logging.getLogger(__name__)
 

@@ -32,15 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.feature_spec import Feature, FeatureSpec
+from contracts.feature_spec import Feature, FeatureSpec
+
+from contracts.model_manifest import NUMPY_TOWER_ARRAYS, NUMPY_TOWER_FORMAT, NUMPY_TOWER_GRAPH
 
 if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must not
     from training.model import FeatureStats
 
-NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/2"
-NUMPY_TOWER_FORMAT_1 = "two-tower-numpy-user-tower/1"  # vocabularies as JSON lists
-NUMPY_TOWER_ARRAYS = "user_tower_numpy.npz"
-NUMPY_TOWER_GRAPH = "user_tower_numpy.json"
 ACTIVATIONS = ("linear", "relu")
 MIN_VARIANCE = 1e-12  # training.model.Towers floors the variance at this before sqrt
 _LAYER_TYPES = {"InputLayer", "TFOpLambda", "StringLookup", "Embedding", "Reshape",

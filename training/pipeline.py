@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from training.artifact import export_model
-from training.dataset import Dataset
+from contracts.dataset import Dataset
 from training.distributed import worker_role
-from training.inputs import training_examples
+from contracts.inputs import training_examples
 from training.metrics import RankingMetrics
 from training.protocols import (
     ProtocolSplit, evaluate_protocol, popularity_ranking, temporal_leave_one_out,

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from training.dataset import Dataset
-from training.errors import DataError
+from contracts.dataset import Dataset
+from contracts.errors import DataError
 from training.metrics import (KS, RankingMetrics, Scorer, UserItems, evaluate_ranking,
                               popularity_scorer, popularity_scores)
 
@@ -125,7 +125,7 @@ def temporal_leave_one_out(dataset: Dataset) -> ProtocolSplit:
     train and test only; with one, train only (RecBole's leave-one-out, leave_one_num=2).
     Rows are the Dataset's interaction rows; item rows follow its items table (the order
     of ``item_emb``); user rows follow the sorted user ids. Features of an event must come
-    from before it: the examples builder (training.inputs) guarantees that.
+    from before it: the examples builder (contracts.inputs) guarantees that.
     """
     cols = dataset.spec.columns
     user_ids, users = np.unique(dataset.interactions[cols.user_id].astype(str),

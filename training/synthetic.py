@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.dataset import Dataset
-from training.feature_spec import parse_feature_spec
+from contracts.dataset import Dataset
+from contracts.feature_spec import parse_feature_spec
 
 SPEC_TOML = """\
 # Feature spec of the synthetic demo dataset (training.synthetic).

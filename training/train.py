@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.dataset import Dataset
+from contracts.dataset import Dataset
 from training.distributed import training_strategy
-from training.inputs import item_inputs, training_examples
+from contracts.inputs import item_inputs, training_examples
 from training.model import (
     CANDIDATE_Q, FeatureStats, LossConfig, Towers, TowerConfig, TwoTowerModel,
     compute_feature_stats,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from training.errors import FeatureSpecError
+from contracts.errors import FeatureSpecError
 
 Tower = Literal["user", "item", "context"]
 Kind = Literal["categorical", "numeric", "bag", "history"]

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from retrieval.client import Reply, build_request, format_reply, retrieve
-from retrieval.server import wait_for_port_file
+from app.processes import wait_for_port_file
 
 DAY_HOUR, NIGHT_HOUR = 10, 22
 WEDNESDAY = 1_700_611_200  # 2023-11-22 00:00 UTC
@@ -39,7 +39,7 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig) -> int:
     from indexer.job import JobOptions, run_build_index
-    from training.dataset import write_dataset
+    from contracts.dataset import write_dataset
     from training.pipeline import run_training
     from training.synthetic import SyntheticConfig, generate_synthetic
     from training.train import TrainConfig
@@ -72,7 +72,7 @@ def run_demo(config: DemoConfig) -> int:
 
 def _serve_and_query(config, model_dir, index_dir, data_dir, categories) -> int:
     port_file = config.workdir / "server.port"
-    command = [sys.executable, "-m", "retrieval.cli", "serve", "--model", str(model_dir),
+    command = [sys.executable, "-m", "app.cli", "serve", "--model", str(model_dir),
                "--index", str(index_dir), "--features", str(data_dir), "--port", "0",
                "--port-file", str(port_file)]
     server = subprocess.Popen(command, stderr=open(config.workdir / "server.log", "w"))

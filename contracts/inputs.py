@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from training.dataset import Dataset
-from training.feature_spec import Feature, FeatureSpec
+from contracts.dataset import Dataset
+from contracts.feature_spec import Feature, FeatureSpec
 
 PAD = ""
 SECONDS_PER_HOUR = 3600

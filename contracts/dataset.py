@@ -2,7 +2,7 @@
 
 A dataset is a directory::
 
-    features.toml                 the feature spec (training.feature_spec)
+    features.toml                 the feature spec (contracts.feature_spec)
     interactions.{parquet,csv}    user_id, item_id, timestamp, + non-derived context columns
     users.{parquet,csv}           user_id + user features (optional when there are none)
     items.{parquet,csv}           item_id + item features: the whole catalogue, including
@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from training.errors import DataError
-from training.feature_spec import BAG_SEPARATOR, Feature, FeatureSpec, load_feature_spec
+from contracts.errors import DataError
+from contracts.feature_spec import BAG_SEPARATOR, Feature, FeatureSpec, load_feature_spec
 
 Table = dict[str, np.ndarray]
 SPEC_FILE = "features.toml"
@@ -67,7 +67,7 @@ def load_dataset(directory: str | Path) -> Dataset:
     tables = {}
     for name, columns in layout.items():
         path = _find_table(directory, name, required=name != "users" or len(columns) > 1)
-        tables[name] = _read_table(path, columns, spec) if path else {
+        tables[name] = read_table(path, columns, spec) if path else {
             spec.columns.user_id: np.array([], dtype=object)
         }
     _check_unique(tables["items"], spec.columns.item_id, directory / "items")
@@ -118,7 +118,7 @@ def _find_table(directory: Path, name: str, required: bool) -> Path | None:
     return None
 
 
-def _read_table(path: Path, columns: list[Feature | str], spec: FeatureSpec) -> Table:
+def read_table(path: Path, columns: list[Feature | str], spec: FeatureSpec) -> Table:
     is_csv = path.suffix == ".csv"
     try:
         if is_csv:

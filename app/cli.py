@@ -1,0 +1,49 @@
+"""The ``two-tower`` command: one subcommand per job, each a thin call into its stage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from app.commands import data, demo, index, serve, train
+from contracts.errors import TwoTowerError
+from retrieval.logs import configure_logging
+
+log = logging.getLogger("two_tower")
+
+# (module, its parser adders) in the order `two-tower --help` lists them
+_COMMANDS = (
+    (data, (data.add_generate, data.add_convert)),
+    (train, (train.add_train,)),
+    (index, (index.add_build_index, index.add_update_index, index.add_rollback)),
+    (serve, (serve.add_serve, serve.add_load_features, serve.add_query)),
+    (demo, (demo.add_demo,)),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format)
+    try:
+        return args.run(args) or 0
+    except (TwoTowerError, ValueError, OSError) as exc:
+        print(f"two-tower {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="two-tower", description=__doc__)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per log line (before the subcommand)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for _, adders in _COMMANDS:
+        for add in adders:
+            add(sub)
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

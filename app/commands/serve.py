@@ -1,0 +1,212 @@
+"""`serve`, `load-features` and `query`: run the service, fill its feature store, call it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from app.commands.redis_args import add_redis_auth_args, redis_auth
+
+log = logging.getLogger("two_tower")
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC retrieval service")
+    _add_serve_args(p)
+    p.set_defaults(run=_serve)
+
+
+def add_load_features(sub) -> None:
+    p = sub.add_parser("load-features", help="write users' features and histories to Redis")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--history-length", type=int, default=20)
+    add_redis_auth_args(p)
+    p.set_defaults(run=_load_features)
+
+
+def add_query(sub) -> None:
+    p = sub.add_parser("query", help="call Retrieve on a running server, print a table")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--event-time", type=int, default=0, help="unix seconds; 0 = now")
+    p.add_argument("--recent", action="append", default=[], metavar="ITEM_ID")
+    p.add_argument("--exclude", action="append", default=[], metavar="ITEM_ID")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    _add_client_security_args(p)
+    p.set_defaults(run=_query)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True,
+                   help="model version dir (pinned) or model store (the version the index names)")
+    p.add_argument("--index", type=Path, required=True,
+                   help="index version dir (pinned) or index store (its CURRENT, watched)")
+    p.add_argument("--watch-interval", type=float, default=2.0,
+                   help="seconds between checks of the index pointer; 0 = never swap")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 = any free port")
+    p.add_argument("--redis-url", help="read user features from Redis (default: in-process)")
+    p.add_argument("--features", type=Path,
+                   help="dataset directory that fills the in-process feature store")
+    p.add_argument("--port-file", type=Path,
+                   help="write the bound port (and the metrics port) here once SERVING")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus /metrics over HTTP on this port (0 = any free port)")
+    p.add_argument("--user-tower", choices=("auto", "numpy", "savedmodel"), default="auto",
+                   help="how the user tower runs online (auto: NumPy when the artifact has it)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="requests gathered into one tower + ANN call")
+    p.add_argument("--max-wait-us", type=int, default=0,
+                   help="how long the first request of a batch may wait for others")
+    _add_serve_security_args(p)
+    add_redis_auth_args(p)
+    p.add_argument("--max-queue", type=int, default=2048,
+                   help="requests waiting for the compute thread; beyond, RESOURCE_EXHAUSTED")
+    p.add_argument("--redis-timeout-ms", type=float, default=30.0,
+                   help="bound on connecting to Redis and on each reply of a batch's user "
+                        "read; past it the batch's replies are degraded (cold start, "
+                        "degraded=true), and writes fail with UNAVAILABLE")
+    p.add_argument("--breaker-failures", type=int, default=3,
+                   help="consecutive failed Redis reads (one a batch) that open the breaker")
+    p.add_argument("--breaker-cool-down-ms", type=float, default=500.0,
+                   help="how long the open breaker skips Redis before one probe call")
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20,
+                   help="largest request message accepted (larger: RESOURCE_EXHAUSTED)")
+    p.add_argument("--faiss-threads", type=int, default=None,
+                   help="OpenMP threads of one batched Faiss search (waiting passively); "
+                        "default 2, or 1 on a single usable core")
+    p.add_argument("--gil-switch-interval-us", type=int, default=5000,
+                   help="how long a Python thread may hold the GIL while another waits "
+                        "(sys.setswitchinterval); the compute thread waits this long at worst")
+    p.add_argument("--grace-seconds", type=float, default=5.0,
+                   help="on SIGTERM, how long in-flight calls may take to finish")
+
+def _add_serve_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", type=Path, metavar="FILE",
+                   help="PEM certificate chain of the server; with --tls-key the port is TLS-only")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                   help="PEM CA(s): clients must present a certificate they signed (mutual TLS)")
+    p.add_argument("--auth-tokens-file", type=Path, metavar="FILE",
+                   help="bearer tokens, one per line ('token' or 'name:token'); every call "
+                        "but grpc.health.v1 then needs 'authorization: Bearer <token>'")
+    p.add_argument("--auth-tokens-env", metavar="VAR",
+                   help="as --auth-tokens-file, from this environment variable")
+
+def _add_client_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", action="store_true",
+                   help="TLS, trusting the system's CAs (implied by the other --tls-* flags)")
+    p.add_argument("--tls-ca", type=Path, metavar="FILE", help="PEM CA of the server's certificate")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE",
+                   help="PEM client certificate, for a server that asks for one (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="name to check the server's certificate against (default: the host)")
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="file holding a bearer token")
+    p.add_argument("--token-env", metavar="VAR", default="TWO_TOWER_TOKEN",
+                   help="environment variable holding a bearer token, used when set "
+                        "(default: TWO_TOWER_TOKEN)")
+
+def _serve_security(args) -> dict:
+    from retrieval.security import SecurityConfigError, TlsConfig, TokenSet
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SecurityConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.auth_tokens_file is not None and args.auth_tokens_env is not None:
+        raise SecurityConfigError("pass one of --auth-tokens-file and --auth-tokens-env")
+    tls = (TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+           if args.tls_cert else None)
+    auth = (TokenSet.from_file(args.auth_tokens_file) if args.auth_tokens_file else
+            TokenSet.from_env(args.auth_tokens_env) if args.auth_tokens_env else None)
+    redis = redis_auth(args)
+    if args.redis_url:
+        redis.client_kwargs(args.redis_url)  # contradictions are refused before loading
+    return {"tls": tls, "auth": auth, "redis_auth": redis}
+
+def _client_channel(args):
+    from retrieval.client import open_channel
+    from retrieval.security import ClientTls, read_token
+
+    wants_tls = args.tls or any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name))
+    tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key,
+                               args.tls_server_name) if wants_tls else None
+    token = read_token(args.token_file) if args.token_file else (
+        read_token(variable=args.token_env) if os.environ.get(args.token_env) else None)
+    return open_channel(args.address, tls, token)
+
+def _serve(args) -> None:
+    # Before Faiss loads libgomp: idle OpenMP workers sleep instead of spinning on the
+    # cores the event loop and the compute thread need.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from retrieval.circuit_breaker import BreakerConfig
+    from retrieval.retriever import BatchingConfig, default_faiss_threads
+    from retrieval.server import ServerConfig, serve
+
+    config = ServerConfig(model_dir=args.model, index_dir=args.index, host=args.host,
+                          **_serve_security(args),
+                          port=args.port, redis_url=args.redis_url, features_from=args.features,
+                          metrics_port=args.metrics_port,
+                          batching=BatchingConfig(max_batch=args.max_batch,
+                                                  max_wait_us=args.max_wait_us,
+                                                  max_queue=args.max_queue,
+                                                  faiss_threads=(
+                                                      default_faiss_threads()
+                                                      if args.faiss_threads is None
+                                                      else args.faiss_threads)),
+                          user_tower=args.user_tower,
+                          watch_interval_s=args.watch_interval or None,
+                          redis_timeout_s=args.redis_timeout_ms / 1000,
+                          breaker=BreakerConfig(args.breaker_failures,
+                                                args.breaker_cool_down_ms / 1000),
+                          max_message_bytes=args.max_message_bytes,
+                          gil_switch_interval_s=args.gil_switch_interval_us / 1e6,
+                          grace_seconds=args.grace_seconds)
+    asyncio.run(serve(config, args.port_file))
+
+def _load_features(args) -> None:
+    from retrieval.feature_store import RedisFeatureStore, users_from_dataset
+    from contracts.dataset import load_dataset
+
+    users = users_from_dataset(load_dataset(args.data), args.history_length)
+
+    async def write() -> None:
+        store = RedisFeatureStore.from_url(
+            args.redis_url, history_length=args.history_length,
+            client_options=redis_auth(args).client_kwargs(args.redis_url))
+        try:
+            await store.put_users(users)
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    log.info("wrote features and histories of %d users", len(users))
+
+def _query(args) -> int:
+    import grpc
+
+    from retrieval.client import build_request, format_reply, parse_context_arg, retrieve
+
+    context = dict(parse_context_arg(c) for c in args.context)
+    request = build_request(args.user_id, args.k, context, args.event_time, args.recent,
+                            args.exclude)
+
+    async def call():
+        async with _client_channel(args) as channel:
+            return await retrieve(channel, request, args.timeout)
+
+    try:
+        reply = asyncio.run(call())
+    except grpc.aio.AioRpcError as exc:
+        print(f"two-tower query: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(format_reply(reply))
+    return 0
