@@ -190,14 +190,16 @@ class ServerProcess:
         return self.log_path.read_text()
 
 
-def start_server(args: list[str], workdir: Path, timeout_s: float = 120.0) -> ServerProcess:
-    """`two-tower serve ARGS --port 0` as a child process; returns once it is SERVING."""
+def start_server(args: list[str], workdir: Path, timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    """`two-tower serve ARGS --port 0` as a child process (with ``env`` when given);
+    returns once it is SERVING."""
     port_file = workdir / "port"
     log_path = workdir / "server.log"
     command = [sys.executable, "-m", "app.cli", "serve", *args, "--port", "0",
                "--port-file", str(port_file)]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     from app.processes import wait_for_port_file
 
     try:

@@ -99,7 +99,12 @@ def _containers(docs: list[dict]):
 
 
 def _ours(docs: list[dict]):
-    return [(d, c) for d, c in _containers(docs) if c["image"].split(":")[0].endswith(IMAGE)]
+    return [(d, c) for d, c in _containers(docs) if _image_name(c).startswith(IMAGE)]
+
+
+def _image_name(container: dict) -> str:
+    """two-tower-retrieval or two-tower-retrieval-train, without registry and tag."""
+    return container["image"].split(":")[0].rsplit("/", 1)[-1]
 
 
 def _arg(args: list[str], flag: str) -> str:
@@ -289,7 +294,9 @@ def test_the_image_runs_as_the_dockerfiles_non_root_user(view):
         context = _pod_spec(doc)["securityContext"]
         assert context["runAsNonRoot"] is True and context["runAsUser"] == uid
         images.add(container["image"])
-    assert len(images) == 1, f"one image for every job and the service (got {images})"
+        expected = IMAGE if doc["kind"] == "Deployment" else f"{IMAGE}-train"
+        assert _image_name(container) == expected, (doc["metadata"]["name"], container["image"])
+    assert len(images) == 2, f"the service's image and the jobs' image (got {images})"
 
 
 # --- index CronJob, training Jobs ------------------------------------------------------------
@@ -426,10 +433,20 @@ def _dockerfile_args() -> dict[str, str]:
     return dict(rest.split("=", 1) for rest in args)
 
 
-def _final_stage() -> list[tuple[str, str]]:
+def _stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name → its instructions, those of the stage it is built FROM included."""
     instructions = _instructions()
-    last_from = max(i for i, (kind, _) in enumerate(instructions) if kind == "FROM")
-    return instructions[last_from:]
+    starts = [i for i, (kind, _) in enumerate(instructions) if kind == "FROM"] + [None]
+    stages: dict[str, list[tuple[str, str]]] = {}
+    for start, end in zip(starts, starts[1:]):
+        base, _, name = instructions[start][1].partition(" AS ")
+        stages[name.strip()] = stages.get(base.strip(), [])[1:] + instructions[start:end]
+    return stages
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    """The default target (the last stage), with what it inherits from its base stage."""
+    return list(_stages().values())[-1]
 
 
 def _ignored(path: str) -> bool:
@@ -443,6 +460,25 @@ def _ignored(path: str) -> bool:
         if any(re.fullmatch(regex, p) for p in prefixes):
             return True
     return False
+
+
+def test_serving_image_has_no_tensorflow_and_the_jobs_image_has_it():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names = lambda reqs: {re.split(r"[=<>\[ ]", r)[0] for r in reqs}  # noqa: E731
+    heavy = {"tensorflow", "tf-keras", "tensorflow-recommenders"}
+    assert not heavy & names(project["dependencies"] + extras["serve"])
+    assert heavy <= names(extras["train"]) and "two-tower-retrieval[serve]" in extras["train"]
+    stages = _stages()
+    assert list(stages)[-1] == "serve", "serve is the default target"
+    copied = lambda stage: [r for k, r in stages[stage] if k == "COPY" and "--from=" in r]  # noqa: E731
+    assert [r.split()[0] for r in copied("serve")] == ["--from=build"]
+    assert [r.split()[0] for r in copied("train")] == ["--from=build-train"]
+    runs = lambda stage: " ".join(r for k, r in stages[stage] if k == "RUN")  # noqa: E731
+    assert "['train']" not in runs("build") and "x['serve']" in runs("build")
+    assert "['train']" in runs("build-train")
 
 
 def test_dockerfile_is_multi_stage_on_slim_python_311():
