@@ -2,7 +2,8 @@
 
     FeatureStore                 read_users / get_user / put_users / record_interactions /
                                  ping / close
-    ├── InMemoryFeatureStore     a dict in this process: the embedded default
+    ├── InMemoryFeatureStore     dicts in this process: the embedded default, capped at
+    │                            max_users (LRU and TTL eviction of recorded users)
     └── RedisFeatureStore        redis.asyncio: the store shared by a deployment
 
 Redis key layout. This is a contract between every writer (batch loaders, online updaters)
@@ -41,7 +42,10 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
@@ -70,6 +74,8 @@ DEFAULT_HISTORY_LENGTH = 20
 DEFAULT_KEY_PREFIX = "tt:v1"
 DEFAULT_TIMEOUT_S = 0.25
 DEFAULT_BATCH_SIZE = 1000
+# In-process store: ~0.6 KiB a user with a full history, so at most about 0.3 GB.
+DEFAULT_MAX_USERS = 500_000
 
 
 class FeatureStoreError(TwoTowerError):
@@ -132,39 +138,140 @@ class FeatureStore(Protocol):
 
 class InMemoryFeatureStore:
     """A dict in this process, with the same rules as Redis: histories are cut to
-    ``history_length``, and a user with no features and no history reads as None."""
+    ``history_length``, and a user with no features and no history reads as None.
 
-    def __init__(self, *, history_length: int = DEFAULT_HISTORY_LENGTH) -> None:
+    Bounded, like a Redis with ``maxmemory-policy allkeys-lru`` and the history's EXPIRE:
+
+    - users written by ``put_users`` (``serve --features``) are *preloaded*: kept for the
+      life of the process, never evicted, and their count must not exceed ``max_users``;
+    - users the store learns from ``record_interactions`` alone share the rest of
+      ``max_users``; past it the least recently used (read or written) is evicted, and one
+      whose last recorded event is older than ``ttl_s`` (of that call) reads as unknown
+      and is dropped: lazily when touched, and from the least recently used end on writes.
+
+    ``read_users`` runs on the compute thread and moves what it reads to the recent end,
+    so both sides take one lock for a few dict operations per user. ``on_evict(reason, n)``
+    (reason ``lru`` or ``ttl``) is called outside the lock.
+    """
+
+    def __init__(self, *, history_length: int = DEFAULT_HISTORY_LENGTH,
+                 max_users: int = DEFAULT_MAX_USERS,
+                 on_evict: Callable[[str, int], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._history_length = _check_history_length(history_length)
-        self._users: dict[str, StoredUser] = {}
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+            raise ValueError(f"max_users must be an integer >= 1 (got {max_users!r})")
+        self.max_users = max_users
+        self._preloaded: dict[str, StoredUser] = {}
+        # user id -> (user, monotonic deadline or None); least recently used first
+        self._recorded: OrderedDict[str, tuple[StoredUser, float | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._on_evict, self._clock = on_evict, clock
+
+    def __len__(self) -> int:
+        return len(self._preloaded) + len(self._recorded)
+
+    @property
+    def preloaded(self) -> int:
+        return len(self._preloaded)
 
     def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
-        users = self._users  # one dict read per user: atomic beside the loop's writes
-        return [users.get(user_id) for user_id in user_ids]
+        now, expired = self._clock(), 0
+        found: list[UserRead] = []
+        with self._lock:
+            for user_id in user_ids:
+                user = self._preloaded.get(user_id)
+                if user is None and (entry := self._recorded.get(user_id)) is not None:
+                    if entry[1] is not None and entry[1] <= now:
+                        del self._recorded[user_id]
+                        expired += 1
+                    else:
+                        self._recorded.move_to_end(user_id)
+                        user = entry[0]
+                found.append(user)
+        self._count("ttl", expired)
+        return found
 
     async def get_user(self, user_id: str) -> StoredUser | None:
-        return self._users.get(user_id)
+        found = self.read_users([user_id])[0]
+        return found if isinstance(found, StoredUser) else None
 
     async def put_users(self, users: Mapping[str, StoredUser]) -> None:
-        for user_id, user in users.items():
-            kept = StoredUser(user.features, user.history[: self._history_length])
-            if kept.features or kept.history:
-                self._users[user_id] = kept
-            else:
-                self._users.pop(user_id, None)
+        """Preload: these users are kept until the process ends. Raises ValueError, storing
+        nothing, when the preloaded users would outnumber ``max_users``."""
+        kept = {user_id: StoredUser(user.features, user.history[: self._history_length])
+                for user_id, user in users.items()}
+        with self._lock:
+            after = self._preloaded.keys() | {u for u, user in kept.items() if user.features
+                                              or user.history}
+            after -= {u for u, user in kept.items() if not (user.features or user.history)}
+            if len(after) > self.max_users:
+                raise ValueError(f"{len(after)} preloaded users exceed the in-process store's "
+                                 f"cap of {self.max_users} users; raise it (serve "
+                                 "--store-max-users) or use Redis (--redis-url)")
+            for user_id, user in kept.items():
+                self._recorded.pop(user_id, None)
+                if user.features or user.history:
+                    self._preloaded[user_id] = user
+                else:
+                    self._preloaded.pop(user_id, None)
+            evicted = self._evict_over_cap()
+        self._count("lru", evicted)
 
     async def record_interactions(self, events: Sequence[tuple[str, str]],
                                   ttl_s: int | None = None) -> None:
-        for user_id, item_id in events:  # ttl_s: an in-process store lives as long as the server
-            user = self._users.get(user_id, StoredUser({}, ()))
-            history = ((item_id,) + user.history)[: self._history_length]
-            self._users[user_id] = StoredUser(user.features, history)
+        now = self._clock()
+        deadline = now + ttl_s if ttl_s else None
+        with self._lock:
+            expired = 0
+            for user_id, item_id in events:
+                if (user := self._preloaded.get(user_id)) is not None:
+                    self._preloaded[user_id] = _prepend(user, item_id, self._history_length)
+                    continue
+                entry = self._recorded.pop(user_id, None)
+                if entry is not None and entry[1] is not None and entry[1] <= now:
+                    entry, expired = None, expired + 1
+                user = _NO_USER if entry is None else entry[0]
+                self._recorded[user_id] = (_prepend(user, item_id, self._history_length),
+                                           deadline)
+            expired += self._expire_oldest(now)
+            evicted = self._evict_over_cap()
+        self._count("ttl", expired)
+        self._count("lru", evicted)
 
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         return None
+
+    def _evict_over_cap(self) -> int:
+        over = max(0, len(self._preloaded) + len(self._recorded) - self.max_users)
+        for _ in range(over):
+            self._recorded.popitem(last=False)
+        return over
+
+    def _expire_oldest(self, now: float, most: int = 16) -> int:
+        """Drop expired users from the least recently used end, stopping at a live one."""
+        dropped = 0
+        while dropped < most and self._recorded:
+            deadline = next(iter(self._recorded.values()))[1]
+            if deadline is None or deadline > now:
+                break
+            self._recorded.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def _count(self, reason: str, n: int) -> None:
+        if n and self._on_evict is not None:
+            self._on_evict(reason, n)
+
+
+_NO_USER = StoredUser({}, ())
+
+
+def _prepend(user: StoredUser, item_id: str, history_length: int) -> StoredUser:
+    return StoredUser(user.features, ((item_id,) + user.history)[:history_length])
 
 
 class RedisFeatureStore:

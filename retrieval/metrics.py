@@ -10,12 +10,26 @@
                                              breaker_open (Redis skipped), bad_data
     two_tower_feature_store_breaker_state    0 closed, 1 half-open (probing), 2 open
     two_tower_serving_info{model_version, index_version}   1 for the pair being served
+    two_tower_version_watch_errors_total{reason}   checks of the index pointer that failed
+                                             (one per poll while the cause lasts): pointer
+                                             (CURRENT unreadable or naming no version),
+                                             refused (the version named does not load),
+                                             timeout (artifact I/O did not return in time),
+                                             unexpected (anything else; logged with its
+                                             traceback)
+    two_tower_version_watch_last_success_age_seconds   seconds since a check last found the
+                                             pair CURRENT names being served (0 without a
+                                             watcher: --watch-interval 0)
+    two_tower_feature_store_users            users held by the in-process store (preloaded
+                                             and recorded); absent with Redis
+    two_tower_feature_store_evictions_total{reason}   recorded users the in-process store
+                                             dropped: lru (over --store-max-users), ttl
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -23,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 # 50 µs … 2.5 s: the stages of one call span four orders of magnitude.
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
                    0.25, 0.5, 1.0, 2.5)
+WATCH_ERROR_REASONS = ("pointer", "refused", "timeout", "unexpected")
 
 
 class ServiceMetrics:
@@ -47,8 +62,20 @@ class ServiceMetrics:
         self.auth_failures = Counter("two_tower_auth_failures_total",
                                      "Calls refused for a missing or invalid bearer token",
                                      ("reason",), registry=self.registry)
+        self.watch_errors = Counter("two_tower_version_watch_errors_total",
+                                    "Checks of the index pointer that failed, by reason",
+                                    ("reason",), registry=self.registry)
+        for reason in WATCH_ERROR_REASONS:  # exported at 0 from the start: rises are visible
+            self.watch_errors.labels(reason)
+        self.watch_age = Gauge("two_tower_version_watch_last_success_age_seconds",
+                               "Seconds since the version watcher last saw CURRENT's pair "
+                               "served", registry=self.registry)
         self.serving = Gauge("two_tower_serving_info", "The model and index being served",
                              ("model_version", "index_version"), registry=self.registry)
+        self.store_evictions = Counter("two_tower_feature_store_evictions_total",
+                                       "Users the in-process feature store dropped, by reason: "
+                                       "lru (over its cap), ttl (history expired)",
+                                       ("reason",), registry=self.registry)
 
         # labels() takes a lock and hashes its arguments: the hot path keeps the children.
         self._stage_children: dict[tuple[str, str], Histogram] = {}
@@ -77,6 +104,15 @@ class ServiceMetrics:
     def set_serving(self, model_version: str, index_version: str) -> None:
         self.serving.clear()
         self.serving.labels(model_version, index_version).set(1)
+
+    def count_store_evictions(self, reason: str, n: int) -> None:
+        self.store_evictions.labels(reason).inc(n)
+
+    def watch_store_size(self, size: Callable[[], int]) -> None:
+        """A gauge of the in-process store's users, read at each scrape."""
+        gauge = Gauge("two_tower_feature_store_users",
+                      "Users held by the in-process feature store", registry=self.registry)
+        gauge.set_function(size)
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics; returns the bound port (port 0: any free one)."""

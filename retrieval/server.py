@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from retrieval.circuit_breaker import BreakerConfig
 from retrieval.feature_store import (
-    FeatureStore, InMemoryFeatureStore, RedisFeatureStore, users_from_dataset,
+    DEFAULT_MAX_USERS, FeatureStore, InMemoryFeatureStore, RedisFeatureStore,
+    users_from_dataset,
 )
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import load_pair
@@ -26,7 +27,7 @@ from retrieval.query import Limits
 from retrieval.redis_options import RedisAuth
 from retrieval.retriever import BatchingConfig, Retriever
 from retrieval.security import AuthInterceptor, TlsConfig, TokenSet
-from retrieval.swap import PairWatcher, resolve_pair_dirs
+from retrieval.swap import PairWatcher, resolve_pair_dirs, start_watching, stop_watching
 from retrieval.servicer import ErrorInterceptor, RetrievalServicer, add_to_server
 from retrieval.v1 import retrieval_pb2 as pb
 
@@ -43,12 +44,15 @@ class ServerConfig:
     redis_url: str | None = None
     features_from: Path | None = None  # dataset dir that fills the in-process store
     history_length: int = 20
-    history_ttl_s: int | None = 90 * 86400  # Redis: a history without events expires
+    history_ttl_s: int | None = 90 * 86400  # a history without events expires; None: never
+    store_max_users: int = DEFAULT_MAX_USERS  # in-process store: preloaded + recorded users
     grace_seconds: float = 5.0
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0: any free port
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     user_tower: str = "auto"  # auto | numpy | savedmodel (retrieval.pair.load_user_tower)
     watch_interval_s: float | None = 2.0  # poll the index pointer; None: never swap
+    # NOT_SERVING after this long without a successful check of the pointer; None: never
+    watch_unready_after_s: float | None = None
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig | None = None  # set: the port is TLS-only (mutual with a client CA)
     auth: TokenSet | None = None  # set: every call but grpc.health.v1 needs a token
@@ -69,6 +73,12 @@ class ServerConfig:
         if isinstance(m, bool) or not isinstance(m, int) or not 64 << 10 <= m <= 1 << 30:
             raise ValueError(f"max_message_bytes must be an integer in [65536, 2**30] "
                              f"(got {m!r})")
+        u = self.store_max_users
+        if isinstance(u, bool) or not isinstance(u, int) or u < 1:
+            raise ValueError(f"store_max_users must be an integer >= 1 (got {u!r})")
+        h = self.history_ttl_s
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ValueError(f"history_ttl_s must be an integer >= 1 or None (got {h!r})")
         g = self.gil_switch_interval_s
         if isinstance(g, bool) or not isinstance(g, int | float) or not 1e-5 <= g <= 0.1:
             raise ValueError(f"gil_switch_interval_s must be in [1e-5, 0.1] seconds (got {g!r})")
@@ -86,21 +96,28 @@ class RunningServer:
     async def load(self, config: ServerConfig) -> None:
         """Load the model/index pair (off the event loop), then report SERVING and start
         watching the index pointer for new versions."""
-        model_dir, index_dir = resolve_pair_dirs(config.model_dir, config.index_dir)
+        model_dir, index_dir = await asyncio.to_thread(resolve_pair_dirs, config.model_dir,
+                                                       config.index_dir)
         pair = await asyncio.to_thread(load_pair, model_dir, index_dir, config.user_tower)
         await self.retriever.store.ping()
         self.retriever.set_pair(pair)
         if config.watch_interval_s:
             watcher = PairWatcher(self.retriever, config.model_dir, config.index_dir,
-                                  config.user_tower, config.watch_interval_s, index_dir)
-            self.watch_task = asyncio.create_task(watcher.run())
+                                  config.user_tower, config.watch_interval_s, index_dir,
+                                  config.watch_unready_after_s, self.set_ready)
+            self.watch_task = start_watching(watcher)
+        await self.set_ready(True)
+
+    async def set_ready(self, ready: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so probes move away
         if self.watch_task is not None:
-            self.watch_task.cancel()
+            stop_watching(self.watch_task)
         await self.server.stop(grace)
         await self.retriever.close()
         await self.retriever.store.close()
@@ -112,8 +129,8 @@ async def create_server(config: ServerConfig) -> RunningServer:
 
     faiss.omp_set_num_threads(config.batching.faiss_threads)
     metrics = ServiceMetrics()
-    retriever = Retriever(await _feature_store(config), config.limits, config.history_ttl_s,
-                          metrics, config.batching, config.breaker)
+    retriever = Retriever(await _feature_store(config, metrics), config.limits,
+                          config.history_ttl_s, metrics, config.batching, config.breaker)
     server = grpc.aio.server(interceptors=_interceptors(config, metrics), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes)])
     add_to_server(RetrievalServicer(retriever), server)
@@ -166,17 +183,27 @@ def _redis_options(config: ServerConfig) -> dict:
     return config.redis_auth.client_kwargs(config.redis_url or "")
 
 
-async def _feature_store(config: ServerConfig) -> FeatureStore:
+async def _feature_store(config: ServerConfig, metrics: ServiceMetrics) -> FeatureStore:
     if config.redis_url:
         return RedisFeatureStore.from_url(config.redis_url, client_options=_redis_options(config),
                                           history_length=config.history_length,
                                           timeout_s=config.redis_timeout_s)
-    store = InMemoryFeatureStore(history_length=config.history_length)
+    store = InMemoryFeatureStore(history_length=config.history_length,
+                                 max_users=config.store_max_users,
+                                 on_evict=metrics.count_store_evictions)
+    metrics.watch_store_size(store.__len__)
     if config.features_from is not None:
         from contracts.dataset import load_dataset
 
         dataset = await asyncio.to_thread(load_dataset, config.features_from)
         await store.put_users(users_from_dataset(dataset, config.history_length))
+    room = store.max_users - store.preloaded
+    ttl = f"{config.history_ttl_s} s" if config.history_ttl_s else "never"
+    log.log(logging.WARNING if room < store.max_users // 10 else logging.INFO,
+            "in-process feature store: %d preloaded users (never evicted), room for %d more "
+            "(--store-max-users %d; least recently used evicted beyond it); a recorded "
+            "user's history expires %s after its last event", store.preloaded, room,
+            store.max_users, ttl)
     return store
 
 

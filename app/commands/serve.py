@@ -50,6 +50,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="index version dir (pinned) or index store (its CURRENT, watched)")
     p.add_argument("--watch-interval", type=float, default=2.0,
                    help="seconds between checks of the index pointer; 0 = never swap")
+    p.add_argument("--watch-unready-after", type=float, default=0.0, metavar="SECONDS",
+                   help="report NOT_SERVING after this long without a successful check of "
+                        "the index pointer (unreadable, refused, stalled); 0 = never")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 = any free port")
     p.add_argument("--redis-url", help="read user features from Redis (default: in-process)")
@@ -85,6 +88,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gil-switch-interval-us", type=int, default=5000,
                    help="how long a Python thread may hold the GIL while another waits "
                         "(sys.setswitchinterval); the compute thread waits this long at worst")
+    p.add_argument("--store-max-users", type=int, default=500_000,
+                   help="in-process store: most users held, preloaded (--features, never "
+                        "evicted) and recorded; past it the least recently used recorded "
+                        "user is evicted (~0.6 KiB a user)")
+    p.add_argument("--history-ttl-seconds", type=int, default=90 * 86400,
+                   help="a history that receives no event for this long expires (Redis "
+                        "EXPIRE; in-process: the recorded user is dropped); 0 = never")
     p.add_argument("--grace-seconds", type=float, default=5.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
 
@@ -164,11 +174,14 @@ def _serve(args) -> None:
                                                       else args.faiss_threads)),
                           user_tower=args.user_tower,
                           watch_interval_s=args.watch_interval or None,
+                          watch_unready_after_s=args.watch_unready_after or None,
                           redis_timeout_s=args.redis_timeout_ms / 1000,
                           breaker=BreakerConfig(args.breaker_failures,
                                                 args.breaker_cool_down_ms / 1000),
                           max_message_bytes=args.max_message_bytes,
                           gil_switch_interval_s=args.gil_switch_interval_us / 1e6,
+                          store_max_users=args.store_max_users,
+                          history_ttl_s=args.history_ttl_seconds or None,
                           grace_seconds=args.grace_seconds)
     asyncio.run(serve(config, args.port_file))
 
