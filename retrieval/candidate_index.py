@@ -18,7 +18,7 @@ import numpy as np
 from indexer.artifact import IndexArtifact, load_metadata_rows
 from indexer.build import search_parameters
 from contracts.errors import InvalidArgument
-from retrieval.query import ItemRules
+from retrieval.query import ItemRules, rule_field
 from retrieval.row_lookup import rows_by_id
 from retrieval.wire import CandidateWire
 
@@ -90,7 +90,7 @@ class CandidateIndex:
         for name, columns in (("allow", rules.allow), ("block", rules.block)):
             for column in columns:
                 if column not in self._rows_by_value:
-                    raise InvalidArgument(f"{name}[{column!r}]", "unknown item metadata column; "
+                    raise InvalidArgument(rule_field(name, column), "unknown item metadata column; "
                                           f"the index has: {', '.join(self.metadata_columns) or '(none)'}")
 
     def search(self, user_emb: np.ndarray, k: int, exclude: Iterable[frozenset[str]],

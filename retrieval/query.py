@@ -1,11 +1,17 @@
-"""A Retrieve request as a plain, validated value; no protobuf below the servicer."""
+"""A Retrieve request as a plain, validated value; no protobuf below the servicer.
+
+Every field a caller sends is bounded (``Limits``), and a caller's value reaches an error
+message only through ``quote`` (a short prefix and the length): a whole 100 KiB value in a
+status message overflowed gRPC's 16 KiB metadata limit and turned INVALID_ARGUMENT into
+RESOURCE_EXHAUSTED. Field names built from a caller's key are quoted the same way
+(``context_field``, ``rule_field``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from contracts.errors import InvalidArgument
+from contracts.errors import InvalidArgument, quote
 from contracts.feature_spec import Feature, FeatureSpec
 
 ContextValue = str | int | float
@@ -14,6 +20,8 @@ DERIVED_RANGES = {"hour_of_day": range(24), "day_of_week": range(7)}
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask for; each is documented in the .proto and docs/api.md."""
+
     max_k: int = 1000
     max_user_id_bytes: int = 256
     max_item_id_bytes: int = 256       # recorded or passed as history: it is stored and logged
@@ -22,6 +30,11 @@ class Limits:
     max_exclude_items: int = 10000
     max_interactions: int = 1000
     max_batch_requests: int = 1000
+    # BatchRetrieve: sum of k over its requests. 10,000 candidates of 256-byte ids is a
+    # 2.7 MB reply, under gRPC's default 4 MiB a client accepts (1000 x 1000 was 13 MB).
+    max_batch_candidates: int = 10_000
+    max_name_bytes: int = 128          # a context key or an allow / block column name
+    max_context_value_bytes: int = 256  # a context string_value (a vocabulary entry)
 
 
 @dataclass(frozen=True)
@@ -70,22 +83,76 @@ def validate_query(query: RetrieveQuery, spec: FeatureSpec, limits: Limits) -> N
     _check_count("exclude_item_ids", len(query.exclude_item_ids), limits.max_exclude_items)
     if query.event_time < 0:
         raise InvalidArgument("event_time_unix_seconds", f"must be >= 0 (got {query.event_time})")
-    for column, values in query.rules.allow.items():
-        if not values:
-            raise InvalidArgument(f"allow[{column!r}]", "give at least one value (an empty "
-                                  "list would allow no item; leave the column out instead)")
+    for name, columns in (("allow", query.rules.allow), ("block", query.rules.block)):
+        for column, values in columns.items():
+            _check_name(rule_field(name, column), column, limits)
+            if name == "allow" and not values:
+                raise InvalidArgument(rule_field(name, column), "give at least one value (an "
+                                      "empty list would allow no item; leave the column out "
+                                      "instead)")
     known = {f.name: f for f in spec.tower("context")}
     for key, value in query.context.items():
+        field_name = context_field(key)
+        _check_name(field_name, key, limits)
         if key not in known:
-            raise InvalidArgument(f"context[{key!r}]", "unknown context feature; the model "
+            raise InvalidArgument(field_name, "unknown context feature; the model "
                                   f"knows: {', '.join(sorted(known)) or '(none)'}")
-        _check_context_value(f"context[{key!r}]", known[key], value)
+        if isinstance(value, str) and _over(value, limits.max_context_value_bytes):
+            raise InvalidArgument(field_name, "string_value must be at most "
+                                  f"{limits.max_context_value_bytes} bytes "
+                                  f"(got {len(value.encode())})")
+        _check_context_value(field_name, known[key], value)
+
+
+def context_field(key: str) -> str:
+    """``context['device']``; a long key is quoted as a short prefix with its length."""
+    return f"context[{quote(key)}]"
+
+
+def rule_field(rule: str, column: str) -> str:
+    """``allow['category']`` (rule: allow | block), quoted as ``context_field``."""
+    return f"{rule}[{quote(column)}]"
+
+
+def validate_similar(item_id: str, k: int, exclude_item_ids: frozenset[str],
+                     limits: Limits) -> None:
+    """Raise InvalidArgument naming the first bad field of a SimilarItems request."""
+    if not 1 <= k <= limits.max_k:
+        raise InvalidArgument("k", f"must be in [1, {limits.max_k}] (got {k})")
+    if not item_id:
+        raise InvalidArgument("item_id", "must be non-empty")
+    _check_item_id("item_id", item_id, limits)
+    _check_count("exclude_item_ids", len(exclude_item_ids), limits.max_exclude_items)
+
+
+def check_batch_size(queries: list[RetrieveQuery], limits: Limits) -> None:
+    """How many requests a BatchRetrieve holds (checked before any of them)."""
+    if not 1 <= len(queries) <= limits.max_batch_requests:
+        raise InvalidArgument("requests", f"must hold 1 to {limits.max_batch_requests} "
+                              f"requests (got {len(queries)})")
+
+
+def check_batch_candidates(queries: list[RetrieveQuery], limits: Limits) -> None:
+    """How many candidates a BatchRetrieve's reply may carry in all (each k is valid)."""
+    total = sum(q.k for q in queries)
+    if total > limits.max_batch_candidates:
+        raise InvalidArgument("requests", f"the sum of k over the requests must be at most "
+                              f"{limits.max_batch_candidates} (got {total}); split the batch")
+
+
+def _check_name(field: str, name: str, limits: Limits) -> None:
+    if _over(name, limits.max_name_bytes):
+        raise InvalidArgument(field, f"the name must be at most {limits.max_name_bytes} bytes "
+                              f"(got {len(name.encode())})")
+
+
+def _over(text: str, max_bytes: int) -> bool:
+    # a character is at most 4 UTF-8 bytes: short strings need no encoding to pass
+    return len(text) > max_bytes // 4 and len(text.encode()) > max_bytes
 
 
 def _check_item_id(field: str, item_id: str, limits: Limits) -> None:
-    # a character is at most 4 UTF-8 bytes: short ids need no encoding to pass
-    if (len(item_id) > limits.max_item_id_bytes // 4
-            and len(item_id.encode()) > limits.max_item_id_bytes):
+    if _over(item_id, limits.max_item_id_bytes):
         raise InvalidArgument(field, f"must be at most {limits.max_item_id_bytes} bytes "
                               f"(got {len(item_id.encode())})")
 
@@ -98,17 +165,17 @@ def _check_count(field: str, count: int, limit: int) -> None:
 def _check_context_value(field: str, feature: Feature, value: ContextValue) -> None:
     if feature.kind == "numeric":
         if isinstance(value, str):
-            raise InvalidArgument(field, f"expected double_value or int_value (got string {value!r})")
+            raise InvalidArgument(field, f"expected double_value or int_value (got string {quote(value)})")
         if not math.isfinite(value):
             raise InvalidArgument(field, f"must be finite (got {value})")
     elif feature.dtype == "int":
         if not isinstance(value, int):
-            raise InvalidArgument(field, f"expected int_value (got {type(value).__name__} {value!r})")
+            raise InvalidArgument(field, f"expected int_value (got {type(value).__name__} {quote(value)})")
         allowed = DERIVED_RANGES.get(feature.derive or "")
         if allowed is not None and value not in allowed:
             raise InvalidArgument(field, f"must be in [{allowed.start}, {allowed.stop - 1}] (got {value})")
     elif not isinstance(value, str):
-        raise InvalidArgument(field, f"expected string_value (got {type(value).__name__} {value!r})")
+        raise InvalidArgument(field, f"expected string_value (got {type(value).__name__} {quote(value)})")
 
 
 def validate_interactions(events: list[tuple[str, str]], limits: Limits,

@@ -29,7 +29,15 @@ from retrieval.feature_store import (
 )
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
-from retrieval.query import Limits, RetrieveQuery, validate_interactions, validate_query
+from retrieval.query import (
+    Limits,
+    RetrieveQuery,
+    check_batch_candidates,
+    check_batch_size,
+    validate_interactions,
+    validate_query,
+    validate_similar,
+)
 from contracts.inputs import UserRequest, user_inputs
 
 log = logging.getLogger(__name__)
@@ -148,15 +156,14 @@ class Retriever:
         pair = self._pair
         if pair is None:
             raise FailedPrecondition("no model and index loaded yet")
-        if not 1 <= len(queries) <= self.limits.max_batch_requests:
-            raise InvalidArgument("requests", f"must hold 1 to {self.limits.max_batch_requests} "
-                                  f"requests (got {len(queries)})")
+        check_batch_size(queries, self.limits)
         for i, query in enumerate(queries):
             try:
                 validate_query(query, pair.model.feature_spec, self.limits)
                 pair.index.check_rules(query.rules)
             except InvalidArgument as exc:
                 raise exc.within(f"requests[{i}]") from None
+        check_batch_candidates(queries, self.limits)
         return list(await asyncio.gather(*(self.retrieve(q, deadline) for q in queries)))
 
     async def similar_items(self, item_id: str, k: int, exclude: frozenset[str]
@@ -164,10 +171,7 @@ class Retriever:
         pair = self._pair
         if pair is None:
             raise FailedPrecondition("no model and index loaded yet")
-        if not 1 <= k <= self.limits.max_k:
-            raise InvalidArgument("k", f"must be in [1, {self.limits.max_k}] (got {k})")
-        if not item_id:
-            raise InvalidArgument("item_id", "must be non-empty")
+        validate_similar(item_id, k, exclude, self.limits)
         candidates = await asyncio.get_running_loop().run_in_executor(
             self._executor, _similar, pair, item_id, k, exclude | {item_id})
         return RetrieveResult(candidates, pair.model_version, pair.index_version)
@@ -241,7 +245,7 @@ class Retriever:
         out: list[tuple[StoredUser | None, bool]] = []
         for user_id, user in zip(user_ids, found, strict=True):
             if isinstance(user, FeatureStoreError):  # one user's record is bad
-                log.warning("serving user %r as a cold start: %s", user_id, user)
+                log.warning("serving user %s as a cold start: %s", quote(user_id), user)
                 self.metrics.feature_store_errors.inc()
                 self.metrics.degraded.labels("bad_data").inc()
                 out.append((None, True))

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from contracts.errors import InvalidArgument
 from retrieval.errors import status_of
 from retrieval.metrics import ServiceMetrics
-from retrieval.query import ItemRules, RetrieveQuery
+from retrieval.query import ItemRules, Limits, RetrieveQuery, context_field
 from retrieval.undecodable import bad_field
 from retrieval.retriever import RetrieveResult, Retriever
 from retrieval.v1 import retrieval_pb2 as pb
@@ -84,7 +84,7 @@ def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:
     for key, value in request.context.items():
         which = value.WhichOneof("value")
         if which is None:
-            raise InvalidArgument(f"context[{key!r}]", "no value set")
+            raise InvalidArgument(context_field(key), "no value set")
         context[key] = getattr(value, which)
     return RetrieveQuery(
         user_id=request.user_id,
@@ -147,7 +147,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 status = status_of(exc)
                 if status is None:
                     log.exception("internal error in %s", method,
-                                  extra={"request_id": getattr(request, "request_id", "")})
+                                  extra={"request_id": _logged_request_id(request)})
                     status = (grpc.StatusCode.INTERNAL, "internal error")
                 code = status[0]
                 await context.abort(*status)
@@ -159,6 +159,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=_tolerant(handler.request_deserializer, method),
             response_serializer=handler.response_serializer,
         )
+
+
+def _logged_request_id(request) -> str:
+    """The request's id for the log, cut to its limit (the error may precede validation)."""
+    request_id = getattr(request, "request_id", "")
+    return request_id[:Limits.max_request_id_bytes] if isinstance(request_id, str) else ""
 
 
 class _Undecodable:
