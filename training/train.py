@@ -148,7 +148,9 @@ def _callbacks(config: TrainConfig, trained: TrainedModel, n: int, validate) -> 
     if config.checkpoint_dir:
         callbacks.append(EpochCheckpoint(trained.model, config.checkpoint_dir))
     if validate is not None:
-        callbacks.append(Validation(trained, validate, config.early_stopping_patience))
+        callbacks.append(Validation(trained, validate))  # before EarlyStopping: it reads val_*
+        if config.early_stopping_patience:
+            callbacks.append(_EarlyStopping(config.early_stopping_patience))
     callbacks.append(EpochProgress(config.epochs, n, config.batch_size))
     if config.tensorboard_dir:
         callbacks.append(keras.callbacks.TensorBoard(config.tensorboard_dir, update_freq="epoch"))
@@ -156,7 +158,11 @@ def _callbacks(config: TrainConfig, trained: TrainedModel, n: int, validate) -> 
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves model and optimizer state after each epoch; ``restore`` resumes from the last."""
+    """Saves model and optimizer state after each epoch; ``restore`` resumes from the last.
+
+    Not Keras's BackupAndRestore: it keeps only the last epoch, under a ``chief/`` folder,
+    and cannot resume the ``ckpt-N`` files (the last three epochs) a --checkpoint-dir holds.
+    """
 
     def __init__(self, model: TwoTowerModel, directory: str, keep: int = 3) -> None:
         super().__init__()
@@ -179,34 +185,38 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 class Validation(keras.callbacks.Callback):
-    """Validation metrics every epoch (into the fit history as val_*); early stopping on
-    ndcg@10 with the best epoch's weights restored at the end."""
+    """Validation metrics every epoch, into ``logs`` (so the fit history and EarlyStopping
+    see them) as val_*; Keras has no callback for a metric computed outside the model."""
 
-    def __init__(self, trained: TrainedModel, validate: Validator, patience: int) -> None:
+    def __init__(self, trained: TrainedModel, validate: Validator) -> None:
         super().__init__()
-        self.trained, self.validate, self.patience = trained, validate, patience
-        self.best, self.best_weights, self.best_epoch, self.waited = -np.inf, None, -1, 0
+        self.trained, self.validate = trained, validate
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = self.validate(self.trained)
         for name, value in metrics.items():
             (logs if logs is not None else {})[f"val_{name}"] = value
-        score = metrics.get(VALIDATION_METRIC, -np.inf)
         log.info("epoch %d validation %s", epoch + 1,
                  "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if score > self.best:
-            self.best, self.best_epoch, self.waited = score, epoch, 0
-            self.best_weights = self.trained.model.get_weights()
-        else:
-            self.waited += 1
-            if self.patience and self.waited >= self.patience:
-                log.info("early stopping: no %s gain for %d epochs", VALIDATION_METRIC,
-                         self.patience)
-                self.model.stop_training = True
+
+
+class _EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's early stopping on validation ndcg@10, best epoch's weights restored at the
+    end; this subclass only writes its two messages to the log instead of stdout."""
+
+    def __init__(self, patience: int) -> None:
+        super().__init__(monitor=f"val_{VALIDATION_METRIC}", mode="max", patience=patience,
+                         restore_best_weights=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.model.stop_training and self.stopped_epoch == epoch:
+            log.info("early stopping: no %s gain for %d epochs", VALIDATION_METRIC,
+                     self.patience)
 
     def on_train_end(self, logs=None):
-        if self.patience and self.best_weights is not None:
-            self.trained.model.set_weights(self.best_weights)
+        super().on_train_end(logs)
+        if self.best_weights is not None:
             log.info("restored the weights of epoch %d (%s %.4f)", self.best_epoch + 1,
                      VALIDATION_METRIC, self.best)
 
