@@ -68,9 +68,13 @@ class RetrievalServiceServicer:
         """Top-k candidate items for one user in one context.
 
         Errors:
+        UNAUTHENTICATED      with tokens configured, a call without a valid bearer token,
+        whatever its body: credentials are checked before it is parsed.
         INVALID_ARGUMENT     k out of range, empty user_id, a context key the model does not
-        know, or a context value of the wrong type or range. The message
-        names the field.
+        know, a context value of the wrong type or range, a field over its
+        size limit (see each field), or a body that does not parse. The
+        message names the field; a caller's value is quoted in it as at
+        most 64 characters and its length, never whole.
         FAILED_PRECONDITION  the server has no loaded model and index pair yet.
         RESOURCE_EXHAUSTED   the server is overloaded (its queue is full); retry with backoff.
         DEADLINE_EXCEEDED    the caller's deadline passed before the reply was computed.
@@ -87,7 +91,8 @@ class RetrievalServiceServicer:
         """Many Retrieve requests in one call, for offline callers (backfills, email campaigns).
         Each request is validated and answered as Retrieve would; the replies come in the order
         of the requests. One bad request fails the call with INVALID_ARGUMENT naming it
-        (requests[3].k: ...). At most 1000 requests.
+        (requests[3].k: ...). At most 1000 requests, and at most 10000 candidates in all (the
+        sum of k over the requests; more is INVALID_ARGUMENT naming "requests": split the batch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,8 +102,8 @@ class RetrievalServiceServicer:
         """Item-to-item neighbours from the same index ("more like this"; checking where a new,
         cold-start item lands): the k items nearest to item_id's embedding, itself excluded.
 
-        Errors: INVALID_ARGUMENT for an empty item_id or k out of range; NOT_FOUND when the
-        served index does not hold item_id.
+        Errors: INVALID_ARGUMENT for an empty or over-256-byte item_id, k out of range, or more
+        than 10000 exclude_item_ids; NOT_FOUND when the served index does not hold item_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
