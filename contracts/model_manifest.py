@@ -21,10 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -39,6 +41,7 @@ NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/2"
 NUMPY_TOWER_FORMAT_1 = "two-tower-numpy-user-tower/1"  # vocabularies as JSON lists
 NUMPY_TOWER_ARRAYS = "user_tower_numpy.npz"
 NUMPY_TOWER_GRAPH = "user_tower_numpy.json"
+MISSING = (FileNotFoundError, NotADirectoryError)  # no such file: open_regular lets these by
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,6 @@ def new_version(prefix: str) -> str:
     return f"{prefix}-{stamp}-{secrets.token_hex(3)}"
 
 
-def new_version(prefix: str) -> str:
-    """Sortable, unique: prefix-YYYYmmddTHHMMSSZ-<6 hex>."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{prefix}-{stamp}-{secrets.token_hex(3)}"
-
-
 def checksums(directory: Path) -> dict[str, str]:
     """sha256 of every file below ``directory`` except the manifest, by relative path."""
     out = {}
@@ -77,16 +74,81 @@ def checksums(directory: Path) -> dict[str, str]:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; ArtifactError naming it if not.
+
+    Opened non-blocking, then checked with fstat: a FIFO (or a device) put where an
+    artifact file belongs is refused at once, instead of blocking the reader until
+    something writes to it. MISSING errors pass through (callers word "missing")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except MISSING:
+        raise
+    except OSError as exc:  # a directory, a permission, a stalled mount
+        raise ArtifactError(str(path), f"cannot be read: {exc.strerror or exc}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ArtifactError(str(path), f"is {_kind(mode)}, not a regular file: refused")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), f"of mode {mode:o}")
+
+
+def read_regular(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (open_regular); ArtifactError naming it when
+    it cannot be read or is longer than ``max_bytes``."""
+    try:
+        with open_regular(path) as fh:
+            data = fh.read(-1 if max_bytes is None else max_bytes + 1)
+    except OSError as exc:
+        if isinstance(exc, MISSING):
+            raise
+        raise ArtifactError(str(path), f"cannot be read: {exc.strerror or exc}") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ArtifactError(str(path), f"is longer than {max_bytes} bytes: not what belongs here")
+    return data
+
+
+def read_json(path: Path) -> Any:
+    """A JSON document; ArtifactError naming ``path`` when it is not UTF-8 JSON."""
+    data = read_regular(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(str(path), f"not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                            f"offset {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(str(path), f"not valid JSON: {exc}") from exc
+
+
+def check_inside(path: Path, root: Path, what: str = "the artifact directory") -> Path:
+    """``path``'s real location (symlinks followed), which must lie below ``root``'s real
+    location; ArtifactError naming ``path`` when a symlink leads out of it."""
+    real, real_root = path.resolve(), root.resolve()
+    if real != real_root and not real.is_relative_to(real_root):
+        raise ArtifactError(str(path), f"leads to {real} through a symbolic link, outside "
+                            f"{what} {real_root}: refused")
+    return real
+
+
 def verify_checksums(directory: Path, expected: dict[str, str],
                      required: tuple[str, ...] = ()) -> None:
     """Raise ArtifactError naming the first missing or altered file, a listed path outside
-    ``directory``, or a ``required`` file (one the loader reads) the manifest does not list:
+    ``directory`` (by its text, or by where its symbolic links lead), one that is not a
+    regular file, or a ``required`` file (one the loader reads) the manifest does not list:
     nothing is read that the checksums do not cover."""
     for rel in required:
         if rel not in expected:
@@ -97,8 +159,9 @@ def verify_checksums(directory: Path, expected: dict[str, str],
             raise ArtifactError(str(directory / MANIFEST),
                                 f"lists {rel!r}, outside the artifact directory")
         path = directory / rel
-        if not path.is_file():
+        if not path.exists():
             raise ArtifactError(str(path), "missing (listed in the manifest)")
+        check_inside(path, directory)
         if _sha256(path) != digest:
             raise ArtifactError(str(path), "checksum mismatch: the file is corrupt or was altered")
 
@@ -106,11 +169,10 @@ def verify_checksums(directory: Path, expected: dict[str, str],
 def read_manifest_json(directory: Path, expected_format: str) -> dict[str, Any]:
     path = directory / MANIFEST
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError as exc:
+        doc = read_json(path)
+    except MISSING as exc:
         raise ArtifactError(str(path), "missing: not an artifact directory") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(str(path), f"not valid JSON: {exc}") from exc
+    check_inside(path, directory)
     if not isinstance(doc, dict) or doc.get("format") != expected_format:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ArtifactError(str(path), f"format must be {expected_format!r} (got {got!r})")
@@ -132,7 +194,7 @@ def load_model_manifest(directory: str | Path, verify: bool = True) -> ModelMani
             files=dict(doc["files"]),
             training=dict(doc.get("training", {})),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(str(directory / MANIFEST), f"malformed manifest: {exc!r}") from exc
     if verify:
         verify_checksums(directory, manifest.files, MODEL_FILES_READ)

@@ -146,17 +146,23 @@ def _manifest(contents: IndexContents, model: ModelManifest, version: str,
 
 
 def load_index_artifact(directory: str | Path) -> IndexArtifact:
-    """Load a version directory, or the current version of a store (CURRENT pointer)."""
+    """Load a version directory, or the current version of a store (CURRENT pointer).
+
+    Raises ArtifactError naming the file: a manifest that is not UTF-8 JSON or has a field
+    of the wrong type, a listed file missing, altered, not a regular file or leading out of
+    the version directory through a symbolic link, or contents that disagree with it."""
     directory = resolve_index_dir(directory)
     doc = _read_manifest(directory)
+    manifest = directory / MANIFEST
     try:
-        verify_checksums(directory, dict(doc["files"]), _files_read(directory))
+        verify_checksums(directory, _object(doc, "files"), _files_read(directory))
         spec = IndexSpec(factory=str(doc["factory"]), ef_construction=int(doc["ef_construction"]),
-                         search={str(k): int(v) for k, v in doc["search"].items()})
+                         search={str(k): int(v) for k, v in _object(doc, "search").items()})
         fields = (str(doc["index_version"]), str(doc["model_version"]), int(doc["embedding_dim"]),
                   str(doc["similarity"]), int(doc["num_items"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(str(directory / MANIFEST), f"malformed manifest: {exc!r}") from exc
+        measured = _object(doc, "measured", {})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(str(manifest), f"malformed manifest: {exc!r}") from exc
     index_version, model_version, dim, similarity, num_items = fields
     index = _read_index(directory / "index.faiss")
     item_ids = load_npy(directory / "item_ids.npy")
@@ -169,7 +175,15 @@ def load_index_artifact(directory: str | Path) -> IndexArtifact:
         raise ArtifactError(str(directory / "tombstones.npy"),
                             f"labels must be in [0, {num_items}) (got {tombstones[[0, -1]]})")
     return IndexArtifact(directory, index_version, model_version, dim, similarity, spec, index,
-                         item_ids, dict(doc.get("measured", {})), tombstones, doc)
+                         item_ids, measured, tombstones, doc)
+
+
+def _object(doc: dict[str, Any], key: str, default: dict | None = None) -> dict[str, Any]:
+    """The manifest's JSON object ``key``; a TypeError saying what came instead."""
+    value = doc[key] if default is None else doc.get(key, default)
+    if not isinstance(value, dict):
+        raise TypeError(f"{key!r} must be a JSON object (got {type(value).__name__})")
+    return value
 
 
 def load_item_metadata(artifact: IndexArtifact) -> dict[str, np.ndarray]:

@@ -57,7 +57,7 @@ from typing import Any
 from contracts.index_store import POINTER, current_version, fsync_dir, versions
 from indexer.artifact import INDEX_FORMAT, load_index_artifact
 from indexer.faults import crash_point
-from contracts.model_manifest import MANIFEST
+from contracts.model_manifest import MANIFEST, check_inside, read_json
 from contracts.redaction import redact_url
 from contracts.errors import ArtifactError, TwoTowerError
 
@@ -144,11 +144,12 @@ def rollback(store: str | Path, to: str | None = None, notify_url: str | None = 
     model; the target is loaded and verified before the pointer moves."""
     store = Path(store)
     with store_lock(store):
-        current = current_version(store)
+        current = _current_for_rollback(store, to)
         target = to or _previous_version(store, current)
-        if not (store / target / MANIFEST).is_file():
+        if not (store / target / MANIFEST).is_file() or "/" in target or target.startswith("."):
             raise ArtifactError(str(store / target), f"not a version in the store; have: "
                                 f"{', '.join(versions(store)) or 'none'}")
+        check_inside(store / target, store, "the index store")
         load_index_artifact(store / target)  # refuses a corrupt version before it is current
         move_pointer(store, target)
     message = notification(store, target, current, "rollback")
@@ -156,6 +157,18 @@ def rollback(store: str | Path, to: str | None = None, notify_url: str | None = 
     if notify_url:
         send_notification(notify_url, message, notify_options)
     return Published(store, target, current, message)
+
+
+def _current_for_rollback(store: Path, to: str | None) -> str | None:
+    """CURRENT's version; with an explicit target, an unreadable CURRENT is what the
+    rollback repairs, so it is logged and passed over."""
+    try:
+        return current_version(store)
+    except ArtifactError as exc:
+        if to is None:
+            raise
+        log.warning("replacing an unreadable pointer: %s", exc)
+        return None
 
 
 def _previous_version(store: Path, current: str | None) -> str:
@@ -173,7 +186,11 @@ def _previous_version(store: Path, current: str | None) -> str:
 
 
 def _manifest(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / MANIFEST).read_text())
+    doc = read_json(directory / MANIFEST)
+    if not isinstance(doc, dict):
+        raise ArtifactError(str(directory / MANIFEST), f"must be a JSON object (got "
+                            f"{type(doc).__name__})")
+    return doc
 
 
 def notification(store: Path, version: str, previous: str | None, reason: str) -> dict[str, Any]:
