@@ -82,6 +82,15 @@ def test_an_unparseable_body_without_a_token_is_unauthenticated_naming_no_field(
                             ) == (grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN)
 
 
+def test_a_body_over_the_message_limit_without_a_token_names_no_field(token_server):
+    """gRPC refuses it on receipt (--max-message-bytes), before any handler: the caller
+    learns the transport's limit, nothing of the API."""
+    with grpc.insecure_channel(token_server.address) as channel:
+        code, details = _refusal(_raw(channel, "Retrieve"), b"\x0a" * (5 << 20))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    assert "RetrieveRequest" not in details and "user_id" not in details, details
+
+
 def test_with_a_valid_token_the_same_body_is_invalid_argument_naming_the_field(token_server):
     with grpc.insecure_channel(token_server.address) as channel:
         code, details = _refusal(_raw(channel, "Retrieve"), NOT_UTF8_USER_ID,
