@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import grpc
 
+from retrieval.signals import stop_signalled
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -64,11 +64,7 @@ async def serve(host: str, port: int, port_file: Path | None) -> None:
     log.info("echo server listening on %s:%d", host, bound)
     if port_file is not None:
         port_file.write_text(str(bound))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_signalled()
     await server.stop(2.0)
 
 

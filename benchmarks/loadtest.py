@@ -49,7 +49,6 @@ import math
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -77,7 +76,7 @@ from benchmarks.ghz import (
     run_ghz,
     summary,
 )
-from benchmarks.redis_process import RedisUnavailable, redis_server
+from app.processes import ProcessStartError, ServeProcess, redis_server
 
 log = logging.getLogger("benchmarks.loadtest")
 
@@ -112,30 +111,12 @@ def serve_command(model: Path, index: Path, features: Path | None, redis_url: st
 @contextmanager
 def running(variant: Variant, workdir: Path) -> Iterator[str]:
     """Starts the variant on 127.0.0.1 and a free port; yields HOST:PORT; always stops it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port_file, log_path = workdir / f"{variant.name}.port", workdir / f"{variant.name}.log"
-    port_file.unlink(missing_ok=True)
-    with open(log_path, "w") as out:
-        process = subprocess.Popen([*variant.command, "--port", "0", "--port-file",
-                                    str(port_file)], cwd=REPO, stdout=out,
-                                   stderr=subprocess.STDOUT)
+    server = ServeProcess.start([], workdir / variant.name, SERVER_START_TIMEOUT_S,
+                                command=variant.command, cwd=REPO)
     try:
-        from app.processes import wait_for_port_file
-
-        port = wait_for_port_file(process, port_file, log_path, SERVER_START_TIMEOUT_S)[0]
-        yield f"127.0.0.1:{port}"
+        yield server.address
     finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -434,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(args, name, value)
     try:
         return _run(args, ghz)
-    except (ValueError, OSError, RedisUnavailable) as exc:
+    except (ValueError, OSError, ProcessStartError) as exc:
         print(f"loadtest: error: {exc}", file=sys.stderr)
         return 2
 

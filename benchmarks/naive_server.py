@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import grpc
@@ -30,6 +29,7 @@ from retrieval.feature_store import (
 from training.saved_model_tower import SavedModelUserTower
 from retrieval.query import Limits, validate_query
 from retrieval.servicer import decode_retrieve
+from retrieval.signals import stop_signalled
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 from contracts.model_manifest import ModelManifest, load_model_manifest
@@ -117,11 +117,7 @@ async def serve(args: argparse.Namespace) -> None:
              index.artifact.index_version, args.host, port)
     if args.port_file is not None:
         args.port_file.write_text(str(port))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_signalled()
     await server.stop(2.0)
     await servicer.store.close()
 

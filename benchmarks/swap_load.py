@@ -60,7 +60,7 @@ from benchmarks.loadtest import (
     running,
     serve_command,
 )
-from benchmarks.redis_process import RedisUnavailable
+from app.processes import ProcessStartError
 from indexer.publish import move_pointer
 
 log = logging.getLogger("benchmarks.swap_load")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         with ExitStack() as stack:
             url = _filled_redis(stack, args.workdir, data)
             result = measure(ghz, args, model, first, second, url)
-    except (ValueError, OSError, RedisUnavailable, ArtifactsUnavailable) as exc:
+    except (ValueError, OSError, ProcessStartError, ArtifactsUnavailable) as exc:
         print(f"swap_load: error: {exc}", file=sys.stderr)
         return 2
     write_results(result, args.out)
