@@ -57,7 +57,7 @@ test: install redis ghz
 loadtest: install ghz
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
 
-# 1M items as in the README's load-test table; the second index is built once, then reused.
+# 1M items as in the load-test table of docs/benchmarks.md; the second index is built once, then reused.
 SWAP_LOAD_ARGS ?= --items 1000000 --clusters 1000 --content-dims 8 --index-spec IVF4096,SQ8 \
 	--swap-spec IVF4096,Flat --rate 300 --duration 20s
 swap-load: install redis ghz

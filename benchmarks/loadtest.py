@@ -218,7 +218,7 @@ class ArtifactsUnavailable(RuntimeError):
 
 
 # The load test's model: L2-normalised towers with temperature 0.05, the recipe our quality
-# runs chose on both MovieLens protocols (README, "Quality"). On the 50k load-test dataset it
+# runs chose on both MovieLens protocols (docs/quality.md). On the 50k load-test dataset it
 # also validates better after the 5 epochs trained here (held-out recall@10 0.116 against
 # 0.104 unnormalised). It matters for speed: the unnormalised model's item embeddings share
 # one large common direction (random pairs at cosine 0.99), and on the 1M catalogue IVF

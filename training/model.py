@@ -32,7 +32,7 @@ class TowerConfig:
     embedding_dim: int = 32
     hidden_dims: tuple[int, ...] = (64,)
     # L2-normalised outputs (scores are cosines): the default because unnormalised towers
-    # drift into one shared direction that IVF and HNSW cannot split (README, Training)
+    # drift into one shared direction that IVF and HNSW cannot split (docs/training.md)
     normalize: bool = True
     output_layer: bool = True  # False: the concatenated encodings are the embedding (the
                                # TFRS tutorial's plain id-embedding towers)
