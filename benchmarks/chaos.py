@@ -1,7 +1,7 @@
 """Chaos benchmark: faults under load against a real server, and a table of what happened.
 
     python -m benchmarks.chaos [--workdir W] [--outage-seconds 10] [--soak-seconds 1800]
-        [--scenarios redis_down,slow_redis,overload,sigterm,bad_publish,hot_swap,soak]
+        [--scenarios redis_down,slow_redis,overload,sigterm,bad_publish,hot_swap,watcher,soak]
         [--out benchmarks/results]
 
 Each scenario starts `two-tower serve` (and, where it needs one, a redis-server) on free
@@ -22,6 +22,10 @@ open loop at half the measured capacity), does one thing to it, and checks the o
                   with a log line, the old pair serving, health SERVING, no call failed
     hot_swap      a new index built and published under load: no call failed, every
                   reply's versions one of the two pairs, p99 during ≤ 2 × steady
+    watcher       CURRENT overwritten with bytes that are not UTF-8 for 3 s, then a valid
+                  new version published, under load (--watch-interval 1): the malformed
+                  pointer counted on /metrics with the old pair serving, the new version
+                  served within two watch intervals, no call failed
     soak          --soak-seconds at half capacity: no error, RSS growth ≤ 5 %
 
 Artifacts (synthetic data, a model, an index store) are made in --workdir once with the
@@ -43,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -62,7 +67,8 @@ CLI = [sys.executable, "-m", "app.cli"]
 NIGHT = {"hour_of_day": 22, "device": "tv"}
 REDIS_TIMEOUT_MS = 30
 SCENARIOS = ("redis_down", "slow_redis", "overload", "sigterm", "bad_publish", "hot_swap",
-             "soak")
+             "watcher", "soak")
+WATCH_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -205,8 +211,19 @@ class Server:
             self.process = subprocess.Popen([*CLI, "serve", *args, "--port", "0",
                                              "--port-file", str(port_file)],
                                             stdout=out, stderr=subprocess.STDOUT)
-        self.port = wait_for_port_file(self.process, port_file, self.log_path, 120)[0]
+        ports = wait_for_port_file(self.process, port_file, self.log_path, 120)
+        self.port, self.metrics_port = ports[0], (ports[1:] or [None])[0]
         self.address = f"127.0.0.1:{self.port}"
+
+    def metric(self, line_prefix: str) -> float:
+        """The value of the /metrics line starting with ``line_prefix`` (needs
+        --metrics-port)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(line_prefix + " "):
+                    return float(line.split()[-1])
+        raise KeyError(f"{line_prefix} not on {url}")
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -468,6 +485,45 @@ def hot_swap(a: Artifacts, work: Path, opts) -> Row:
                   and len({v[0] for v in versions}) == 1
                   and (row.p99_during_ms or 1e9) <= 2 * (row.p99_steady_ms or 0))
     row.notes = f"served {first} then {second}, one model, no mixed reply"
+    server.stop()
+    return row
+
+
+def watcher(a: Artifacts, work: Path, opts) -> Row:
+    store = work / "indexes"
+    shutil.copytree(a.store, store)
+    first = (store / "CURRENT").read_text().strip()
+    server = Server(work / "server", ["--model", str(a.model), "--index", str(store),
+                                      "--features", str(a.data), "--metrics-port", "0",
+                                      "--watch-interval", str(WATCH_INTERVAL_S)])
+    second = _build_index(a.model, work / "staging", "Flat", a.data)  # built beforehand
+    shutil.copytree(work / "staging" / second, store / second)
+    errors = 'two_tower_version_watch_errors_total{reason="pointer"}'
+    row = Row("watcher", "CURRENT made non-UTF-8 bytes for 3 s, then a valid version "
+                         f"published (--watch-interval {WATCH_INTERVAL_S:g})")
+    with Load(server.address) as load:
+        time.sleep(2)
+        counted = server.metric(errors)
+        (store / "CURRENT").write_bytes(b"\xff\xfei-\x80\n")  # in place, as a bad editor would
+        time.sleep(3)
+        counted = server.metric(errors) - counted
+        healthy = server.health() == health_pb2.HealthCheckResponse.SERVING
+        (store / "CURRENT.tmp").write_text(second + "\n")
+        os.replace(store / "CURRENT.tmp", store / "CURRENT")
+        published = time.monotonic()
+        time.sleep(2 * WATCH_INTERVAL_S + 1)
+    samples = load.samples
+    new = [s.start + s.latency_s for s in samples if s.code == "OK" and s.versions[1] == second]
+    took = (min(new) - published) if new else float("inf")
+    before = {s.versions[1] for s in between(samples, 0, published) if s.code == "OK"}
+    logged = f"{store / 'CURRENT'}: is not UTF-8" in server.log_path.read_text()
+    row.calls, row.errors, row.p99_during_ms = len(samples), errors_of(samples), p99_ms(samples)
+    row.passed = (not row.errors and counted >= 2 and healthy and logged and before == {first}
+                  and took <= 2 * WATCH_INTERVAL_S and server.process.poll() is None)
+    row.notes = (f"{counted:.0f} failed checks counted, {'' if logged else 'NOT '}logged "
+                 f"naming CURRENT, health "
+                 f"{'SERVING' if healthy else 'not SERVING'}, {first} served meanwhile; "
+                 f"{second} served {took:.2f} s after the publish")
     server.stop()
     return row
 

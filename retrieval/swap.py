@@ -120,7 +120,7 @@ class PairWatcher:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.check()
-            except Exception:  # noqa: BLE001 - check() handles its own; this is the last guard
+            except Exception:  # check() handles its own; this is the last guard
                 log.exception("version watcher: a check failed unexpectedly; still watching")
                 self.metrics.watch_errors.labels("unexpected").inc()
 
@@ -154,7 +154,7 @@ class PairWatcher:
                                         what=index_dir)
         except WatchFailure:
             raise  # timed out: tried again at the next check
-        except Exception as exc:  # noqa: BLE001 - whatever a version does wrong refuses it
+        except Exception as exc:  # whatever a version does wrong refuses it
             self.refused = index_dir
             self._refusal = (f"refused index {index_dir.name}, still serving "
                              f"{self.serving.name}: {exc}")

@@ -1,5 +1,6 @@
 """The chaos benchmark's scenarios, short forms, on the session's pipeline: a soak at half
-capacity (2 minutes here, as the fault issue asks; 30 min in `make chaos`) and four bad publishes under load."""
+capacity (2 minutes here, as the fault issue asks; 30 min in `make chaos`), four bad publishes
+under load, and a malformed CURRENT followed by a valid publish (the watcher)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def artifacts(pipeline) -> chaos.Artifacts:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["bad_publish", "soak"])
+@pytest.mark.parametrize("scenario", ["bad_publish", "watcher", "soak"])
 def test_the_scenario_passes_under_load(scenario, artifacts, tmp_path):
     row = getattr(chaos, scenario)(artifacts, tmp_path,
                                    SimpleNamespace(soak_seconds=120.0, outage_seconds=3.0))

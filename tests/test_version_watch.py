@@ -37,7 +37,7 @@ def _build_index(model_dir: Path, store: Path, factory: str) -> subprocess.Compl
     return subprocess.run(
         [sys.executable, "-m", "app.cli", "build-index", "--model", str(model_dir),
          "--out", str(store), "--index", factory, "--target-recall", "0.5"],
-        capture_output=True, text=True)
+        capture_output=True, text=True, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,8 @@ def test_the_watcher_survives_each_attack_and_follows_the_next_publish(store, pi
         for attack, reason, message in ATTACKS:
             before = probe.errors(reason)
             attack(store, serving, tmp_path)
-            probe.wait_for(lambda: probe.errors(reason) >= before + 3, 10, attack.__name__)
+            probe.wait_for(lambda r=reason, n=before: probe.errors(r) >= n + 3, 10,
+                           attack.__name__)
             for _ in range(5):  # over several watch intervals: answering, the old pair
                 assert probe.health(timeout=1.0) == SERVING
                 assert probe.served() == versions_of[serving]
@@ -271,7 +272,7 @@ def test_the_watcher_survives_each_attack_and_follows_the_next_publish(store, pi
             assert probe.metric("two_tower_version_watch_last_success_age_seconds") > 0.3
 
             _publish(store, other)
-            took = probe.wait_for(lambda: probe.served() == versions_of[other], 10,
+            took = probe.wait_for(lambda v=versions_of[other]: probe.served() == v, 10,
                                   f"publish after {attack.__name__}")
             assert took < 5, (attack.__name__, took)
             probe.wait_for(
