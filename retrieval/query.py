@@ -83,15 +83,23 @@ def validate_query(query: RetrieveQuery, spec: FeatureSpec, limits: Limits) -> N
     _check_count("exclude_item_ids", len(query.exclude_item_ids), limits.max_exclude_items)
     if query.event_time < 0:
         raise InvalidArgument("event_time_unix_seconds", f"must be >= 0 (got {query.event_time})")
-    for name, columns in (("allow", query.rules.allow), ("block", query.rules.block)):
+    _check_rules(query.rules, limits)
+    _check_context(query.context, spec, limits)
+
+
+def _check_rules(rules: ItemRules, limits: Limits) -> None:
+    for name, columns in (("allow", rules.allow), ("block", rules.block)):
         for column, values in columns.items():
             _check_name(rule_field(name, column), column, limits)
             if name == "allow" and not values:
                 raise InvalidArgument(rule_field(name, column), "give at least one value (an "
                                       "empty list would allow no item; leave the column out "
                                       "instead)")
+
+
+def _check_context(context: dict[str, ContextValue], spec: FeatureSpec, limits: Limits) -> None:
     known = {f.name: f for f in spec.tower("context")}
-    for key, value in query.context.items():
+    for key, value in context.items():
         field_name = context_field(key)
         _check_name(field_name, key, limits)
         if key not in known:
