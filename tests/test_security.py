@@ -34,7 +34,8 @@ from retrieval.security import (
     INVALID_TOKEN, MISSING_TOKEN, ClientTls, SecurityConfigError, TlsConfig, TokenSet,
     bearer_token,
 )
-from tests.conftest import _free_port, start_server, stop_server
+from app.processes import free_port as _free_port
+from tests.conftest import start_server, stop_server
 
 x509 = pytest.importorskip("cryptography.x509", reason="pip install cryptography==50.0.2")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
