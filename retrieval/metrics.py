@@ -24,6 +24,8 @@
                                              and recorded); absent with Redis
     two_tower_feature_store_evictions_total{reason}   recorded users the in-process store
                                              dropped: lru (over --store-max-users), ttl
+    two_tower_unsent_replies_total           replies gRPC could not send: the caller reset
+                                             the stream or its connection closed first
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class ServiceMetrics:
                                "served", registry=self.registry)
         self.serving = Gauge("two_tower_serving_info", "The model and index being served",
                              ("model_version", "index_version"), registry=self.registry)
+        self.unsent_replies = Counter("two_tower_unsent_replies_total",
+                                      "Replies gRPC could not send (stream reset or "
+                                      "connection closed before the reply went out)",
+                                      registry=self.registry)
         self.store_evictions = Counter("two_tower_feature_store_evictions_total",
                                        "Users the in-process feature store dropped, by reason: "
                                        "lru (over its cap), ttl (history expired)",

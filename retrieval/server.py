@@ -21,6 +21,7 @@ from retrieval.feature_store import (
     DEFAULT_MAX_USERS, FeatureStore, InMemoryFeatureStore, RedisFeatureStore,
     users_from_dataset,
 )
+from retrieval.logs import fold_unsent_replies
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import load_pair
 from retrieval.query import Limits
@@ -33,6 +34,47 @@ from retrieval.v1 import retrieval_pb2 as pb
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """What callers may hold open: streams that are never read pin their replies in the
+    server (about 50 KB each for a k=1000 Retrieve), so their number and lifetime are
+    bounded. None: gRPC's default (no limit)."""
+
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; more are refused (RST_STREAM). Not lower: a
+    # grpc.aio client that opens a channel with a burst of calls does not wait for this
+    # setting; at 100, 587 of a burst of 800 failed with UNAVAILABLE.
+    per_connection: int | None = 1000
+    # Calls in progress on all connections; more get RESOURCE_EXHAUSTED. Twice the above,
+    # so that one connection cannot take every slot.
+    total: int | None = 2000
+    # A connection is sent GOAWAY after this long, and closed, cancelling what it still
+    # holds, ``connection_age_grace_s`` later: a held stream pins memory for at most both.
+    connection_age_s: float | None = 300.0
+    connection_age_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("per_connection", "total"):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{name} streams must be an integer >= 1 or None (got {n!r})")
+        for name in ("connection_age_s", "connection_age_grace_s"):
+            t = getattr(self, name)
+            if t is None and name == "connection_age_s":
+                continue
+            if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 2592000:
+                raise ValueError(f"{name} must be in (0, 2592000] seconds (got {t!r})")
+
+    def options(self) -> list[tuple[str, int]]:
+        options = []
+        if self.per_connection is not None:
+            options.append(("grpc.max_concurrent_streams", self.per_connection))
+        if self.connection_age_s is not None:
+            options += [("grpc.max_connection_age_ms", int(self.connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms",
+                         int(self.connection_age_grace_s * 1000))]
+        return options
 
 
 @dataclass(frozen=True)
@@ -61,6 +103,7 @@ class ServerConfig:
     redis_timeout_s: float = 0.03
     breaker: BreakerConfig = field(default_factory=BreakerConfig)  # when to stop asking Redis
     max_message_bytes: int = 4 << 20  # largest request accepted (gRPC's own default)
+    streams: StreamLimits = field(default_factory=StreamLimits)
     # sys.setswitchinterval: the longest the compute thread waits for the GIL after Faiss
     # returns while the event loop holds it (Python's default is 5 ms).
     gil_switch_interval_s: float = 0.005
@@ -131,8 +174,10 @@ async def create_server(config: ServerConfig) -> RunningServer:
     metrics = ServiceMetrics()
     retriever = Retriever(await _feature_store(config, metrics), config.limits,
                           config.history_ttl_s, metrics, config.batching, config.breaker)
+    fold_unsent_replies(metrics.unsent_replies.inc)
     server = grpc.aio.server(interceptors=_interceptors(config, metrics), options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes)])
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        *config.streams.options()], maximum_concurrent_rpcs=config.streams.total)
     add_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

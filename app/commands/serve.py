@@ -88,6 +88,18 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gil-switch-interval-us", type=int, default=5000,
                    help="how long a Python thread may hold the GIL while another waits "
                         "(sys.setswitchinterval); the compute thread waits this long at worst")
+    p.add_argument("--max-streams-per-connection", type=int, default=1000,
+                   help="calls one connection may have open at once (HTTP/2 "
+                        "MAX_CONCURRENT_STREAMS); more are refused; 0 = no limit")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=2000,
+                   help="calls in progress on all connections together; more get "
+                        "RESOURCE_EXHAUSTED; 0 = no limit")
+    p.add_argument("--max-connection-age-seconds", type=float, default=300.0,
+                   help="a connection is asked to close (GOAWAY) after this long; clients "
+                        "reconnect; 0 = never")
+    p.add_argument("--max-connection-age-grace-seconds", type=float, default=10.0,
+                   help="then its calls have this long to finish before it is closed: "
+                        "a reply nobody reads is held at most age + grace")
     p.add_argument("--store-max-users", type=int, default=500_000,
                    help="in-process store: most users held, preloaded (--features, never "
                         "evicted) and recorded; past it the least recently used recorded "
@@ -159,7 +171,7 @@ def _serve(args) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from retrieval.circuit_breaker import BreakerConfig
     from retrieval.retriever import BatchingConfig, default_faiss_threads
-    from retrieval.server import ServerConfig, serve
+    from retrieval.server import ServerConfig, StreamLimits, serve
 
     config = ServerConfig(model_dir=args.model, index_dir=args.index, host=args.host,
                           **_serve_security(args),
@@ -181,6 +193,10 @@ def _serve(args) -> None:
                           max_message_bytes=args.max_message_bytes,
                           gil_switch_interval_s=args.gil_switch_interval_us / 1e6,
                           store_max_users=args.store_max_users,
+                          streams=StreamLimits(args.max_streams_per_connection or None,
+                                               args.max_concurrent_rpcs or None,
+                                               args.max_connection_age_seconds or None,
+                                               args.max_connection_age_grace_seconds),
                           history_ttl_s=args.history_ttl_seconds or None,
                           grace_seconds=args.grace_seconds)
     asyncio.run(serve(config, args.port_file))
