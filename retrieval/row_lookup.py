@@ -1,5 +1,9 @@
 """id → row dictionaries of million-item tables, built beside a serving event loop.
 
+Not one ``dict(zip(ids, rows))``: that holds the GIL about half a second per million ids,
+and in a 1M-item hot swap building in paced chunks keeps serving's p99 at 0.06-0.22 s
+against 0.7-1.2 s unpaced (measured as below).
+
 A server builds these when it loads a model and index pair, usually while it keeps
 serving the old pair (a hot swap). Building a dict of 1M ids is about half a second of C
 under the GIL, and serving at 300 calls/s needs about a quarter of the GIL. Measured on a
