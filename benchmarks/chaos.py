@@ -57,9 +57,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.redis_process import free_port, wait_for_ping
 from retrieval.client import build_request
-from app.processes import wait_for_port_file
+from app.processes import RedisProcess, ServeProcess
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
 log = logging.getLogger("chaos")
@@ -173,47 +172,17 @@ def errors_of(samples: list[Sample]) -> dict[str, int]:
 # --- processes -------------------------------------------------------------------------
 
 
-class Redis:
-    """A redis-server on 127.0.0.1 that can be killed and restarted on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir.resolve(), free_port()  # redis-server cds there
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log_path = self.workdir / f"redis-{self.port}.log"
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(log_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_for_ping(self.port, self.process, log_path)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def command(self, *args: str) -> None:
-        subprocess.run(["redis-cli", "-p", str(self.port), *args], check=True,
-                       capture_output=True, timeout=10)
+def Redis(workdir: Path) -> RedisProcess:  # noqa: N802 - reads as the thing it starts
+    """A redis-server that a scenario may kill and restart on the same port."""
+    return RedisProcess.start(workdir)
 
 
-class Server:
+class Server(ServeProcess):
+    """`two-tower serve` with what the scenarios read from it: metrics and health."""
+
     def __init__(self, workdir: Path, args: list[str]) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path, port_file = workdir / "server.log", workdir / "port"
-        port_file.unlink(missing_ok=True)
-        with open(self.log_path, "w") as out:
-            self.process = subprocess.Popen([*CLI, "serve", *args, "--port", "0",
-                                             "--port-file", str(port_file)],
-                                            stdout=out, stderr=subprocess.STDOUT)
-        ports = wait_for_port_file(self.process, port_file, self.log_path, 120)
-        self.port, self.metrics_port = ports[0], (ports[1:] or [None])[0]
-        self.address = f"127.0.0.1:{self.port}"
+        started = ServeProcess.start(args, workdir, 120)
+        super().__init__(started.process, started.port, started.log_path, started.metrics_port)
 
     def metric(self, line_prefix: str) -> float:
         """The value of the /metrics line starting with ``line_prefix`` (needs
@@ -225,25 +194,10 @@ class Server:
                     return float(line.split()[-1])
         raise KeyError(f"{line_prefix} not on {url}")
 
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
     def health(self) -> int:
         with grpc.insecure_channel(self.address) as channel:
             return health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5).status
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
 
 
 @dataclass(frozen=True)
@@ -303,7 +257,7 @@ def redis_down(a: Artifacts, work: Path, opts) -> Row:
             redis.kill()
             time.sleep(opts.outage_seconds)
             restarting = time.monotonic()  # replies from here on may be normal again
-            redis.start()
+            redis.restart()
             back = time.monotonic()  # Redis answers PING
             time.sleep(3)
         samples = load.samples
