@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import farmhash
 import numpy as np
 
 from retrieval.row_lookup import rows_by_id
@@ -120,8 +121,9 @@ class _Lookup:
 
 
 def oov_buckets(ids: list[str], num_oov: int) -> np.ndarray:
-    """FarmHash Fingerprint64(utf-8 id) mod num_oov, as StringLookup hashes unknown ids."""
-    return np.array([fingerprint64(str(s).encode()) % num_oov for s in ids], np.int64)
+    """FarmHash Fingerprint64(utf-8 id) mod num_oov, as StringLookup hashes unknown ids
+    (pyfarmhash's C fingerprint64 equals TensorFlow's; tests/test_numpy_tower.py)."""
+    return np.array([farmhash.fingerprint64(str(s)) % num_oov for s in ids], np.int64)
 
 
 class _Embedded:
@@ -235,135 +237,3 @@ def _check_against_manifest(tower: NumpyUserTower, manifest: ModelManifest) -> N
         raise ArtifactError(where, f"embedding_dim {tower.embedding_dim}, normalize "
                             f"{tower.normalize} do not match the manifest's "
                             f"{manifest.embedding_dim}, {manifest.normalized}")
-
-
-# --- FarmHash Fingerprint64 (farmhashna::Hash64 of google/farmhash), in pure Python --------
-# Unsigned 64-bit arithmetic is Python ints masked with _M; fetches are little-endian.
-
-_M = (1 << 64) - 1
-_K0, _K1, _K2 = 0xC3A5C85C97CB3127, 0xB492B66FBE98F273, 0x9AE16A3B2F90404F
-
-
-def _f64(s, i):
-    return int.from_bytes(s[i:i + 8], "little")
-
-
-def _f32(s, i):
-    return int.from_bytes(s[i:i + 4], "little")
-
-
-def _rot(v, shift):
-    return ((v >> shift) | (v << (64 - shift))) & _M
-
-
-def _shift_mix(v):
-    return v ^ (v >> 47)
-
-
-def _len16(u, v, mul):
-    a = ((u ^ v) * mul) & _M
-    a ^= a >> 47
-    b = ((v ^ a) * mul) & _M
-    b ^= b >> 47
-    return (b * mul) & _M
-
-
-def _len0to16(s, n):
-    if n >= 8:
-        mul = _K2 + n * 2
-        a = (_f64(s, 0) + _K2) & _M
-        b = _f64(s, n - 8)
-        c = (_rot(b, 37) * mul + a) & _M
-        d = ((_rot(a, 25) + b) * mul) & _M
-        return _len16(c, d, mul)
-    if n >= 4:
-        mul = _K2 + n * 2
-        return _len16(n + (_f32(s, 0) << 3), _f32(s, n - 4), mul)
-    if n > 0:
-        y = s[0] + (s[n >> 1] << 8)
-        z = n + (s[n - 1] << 2)
-        return (_shift_mix(((y * _K2) ^ (z * _K0)) & _M) * _K2) & _M
-    return _K2
-
-
-def _len17to32(s, n):
-    mul = _K2 + n * 2
-    a = (_f64(s, 0) * _K1) & _M
-    b = _f64(s, 8)
-    c = (_f64(s, n - 8) * mul) & _M
-    d = (_f64(s, n - 16) * _K2) & _M
-    return _len16((_rot((a + b) & _M, 43) + _rot(c, 30) + d) & _M,
-                  (a + _rot((b + _K2) & _M, 18) + c) & _M, mul)
-
-
-def _len33to64(s, n):
-    mul = _K2 + n * 2
-    a = (_f64(s, 0) * _K2) & _M
-    b = _f64(s, 8)
-    c = (_f64(s, n - 8) * mul) & _M
-    d = (_f64(s, n - 16) * _K2) & _M
-    y = (_rot((a + b) & _M, 43) + _rot(c, 30) + d) & _M
-    z = _len16(y, (a + _rot((b + _K2) & _M, 18) + c) & _M, mul)
-    e = (_f64(s, 16) * mul) & _M
-    f = _f64(s, 24)
-    g = ((y + _f64(s, n - 32)) * mul) & _M
-    h = ((z + _f64(s, n - 24)) * mul) & _M
-    return _len16((_rot((e + f) & _M, 43) + _rot(g, 30) + h) & _M,
-                  (e + _rot((f + a) & _M, 18) + g) & _M, mul)
-
-
-def _weak32(s, i, a, b):
-    w, x, y, z = _f64(s, i), _f64(s, i + 8), _f64(s, i + 16), _f64(s, i + 24)
-    a = (a + w) & _M
-    b = _rot((b + a + z) & _M, 21)
-    c = a
-    a = (a + x + y) & _M
-    b = (b + _rot(a, 44)) & _M
-    return (a + z) & _M, (b + c) & _M
-
-
-def fingerprint64(s: bytes) -> int:
-    """FarmHash Fingerprint64 (farmhashna::Hash64), TensorFlow's string fingerprint."""
-    n = len(s)
-    if n <= 16:
-        return _len0to16(s, n)
-    if n <= 32:
-        return _len17to32(s, n)
-    if n <= 64:
-        return _len33to64(s, n)
-    seed = 81
-    x = seed
-    y = (seed * _K1 + 113) & _M
-    z = (_shift_mix((y * _K2 + 113) & _M) * _K2) & _M
-    v0 = v1 = w0 = w1 = 0
-    x = (x * _K2 + _f64(s, 0)) & _M
-    end = ((n - 1) // 64) * 64
-    last64 = end + ((n - 1) & 63) - 63
-    i = 0
-    while True:
-        x = (_rot((x + y + v0 + _f64(s, i + 8)) & _M, 37) * _K1) & _M
-        y = (_rot((y + v1 + _f64(s, i + 48)) & _M, 42) * _K1) & _M
-        x ^= w1
-        y = (y + v0 + _f64(s, i + 40)) & _M
-        z = (_rot((z + w0) & _M, 33) * _K1) & _M
-        v0, v1 = _weak32(s, i, (v1 * _K1) & _M, (x + w0) & _M)
-        w0, w1 = _weak32(s, i + 32, (z + w1) & _M, (y + _f64(s, i + 16)) & _M)
-        z, x = x, z
-        i += 64
-        if i == end:
-            break
-    mul = _K1 + ((z & 0xFF) << 1)
-    i = last64
-    w0 = (w0 + ((n - 1) & 63)) & _M
-    v0 = (v0 + w0) & _M
-    w0 = (w0 + v0) & _M
-    x = (_rot((x + y + v0 + _f64(s, i + 8)) & _M, 37) * mul) & _M
-    y = (_rot((y + v1 + _f64(s, i + 48)) & _M, 42) * mul) & _M
-    x ^= (w1 * 9) & _M
-    y = (y + v0 * 9 + _f64(s, i + 40)) & _M
-    z = (_rot((z + w0) & _M, 33) * mul) & _M
-    v0, v1 = _weak32(s, i, (v1 * mul) & _M, (x + w0) & _M)
-    w0, w1 = _weak32(s, i + 32, (z + w1) & _M, (y + _f64(s, i + 16)) & _M)
-    z, x = x, z
-    return _len16((_len16(v0, w0, mul) + _shift_mix(y) * _K0 + z) & _M,
-                  (_len16(v1, w1, mul) + x) & _M, mul)

@@ -134,7 +134,7 @@ def test_hashed_oov_matches_string_lookup():
 
 
 def test_fingerprint64_is_tensorflows_on_every_length_path():
-    """The pure-Python FarmHash against tf.strings.to_hash_bucket_fast with ~2^62 buckets:
+    """pyfarmhash's Fingerprint64 against tf.strings.to_hash_bucket_fast with ~2^62 buckets:
     lengths 0-3, 4-7, 8-16, 17-32, 33-64 and the 64-byte block loop, ASCII and multi-byte."""
     import random
 
