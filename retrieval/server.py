@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from retrieval.retriever import BatchingConfig, Retriever
 from retrieval.security import AuthInterceptor, TlsConfig, TokenSet
 from retrieval.swap import PairWatcher, resolve_pair_dirs, start_watching, stop_watching
 from retrieval.servicer import ErrorInterceptor, RetrievalServicer, add_to_server
+from retrieval.signals import stop_signalled
 from retrieval.v1 import retrieval_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -268,10 +266,6 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
         tmp = port_file.with_name(port_file.name + ".tmp")
         tmp.write_text(" ".join(map(str, ports)))
         os.replace(tmp, port_file)  # readers never see half a line
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_signalled()
     log.info("stopping: NOT_SERVING, draining for up to %.1fs", config.grace_seconds)
     await running.stop(config.grace_seconds)
