@@ -10,7 +10,6 @@ import re
 import time
 import urllib.request
 
-import grpc
 import pytest
 
 from benchmarks.stream_abuse import hold, normal_calls, retrieve_message, rss_mb
