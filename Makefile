@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 BENCH_INDEX_ARGS ?= --sizes 100000,1000000 --exact-qps 50
 LOADTEST_ARGS ?= --redis --concurrency 1,10,50 --rate 0.25max,half-max --duration 8s
 
-.PHONY: help install demo test redis ghz loadtest swap-load proto quality bench-index chaos clean
+.PHONY: help install demo test redis java ghz loadtest swap-load proto quality bench-index chaos clean
 
 help:
 	@echo "make demo     generate data, train, build the index, serve, query (end to end)"
@@ -27,7 +27,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[serve,train,proto,test,bench]"
+	$(BIN)/pip install --quiet -e ".[serve,train,prepare,proto,test,bench]"
 	touch $@
 
 install: $(STAMP)
@@ -43,7 +43,19 @@ redis:
 		exit 1; \
 	fi
 
-demo: install
+# The preparation job runs on Apache Spark, which needs a Java runtime (17 or later).
+java:
+	@if command -v java >/dev/null 2>&1; then \
+		echo "java: $$(command -v java)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing a Java runtime from Debian's packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; \
+	else \
+		echo "java is missing: install a Java 17+ runtime (e.g. sudo apt-get install openjdk-17-jre-headless) and rerun"; \
+		exit 1; \
+	fi
+
+demo: install java
 	$(BIN)/two-tower demo --workdir demo-run
 
 # ghz is installed with `go install` of a pinned release (.ci/install-ghz.sh); when that
@@ -51,7 +63,7 @@ demo: install
 ghz:
 	@bash .ci/install-ghz.sh || echo "ghz could not be installed: the ghz smoke test will be skipped"
 
-test: install redis ghz
+test: install redis java ghz
 	$(BIN)/python -m pytest -q
 
 loadtest: install ghz
