@@ -19,7 +19,8 @@ stage (training, export, serving) reads these objects, never the raw file. Examp
     dtype = "int"
     derive = "hour_of_day"
 
-Kinds: ``categorical`` (one id per example, looked up in a vocabulary with OOV buckets),
+Kinds: ``categorical`` (one id per example, looked up in a vocabulary with OOV buckets,
+or, with ``hash_buckets = N``, hashed into N buckets with no vocabulary),
 ``numeric`` (a float, normalised with training statistics), ``bag`` (a set of ids per
 example, mean-pooled; "|"-separated in CSV), ``history`` (the user's earlier item ids,
 most recent first, mean-pooled; computed from the interactions, never a column).
@@ -57,10 +58,17 @@ class Feature:
     dtype: Literal["string", "int"] = "string"
     max_length: int = 20
     derive: Derivation | None = None
+    # FarmHash Fingerprint64(utf-8 id) mod hash_buckets is the embedding row: no vocabulary
+    # is computed or stored (for id spaces too large to list); None = a vocabulary
+    hash_buckets: int | None = None
 
     @property
     def uses_vocabulary(self) -> bool:
-        return self.kind in ("categorical", "bag")
+        return self.kind in ("categorical", "bag") and self.hash_buckets is None
+
+    @property
+    def hashed(self) -> bool:
+        return self.hash_buckets is not None
 
     @property
     def is_sequence(self) -> bool:
@@ -99,6 +107,8 @@ class FeatureSpec:
         for f in self.features:
             d = dataclasses.asdict(f)
             d.pop("name")
+            if f.hashed:  # no vocabulary: its OOV count means nothing and is refused
+                d.pop("oov_buckets")
             features[f.name] = {k: v for k, v in d.items() if v is not None}
         return {"columns": dataclasses.asdict(self.columns), "features": features}
 
@@ -121,6 +131,7 @@ def parse_feature_spec(doc: dict[str, Any], path: str = "<spec>") -> FeatureSpec
     features = tuple(_parse_feature(n, d, path) for n, d in features_doc.items())
     spec = FeatureSpec(columns=columns, features=features)
     _check_towers(spec, path)
+    _check_history_hashing(spec, path)
     return spec
 
 
@@ -153,12 +164,44 @@ def _parse_feature(name: str, doc: Any, path: str) -> Feature:
             raise FeatureSpecError(
                 path, f"{key}.{int_key}", f"must be an integer >= {low} (got {value!r})"
             )
+    _check_hash_buckets(doc, path, key)
     feature = Feature(name=name, **doc)
     if feature.derive is not None and feature.tower != "context":
         raise FeatureSpecError(path, f"{key}.derive", "only context features can be derived")
     if feature.kind == "history" and feature.tower != "user":
         raise FeatureSpecError(path, f"{key}.kind", "history is a user-tower feature")
     return feature
+
+
+def _check_hash_buckets(doc: dict, path: str, key: str) -> None:
+    if "hash_buckets" not in doc:
+        return
+    value = doc["hash_buckets"]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise FeatureSpecError(path, f"{key}.hash_buckets",
+                               f"must be an integer >= 1 (got {value!r})")
+    if doc.get("kind") == "numeric":
+        raise FeatureSpecError(path, f"{key}.hash_buckets",
+                               "only categorical, bag and history features can be hashed")
+    # a hashed feature has no vocabulary, so nothing for vocabulary options to configure
+    for other, why in (("oov_buckets", "every id is hashed, there is no vocabulary to miss"),
+                       ("derive", "a derived feature has a fixed vocabulary")):
+        if other in doc:
+            raise FeatureSpecError(path, f"{key}.hash_buckets",
+                                   f"cannot be combined with {other} ({why}); remove one")
+
+
+def _check_history_hashing(spec: FeatureSpec, path: str) -> None:
+    """History shares the item id's lookup and embedding: hashed in both or neither."""
+    item_id = spec.feature(spec.columns.item_id)
+    for f in spec.features:
+        if f.kind == "history" and f.hash_buckets != item_id.hash_buckets:
+            raise FeatureSpecError(
+                path, f"features.{f.name}.hash_buckets",
+                f"a history shares the item id's lookup and embedding, so it must be hashed "
+                f"as features.{item_id.name} is (hash_buckets {item_id.hash_buckets!r}; got "
+                f"{f.hash_buckets!r}): set the same hash_buckets on both, or on neither",
+            )
 
 
 def _check_towers(spec: FeatureSpec, path: str) -> None:

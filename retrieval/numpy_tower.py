@@ -4,12 +4,15 @@ on the request path (a SavedModel call costs hundreds of µs even for one row).
 It reads what training.numpy_export wrote into the model artifact and takes exactly the
 inputs of contracts.inputs.user_inputs. Preprocessing is the training graph's:
 
+* hashed categorical, bag, history (spec ``hash_buckets``): Keras ``Hashing(num_bins)``,
+  FarmHash Fingerprint64(utf-8 id) mod num_bins for every id, which is the lookup below
+  with an empty vocabulary and num_bins OOV buckets;
 * categorical, bag, history: vocabulary lookup as Keras ``StringLookup`` does it — OOV
   indices first, [0, num_oov), then the vocabulary; with one OOV index every unknown id
   (including "") is row 0, with more an unknown id goes to bucket FarmHash
   Fingerprint64(utf-8 id) mod num_oov, as ``tf.strings.to_hash_bucket_fast`` computes it
-  (a pure-Python Fingerprint64 is at the end of this module, pinned against TensorFlow by
-  the tests; no TensorFlow is imported here);
+  (pyfarmhash's C Fingerprint64, pinned against TensorFlow by the tests; no TensorFlow is
+  imported here);
 * bag, history: mean of the embeddings of the non-"" ids, zeros for an all-"" row ("" is
   looked up as an extra all-zero row, so padding costs no hashing and no mask);
 * numeric: NaN/±inf → the training mean, then (x - mean) / sqrt(variance), in float32;
@@ -26,7 +29,6 @@ from typing import Any
 import farmhash
 import numpy as np
 
-from retrieval.row_lookup import rows_by_id
 from contracts.errors import ArtifactError
 from contracts.inputs import PAD
 from contracts.model_manifest import (
@@ -38,6 +40,7 @@ from contracts.model_manifest import (
     load_model_manifest,
     verify_checksums,
 )
+from retrieval.row_lookup import rows_by_id
 
 L2_EPSILON = 1e-12  # tf.math.l2_normalize's floor on the squared norm
 
@@ -132,7 +135,10 @@ class _Embedded:
     def __init__(self, entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
         self.name, self.pooled = entry["name"], entry["kind"] in ("bag", "history")
         self.max_length = int(entry["max_length"]) if self.pooled else None
-        vocabulary, num_oov = _vocabulary(entry, arrays), int(entry["num_oov"])
+        if "hash_buckets" in entry:  # no vocabulary: every id is an "OOV" bucket
+            vocabulary, num_oov = np.zeros(0, dtype="<U1"), int(entry["hash_buckets"])
+        else:
+            vocabulary, num_oov = _vocabulary(entry, arrays), int(entry["num_oov"])
         table = arrays[entry["embedding"]]
         if table.ndim != 2 or table.shape[0] != len(vocabulary) + num_oov:
             raise ValueError(f"{entry['embedding']}: {table.shape[0]} rows for "
@@ -149,7 +155,7 @@ class _Embedded:
         ids = np.asarray(ids, dtype=object)
         expected_ndim = 2 if self.pooled else 1
         if ids.ndim != expected_ndim or (self.pooled and ids.shape[1] != self.max_length):
-            shape = "[n, %d]" % self.max_length if self.pooled else "[n]"
+            shape = f"[n, {self.max_length}]" if self.pooled else "[n]"
             raise ValueError(f"input {self.name!r}: expected shape {shape} (got {ids.shape})")
         embedded = self._table.take(self.lookup(ids), axis=0)
         if not self.pooled:

@@ -1,9 +1,10 @@
 """The two-tower model, built from a feature spec.
 
 Each tower is a Keras functional model over a dict of raw inputs (contracts.inputs): every
-feature is encoded (vocabulary lookup + embedding, normalisation, or masked mean of a bag),
-the encodings are concatenated and an MLP maps them to the embedding. The user tower's
-history feature shares the item-id vocabulary and embedding table with the item tower.
+feature is encoded (vocabulary lookup or, with ``hash_buckets``, hashing + embedding,
+normalisation, or masked mean of a bag), the encodings are concatenated and an MLP maps
+them to the embedding. The user tower's history feature shares the item-id lookup and
+embedding table with the item tower.
 
 Training is a sampled softmax (``tfrs.tasks.Retrieval``): each positive item is scored
 against the other items of the batch and, optionally, items drawn from the whole corpus
@@ -109,7 +110,7 @@ def compute_feature_stats(spec: FeatureSpec, examples: Mapping[str, np.ndarray],
             values = values[np.isfinite(values)]
             means[f.name] = float(values.mean()) if len(values) else 0.0
             variances[f.name] = float(values.var()) if len(values) else 1.0
-        elif f.kind != "history":
+        elif f.kind != "history" and not f.hashed:  # hashed: no vocabulary to compute
             source = examples[f.name]
             if f.tower == "item":
                 source = np.concatenate([np.ravel(source), np.ravel(_item_column(f, items))])
@@ -202,13 +203,18 @@ class Towers:
         return MaskedMeanPool(dropout, name=f"{f.name}_pool")(embedded, x)
 
     def _lookup_and_embedding(self, f: Feature):
-        vocabulary = list(self.stats.vocabularies[f.name])
-        lookup = keras.layers.StringLookup(
-            vocabulary=vocabulary, num_oov_indices=f.oov_buckets, name=f"{f.name}_lookup"
-        )
+        if f.hashed:  # FarmHash Fingerprint64 mod N (no salt), as StringLookup's OOV buckets
+            lookup = keras.layers.Hashing(num_bins=f.hash_buckets, name=f"{f.name}_lookup")
+            rows = f.hash_buckets
+        else:
+            vocabulary = list(self.stats.vocabularies[f.name])
+            lookup = keras.layers.StringLookup(
+                vocabulary=vocabulary, num_oov_indices=f.oov_buckets, name=f"{f.name}_lookup"
+            )
+            rows = len(vocabulary) + f.oov_buckets
         l2 = self.config.embedding_l2
         embedding = keras.layers.Embedding(
-            len(vocabulary) + f.oov_buckets, f.embedding_dim, name=f"{f.name}_embedding",
+            rows, f.embedding_dim, name=f"{f.name}_embedding",
             embeddings_regularizer=keras.regularizers.L2(l2) if l2 else None,
         )
         return lookup, embedding

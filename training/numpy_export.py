@@ -9,7 +9,9 @@ Two files next to the SavedModel in a model artifact (read by retrieval.numpy_to
     user_tower_numpy.json   {"format", "embedding_dim", "normalize",
                              "features": [one per concatenated encoding, in order:
                                  {"name", "kind", "vocabulary" (the array's name),
-                                  "num_oov", "embedding", "max_length" (bag and history)}
+                                  "num_oov", "embedding", "max_length" (bag and history)},
+                                 hashed (spec hash_buckets), "hash_buckets" in place of
+                                 "vocabulary" and "num_oov",
                                  or, numeric, {"name", "kind", "mean", "variance"}],
                              "dense": [{"name", "activation"}, ...] in order}
 
@@ -33,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from contracts.feature_spec import Feature, FeatureSpec
-
 from contracts.model_manifest import NUMPY_TOWER_ARRAYS, NUMPY_TOWER_FORMAT, NUMPY_TOWER_GRAPH
 
 if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must not
@@ -41,8 +42,8 @@ if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must
 
 ACTIVATIONS = ("linear", "relu")
 MIN_VARIANCE = 1e-12  # training.model.Towers floors the variance at this before sqrt
-_LAYER_TYPES = {"InputLayer", "TFOpLambda", "StringLookup", "Embedding", "Reshape",
-                "MaskedMeanPool", "Concatenate", "Dense", "L2Normalize"}
+_LAYER_TYPES = {"InputLayer", "TFOpLambda", "StringLookup", "Hashing", "Embedding",
+                "Reshape", "MaskedMeanPool", "Concatenate", "Dense", "L2Normalize"}
 # the ops of the numeric encoder: where(is_finite(x), x, mean), then (x - mean) / std
 _NUMERIC_OPS = {"math.is_finite", "where", "math.subtract", "math.truediv"}
 
@@ -87,6 +88,9 @@ def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
     owner = spec.columns.item_id if f.kind == "history" else f.name
     lookup = tower.get_layer(f"{owner}_lookup")
     embedding = tower.get_layer(f"{owner}_embedding")
+    if type(lookup).__name__ == "Hashing":
+        entry = _hashed_entry(f, lookup, embedding, arrays)
+        return {**entry, "max_length": f.max_length} if f.is_sequence else entry
     num_oov = int(lookup.num_oov_indices)
     if lookup.mask_token is not None or num_oov < 1:
         raise ValueError(f"{lookup.name}: expected no mask token and >= 1 OOV index "
@@ -101,6 +105,21 @@ def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
     entry = {"name": f.name, "kind": f.kind, "vocabulary": f"{f.name}.vocabulary",
              "num_oov": num_oov, "embedding": embedding.name}
     return {**entry, "max_length": f.max_length} if f.is_sequence else entry
+
+
+def _hashed_entry(f: Feature, lookup, embedding, arrays: dict[str, np.ndarray]
+                  ) -> dict[str, Any]:
+    """FarmHash Fingerprint64 mod num_bins, which the NumPy tower computes only unsalted."""
+    num_bins = int(lookup.num_bins)
+    if lookup.salt is not None or lookup.mask_value is not None:
+        raise ValueError(f"{lookup.name}: expected an unsalted Hashing without mask value "
+                         f"(got salt={lookup.salt!r}, mask_value={lookup.mask_value!r})")
+    table = np.asarray(embedding.get_weights()[0], dtype=np.float32)
+    if table.shape[0] != num_bins:
+        raise ValueError(f"{embedding.name}: {table.shape[0]} rows for {num_bins} hash buckets")
+    arrays[embedding.name] = table
+    return {"name": f.name, "kind": f.kind, "hash_buckets": num_bins,
+            "embedding": embedding.name}
 
 
 def _string_array(vocabulary: list[str], where: str) -> np.ndarray:
