@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from app.commands import data, demo, index, serve, train
+from app.commands import data, demo, index, prepare, serve, train
 from contracts.errors import TwoTowerError
 from retrieval.logs import configure_logging
 
@@ -15,6 +15,7 @@ log = logging.getLogger("two_tower")
 # (module, its parser adders) in the order `two-tower --help` lists them
 _COMMANDS = (
     (data, (data.add_generate, data.add_convert)),
+    (prepare, (prepare.add_prepare,)),
     (train, (train.add_train,)),
     (index, (index.add_build_index, index.add_update_index, index.add_rollback)),
     (serve, (serve.add_serve, serve.add_load_features, serve.add_query)),
