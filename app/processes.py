@@ -184,10 +184,12 @@ class ServeProcess:
     @classmethod
     def start(cls, args: Sequence[str], workdir: Path, timeout_s: float = SERVE_START_TIMEOUT_S,
               env: Mapping[str, str] | None = None, command: Sequence[str] = (*CLI, "serve"),
-              cwd: Path | None = None) -> ServeProcess:
-        """``command ARGS --port 0 --port-file …`` with its output in workdir/server.log."""
+              cwd: Path | None = None, name: str = "server") -> ServeProcess:
+        """``command ARGS --port 0 --port-file …`` with its output in workdir/NAME.log
+        (and the ports in workdir/port, or NAME.port for another name)."""
         workdir.mkdir(parents=True, exist_ok=True)
-        port_file, log_path = workdir / "port", workdir / "server.log"
+        port_file = workdir / ("port" if name == "server" else f"{name}.port")
+        log_path = workdir / f"{name}.log"
         port_file.unlink(missing_ok=True)
         with open(log_path, "w") as log:
             process = subprocess.Popen([*command, *args, "--port", "0", "--port-file",

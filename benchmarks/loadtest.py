@@ -111,8 +111,8 @@ def serve_command(model: Path, index: Path, features: Path | None, redis_url: st
 @contextmanager
 def running(variant: Variant, workdir: Path) -> Iterator[str]:
     """Starts the variant on 127.0.0.1 and a free port; yields HOST:PORT; always stops it."""
-    server = ServeProcess.start([], workdir / variant.name, SERVER_START_TIMEOUT_S,
-                                command=variant.command, cwd=REPO)
+    server = ServeProcess.start([], workdir, SERVER_START_TIMEOUT_S, command=variant.command,
+                                cwd=REPO, name=variant.name)
     try:
         yield server.address
     finally:

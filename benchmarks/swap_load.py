@@ -31,7 +31,9 @@ import argparse
 import json
 import logging
 import re
+import os
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -143,17 +145,32 @@ def _second_index(model: Path, first: Path, data: Path, spec: str) -> Path:
     return made
 
 
+def _hard_link_tree(version: Path, dest: Path) -> None:
+    """``dest`` as a copy of the version directory made of hard links (a copy where the
+    filesystems differ): servers refuse a version that is a symbolic link out of the store."""
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    shutil.rmtree(dest, ignore_errors=True)
+    for path in sorted(version.rglob("*")):
+        target = dest / path.relative_to(version)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
 def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: str) -> dict:
-    """Serve from a private index store (links to both versions), run ghz twice, swap in
+    """Serve from a private index store (hard links of both versions), run ghz twice, swap in
     the second run; the two runs' per-call latencies and the swap's timing."""
     work = args.workdir / "swap-load"
     store = work / "indexes"
     store.mkdir(parents=True, exist_ok=True)
     for version in (first, second):
-        link = store / version.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(version.resolve(), target_is_directory=True)
+        _hard_link_tree(version, store / version.name)
     move_pointer(store, first.name)
     data_file = work / "call-data.json"
     data_file.write_text(json.dumps(call_data(read_user_ids(args.users))))
