@@ -1,0 +1,122 @@
+"""The users of a prepared output, streamed as batches of StoredUser for the feature store
+(`two-tower load-features --prepared`).
+
+What it reads of a prepared directory (the preparation job's format)::
+
+    manifest.json       "users": {"path": "users/", "rows": n, "history_length": L},
+                        "spec": {"columns": {"user_id": ...}, ...} (default "user_id")
+    users/*.parquet     the user id, the user-tower features (not id, not history) and
+                        ``history``: list<string>, the user's last L items, most recent first
+
+Files are read in name order, one record batch at a time (pyarrow ``iter_batches``): what
+is held is one batch of users and Arrow's buffers for the row group being read, whatever
+the number of users. Values are stored as the canonical dataset's are (contracts.dataset):
+a string, a number or a list of strings; a null, or NaN of a numeric feature, is a missing
+value and is not stored (serving then reads it as missing: "" or NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from contracts.errors import DataError
+from retrieval.feature_store import StoredUser
+
+HISTORY_COLUMN = "history"
+UserBatch = list[tuple[str, StoredUser]]
+
+
+@dataclass(frozen=True)
+class PreparedUsers:
+    """Where a prepared output's users are: ``files`` in read order, the user id column,
+    and the manifest's counts (``rows`` users, histories of ``history_length`` items)."""
+
+    files: tuple[Path, ...]
+    user_id: str
+    rows: int | None
+    history_length: int | None
+
+
+def open_prepared_users(prepared: str | Path) -> PreparedUsers:
+    """Reads ``prepared``/manifest.json and the users files' schemas; raises DataError
+    naming the file and column that is missing or of the wrong type."""
+    manifest_path = Path(prepared) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(str(manifest_path), "no such file: not a prepared output (the "
+                        "preparation job writes its manifest last)") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(str(manifest_path), f"cannot read the manifest: {exc}") from exc
+    users = manifest.get("users") if isinstance(manifest, dict) else None
+    if not isinstance(users, dict) or not isinstance(users.get("path"), str):
+        raise DataError(str(manifest_path), 'no "users": {"path": ...} entry: this output '
+                        "was prepared without users; prepare it again")
+    directory = Path(prepared) / users["path"]
+    files = tuple(sorted(directory.glob("*.parquet")))
+    if not files:
+        raise DataError(str(directory), "no .parquet files of users")
+    columns = (manifest.get("spec") or {}).get("columns") or {}
+    user_id = columns.get("user_id", "user_id")
+    for path in files:  # footers only: a wrong file is refused before anything is written
+        _feature_columns(pq.read_schema(path), user_id, path)
+    return PreparedUsers(files, user_id, users.get("rows"), users.get("history_length"))
+
+
+def iter_user_batches(users: PreparedUsers, batch_size: int) -> Iterator[UserBatch]:
+    """(user_id, StoredUser) lists of at most ``batch_size`` users, file by file."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+    for path in users.files:
+        parquet = pq.ParquetFile(path)
+        features = _feature_columns(parquet.schema_arrow, users.user_id, path)
+        first_row = 0
+        for batch in parquet.iter_batches(batch_size=batch_size):
+            yield _users_of(batch, users.user_id, features, path, first_row)
+            first_row += batch.num_rows
+
+
+def _feature_columns(schema: pa.Schema, user_id: str, path: Path) -> list[str]:
+    for name, wanted in ((user_id, "a string user id"),
+                         (HISTORY_COLUMN, "list<string> of item ids")):
+        if name not in schema.names:
+            raise DataError(str(path), f"missing column; expected {wanted} (has: "
+                            f"{', '.join(schema.names)})", column=name)
+    features = [n for n in schema.names if n not in (user_id, HISTORY_COLUMN)]
+    for name in features:
+        kind = schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                or (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+                and pa.types.is_string(kind.value_type)):
+            raise DataError(str(path), f"a user feature must be a string, a number or "
+                            f"list<string> (got {kind})", column=name)
+    return features
+
+
+def _users_of(batch: pa.RecordBatch, user_id: str, features: list[str], path: Path,
+              first_row: int) -> UserBatch:
+    ids = batch.column(user_id).to_pylist()
+    histories = batch.column(HISTORY_COLUMN).to_pylist()
+    values = {name: batch.column(name).to_pylist() for name in features}
+    out: UserBatch = []
+    for i, (uid, history) in enumerate(zip(ids, histories, strict=True)):
+        stored = {n: v[i] for n, v in values.items() if _present(v[i])}
+        try:
+            if uid is None or uid == "":
+                raise ValueError("the user id is empty")
+            out.append((str(uid), StoredUser(stored, tuple(history or ()))))
+        except (TypeError, ValueError) as exc:
+            raise DataError(str(path), f"row {first_row + i}: {exc}") from exc
+    return out
+
+
+def _present(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
