@@ -36,7 +36,7 @@ def publish(stage: Path, out: Path, manifest: dict[str, Any]) -> Path:
            "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     tmp = stage / (MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1, sort_keys=True)
+        json.dump(doc, fh, indent=1)  # in order: the spec's features keep theirs
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, stage / MANIFEST)
