@@ -54,12 +54,34 @@ def write_users(prepared: Path, users: int, history_length: int = 20, seed: int 
         table = _users_table(rng, start, min(rows_per_file, users - start), history_length)
         pq.write_table(table, directory / f"users-{index:05d}.parquet",
                        row_group_size=ROW_GROUP)
-    manifest = {"format": "two-tower-prepared/1",
-                "spec": {"columns": {"user_id": "user_id", "item_id": "item_id",
-                                     "timestamp": "timestamp"}},
-                "users": {"path": "users/", "rows": users, "history_length": history_length}}
-    (prepared / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (prepared / "manifest.json").write_text(json.dumps(users_manifest(users, history_length),
+                                                       indent=1))
     return prepared
+
+
+SPEC = {"columns": {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp"},
+        "features": {"user_id": {"tower": "user", "kind": "categorical"},
+                     "age": {"tower": "user", "kind": "numeric"},
+                     "country": {"tower": "user", "kind": "categorical"},
+                     "genres": {"tower": "user", "kind": "bag"},
+                     "recent_items": {"tower": "user", "kind": "history"},
+                     "item_id": {"tower": "item", "kind": "categorical"}}}
+
+
+def users_manifest(users: int, history_length: int) -> dict:
+    """A contracts.prepared manifest of an output holding only users/ (the splits empty)."""
+    from contracts.feature_spec import parse_feature_spec
+    from contracts.prepared import PREPARED_FORMAT, spec_fingerprint
+
+    spec = parse_feature_spec(SPEC)
+    return {"format": PREPARED_FORMAT, "engine": "benchmarks.load_features_scale",
+            "spec_fingerprint": spec_fingerprint(spec), "spec": spec.to_dict(), "config": {},
+            "source": {}, "splits": {s: {"rows": 0, "shards": []}
+                                     for s in ("train", "valid", "test")},
+            "vocabularies": {}, "statistics": {},
+            "item_counts": {"path": "item_counts.parquet", "items": 0, "examples": 0},
+            "users": {"path": "users/", "rows": users, "history_length": history_length},
+            "created": datetime.now(UTC).isoformat()}
 
 
 def _users_table(rng: np.random.Generator, start: int, n: int, history_length: int):

@@ -1,10 +1,10 @@
 """The users of a prepared output, streamed as batches of StoredUser for the feature store
 (`two-tower load-features --prepared`).
 
-What it reads of a prepared directory (the preparation job's format)::
+What it reads of a prepared directory (contracts.prepared, docs/preparation.md)::
 
-    manifest.json       "users": {"path": "users/", "rows": n, "history_length": L},
-                        "spec": {"columns": {"user_id": ...}, ...} (default "user_id")
+    manifest.json       "users": {"path": "users/", "rows": n, "history_length": L}, and
+                        the spec, whose columns.user_id names the user id column
     users/*.parquet     the user id, the user-tower features (not id, not history) and
                         ``history``: list<string>, the user's last L items, most recent first
 
@@ -17,7 +17,6 @@ value and is not stored (serving then reads it as missing: "" or NaN).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contracts.errors import DataError
+from contracts.prepared import HISTORY as HISTORY_COLUMN
+from contracts.prepared import load_prepared
 from retrieval.feature_store import StoredUser
 
-HISTORY_COLUMN = "history"
 UserBatch = list[tuple[str, StoredUser]]
 
 
@@ -40,34 +40,22 @@ class PreparedUsers:
 
     files: tuple[Path, ...]
     user_id: str
-    rows: int | None
-    history_length: int | None
+    rows: int
+    history_length: int
 
 
 def open_prepared_users(prepared: str | Path) -> PreparedUsers:
-    """Reads ``prepared``/manifest.json and the users files' schemas; raises DataError
-    naming the file and column that is missing or of the wrong type."""
-    manifest_path = Path(prepared) / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError as exc:
-        raise DataError(str(manifest_path), "no such file: not a prepared output (the "
-                        "preparation job writes its manifest last)") from exc
-    except (OSError, ValueError) as exc:
-        raise DataError(str(manifest_path), f"cannot read the manifest: {exc}") from exc
-    users = manifest.get("users") if isinstance(manifest, dict) else None
-    if not isinstance(users, dict) or not isinstance(users.get("path"), str):
-        raise DataError(str(manifest_path), 'no "users": {"path": ...} entry: this output '
-                        "was prepared without users; prepare it again")
-    directory = Path(prepared) / users["path"]
-    files = tuple(sorted(directory.glob("*.parquet")))
+    """Reads the manifest (contracts.prepared: ArtifactError when it is missing, of another
+    format or malformed) and the users files' schemas (DataError naming the file and the
+    column that is missing or of a type the store cannot hold)."""
+    manifest = load_prepared(prepared)
+    files = tuple(sorted(manifest.users.glob("*.parquet")))
     if not files:
-        raise DataError(str(directory), "no .parquet files of users")
-    columns = (manifest.get("spec") or {}).get("columns") or {}
-    user_id = columns.get("user_id", "user_id")
+        raise DataError(str(manifest.users), "no .parquet files of users")
+    user_id = manifest.spec.columns.user_id
     for path in files:  # footers only: a wrong file is refused before anything is written
         _feature_columns(pq.read_schema(path), user_id, path)
-    return PreparedUsers(files, user_id, users.get("rows"), users.get("history_length"))
+    return PreparedUsers(files, user_id, manifest.users_rows, manifest.history_length)
 
 
 def iter_user_batches(users: PreparedUsers, batch_size: int) -> Iterator[UserBatch]:

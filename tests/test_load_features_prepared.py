@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from app.cli import main
+from benchmarks.load_features_scale import users_manifest
 from retrieval.feature_store import RedisFeatureStore, StoredUser
 
 HISTORY = [f"i{n}" for n in range(25)]  # longer than the store keeps (20)
@@ -56,12 +57,9 @@ def write_prepared(root: Path, tables: list[pa.Table], users: dict | None = None
     for i, table in enumerate(tables):
         pq.write_table(table, root / "users" / f"users-{i:05d}-of-{len(tables):05d}.parquet",
                        row_group_size=3)
-    rows = sum(t.num_rows for t in tables)
-    manifest = {"format": "two-tower-prepared/1",
-                "spec": {"columns": {"user_id": "user_id", "item_id": "item_id",
-                                     "timestamp": "timestamp"}},
-                "users": users if users is not None else {"path": "users/", "rows": rows,
-                                                          "history_length": 25}}
+    manifest = users_manifest(sum(t.num_rows for t in tables), history_length=25)
+    if users is not None:
+        manifest["users"] = users
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -116,12 +114,12 @@ def test_a_feature_of_an_unstorable_type_names_its_file_and_column(tmp_path, red
            "(got binary)" in capsys.readouterr().err
 
 
-def test_an_output_prepared_without_users_says_to_prepare_again(tmp_path, redis_url, capsys):
+def test_a_manifest_without_users_or_no_manifest_is_refused(tmp_path, redis_url, capsys):
     prepared = write_prepared(tmp_path / "prepared", [_table(USERS)], users={})
     assert _load(prepared, redis_url) == 2
-    assert "prepare it again" in capsys.readouterr().err
+    assert "manifest.json: malformed manifest: KeyError('path')" in capsys.readouterr().err
     assert _load(tmp_path / "nowhere", redis_url) == 2
-    assert "manifest.json: no such file" in capsys.readouterr().err
+    assert "manifest.json: missing: not a prepared directory" in capsys.readouterr().err
 
 
 def test_data_and_prepared_are_one_or_the_other(tmp_path, redis_url, capsys):

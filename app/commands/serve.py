@@ -243,7 +243,7 @@ def _load_prepared_features(args) -> None:
     from retrieval.prepared_users import iter_user_batches, open_prepared_users
 
     users = open_prepared_users(args.prepared)
-    if users.history_length is not None and users.history_length < args.history_length:
+    if users.history_length < args.history_length:
         log.warning("%s holds histories of at most %d items (--history-length %d)",
                     args.prepared, users.history_length, args.history_length)
     store = RedisFeatureStore.from_url(
@@ -260,8 +260,8 @@ def _load_prepared_features(args) -> None:
             written += len(batch)
             if time.monotonic() - reported >= PROGRESS_EVERY_S:
                 reported = time.monotonic()
-                log.info("load-features: %d%s users written, %.0f users/s", written,
-                         f" of {users.rows}" if users.rows else "", written / (reported - start))
+                log.info("load-features: %d of %d users written, %.0f users/s", written,
+                         users.rows, written / (reported - start))
     finally:
         pa.set_memory_pool(pool)
         asyncio.run(store.close())
