@@ -3,7 +3,8 @@ driver + Spark's JVM + any Python worker) holds, at a given number of interactio
 
     python -m benchmarks.prepare_scale --interactions 2000000 [20000000 ...]
 
-Per size: `two-tower generate` writes a seeded synthetic dataset (50 events a user;
+Per size: `two-tower generate` writes a seeded synthetic dataset (kept in --workdir and
+reused by a later run) (50 events a user;
 2M: 40k users, 100k items, 10 clusters; 20M: 400k users, 1M items, 1,000 clusters), then
 `two-tower prepare` runs while /proc is sampled every 0.2 s (sum of the RSS of the command
 and all its descendants). Prints a table; writes benchmarks/results/prepare_scale.json.
@@ -72,16 +73,18 @@ def measure(cmd: list[str], log_path: Path) -> dict:
             "peak_tree_rss_mib": round(peak / 1024)}
 
 
-def run_size(interactions: int, work: Path, cli: list[str]) -> dict:
+def run_size(interactions: int, work: Path, cli: list[str], driver_memory: str) -> dict:
     s = shape(interactions)
     data, out = work / f"data-{interactions}", work / f"prepared-{interactions}"
-    gen = measure([*cli, "generate", "--out", str(data), "--users", str(s["users"]),
-                   "--items", str(s["items"]), "--clusters", str(s["clusters"]),
-                   "--interactions-per-user", str(EVENTS_PER_USER)], work / "generate.log")
-    if gen["rc"]:
-        raise SystemExit(f"generate failed: {(work / 'generate.log').read_text()[-2000:]}")
-    result = measure([*cli, "prepare", "--data", str(data), "--out", str(out)],
-                     work / f"prepare-{interactions}.log")
+    if not (data / "features.toml").exists():  # a dataset generated before is reused
+        gen = measure([*cli, "generate", "--out", str(data), "--users", str(s["users"]),
+                       "--items", str(s["items"]), "--clusters", str(s["clusters"]),
+                       "--interactions-per-user", str(EVENTS_PER_USER)], work / "generate.log")
+        if gen["rc"]:
+            raise SystemExit(f"generate failed: {(work / 'generate.log').read_text()[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    result = measure([*cli, "prepare", "--data", str(data), "--out", str(out),
+                      "--driver-memory", driver_memory], work / f"prepare-{interactions}.log")
     log = (work / f"prepare-{interactions}.log").read_text()
     if result["rc"]:
         raise SystemExit(f"prepare failed:\n{log[-3000:]}")
@@ -100,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interactions", type=int, nargs="+", default=[2_000_000])
     p.add_argument("--workdir", type=Path, help="keep data and output here (default: a "
                    "temporary directory, removed)")
+    p.add_argument("--driver-memory", default="4g", help="Spark driver memory (JVM size)")
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="prepare_scale-"))
     work.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "app.cli"]
     try:
-        rows = [run_size(n, work, cli) for n in args.interactions]
+        rows = [run_size(n, work, cli, args.driver_memory) for n in args.interactions]
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
