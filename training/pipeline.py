@@ -1,5 +1,5 @@
-"""The training job: dataset → temporal split → fit (early stopping on validation) →
-test against popularity → model artifact."""
+"""The training job: dataset (in memory, or prepared shards streamed) → temporal split →
+fit (early stopping on validation) → test against popularity → model artifact."""
 
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ from typing import Any
 
 import numpy as np
 
-from training.artifact import export_model
 from contracts.dataset import Dataset
-from training.distributed import worker_role
+from contracts.feature_spec import FeatureSpec
 from contracts.inputs import training_examples
+from contracts.prepared import SPLITS, load_prepared
+from training.artifact import export_model
+from training.distributed import worker_role
+from training.holdout import (DEFAULT_USERS, HoldoutSample, holdout_metrics, popularity_metrics,
+                              sample_holdout)
 from training.metrics import RankingMetrics
 from training.protocols import (
     ProtocolSplit, evaluate_protocol, popularity_ranking, temporal_leave_one_out,
 )
 from training.train import TrainConfig, TrainedModel, train
+from training.train_shards import (check_prepared, load_catalogue, prepared_item_counts,
+                                   train_from_shards)
 
 log = logging.getLogger(__name__)
 PROTOCOL = ("temporal leave-one-out: per user the last event is test, the second-last "
@@ -51,6 +57,47 @@ def run_training(dataset: Dataset, store: str | Path, config: TrainConfig = Trai
     }
     if split is not None:
         summary["evaluation"] = _test(trained, examples, split)
+    return _export(trained, store, summary)
+
+
+def run_training_from_prepared(prepared: str | Path, store: str | Path,
+                               config: TrainConfig = TrainConfig(), evaluate: bool = True,
+                               eval_users: int = DEFAULT_USERS,
+                               spec: FeatureSpec | None = None) -> tuple[Path, dict[str, Any]]:
+    """:func:`run_training` on prepared shards (contracts.prepared), streamed.
+
+    Refuses shards prepared with another spec than ``spec`` (default: the source dataset's
+    features.toml). With evaluation on, ``eval_users`` users sampled (seeded by
+    ``config.seed``) from the valid split drive validation, and as many from the test split
+    are reported next to popularity; without, every split is trained on.
+    """
+    start = time.perf_counter()
+    manifest = load_prepared(prepared)
+    catalogue = load_catalogue(manifest, check_prepared(manifest, spec))
+    item_ids = np.asarray(catalogue.items[manifest.spec.columns.item_id], dtype=object)
+    validate = None
+    if evaluate and manifest.splits["valid"].rows:
+        validate = _sampled_validator(sample_holdout(manifest, "valid", item_ids, eval_users,
+                                                     config.seed))
+    splits = ("train",) if evaluate else SPLITS
+    trained = train_from_shards(manifest, catalogue, config, validate, splits=splits)
+    summary: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "examples": sum(manifest.splits[s].rows for s in splits),
+        "prepared": {"path": str(manifest.path), "spec_fingerprint": manifest.spec_fingerprint,
+                     "engine": manifest.engine},
+        "history": trained.history,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if evaluate:
+        test = sample_holdout(manifest, "test", item_ids, eval_users, config.seed)
+        counts = prepared_item_counts(manifest, item_ids)
+        summary["evaluation"] = _sampled_test(trained, test, counts)
+    return _export(trained, store, summary)
+
+
+def _export(trained: TrainedModel, store: str | Path,
+            summary: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     summary["weights_sha256"] = weights_fingerprint(trained)
     role = worker_role()
     log.info("worker %d/%d final weights sha256 %s", role.index, role.num_workers,
@@ -82,6 +129,35 @@ def stage_metrics(trained: TrainedModel, examples: dict[str, np.ndarray], split:
     user_emb = trained.user_embeddings({k: v[event_of_user] for k, v in examples.items()})
     item_emb = trained.item_embeddings()
     return evaluate_protocol(split, lambda users: user_emb[users] @ item_emb.T, stage)
+
+
+def sampled_stage_metrics(trained: TrainedModel, sample: HoldoutSample) -> RankingMetrics:
+    """The model on a hold-out sample (training.holdout): every item ranked per user."""
+    user_emb = trained.user_embeddings(sample.inputs)
+    return holdout_metrics(user_emb, trained.item_embeddings(), sample)
+
+
+def _sampled_validator(sample: HoldoutSample):
+    log.info("validation on %d of %d users (seed %d)", sample.n_users, sample.held_out,
+             sample.seed)
+
+    def validate(trained: TrainedModel) -> dict[str, float]:
+        metrics = sampled_stage_metrics(trained, sample)
+        return {"recall@10": metrics.recall[10], "ndcg@10": metrics.ndcg[10]}
+
+    return validate
+
+
+def _sampled_test(trained: TrainedModel, sample: HoldoutSample,
+                  item_counts: np.ndarray) -> dict[str, Any]:
+    model = sampled_stage_metrics(trained, sample)
+    popularity = popularity_metrics(item_counts, sample)
+    for k in (10, 50, 100):
+        log.info("test recall@%d  model %.4f  popularity %.4f  (%d of %d users, seed %d)", k,
+                 model.recall[k], popularity.recall[k], sample.n_users, sample.held_out,
+                 sample.seed)
+    return {"protocol": PROTOCOL, "test_users": int(model.n_users), **sample.describe(),
+            "model": model.as_dict(), "popularity": popularity.as_dict()}
 
 
 def _validator(examples, split: ProtocolSplit):

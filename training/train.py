@@ -94,34 +94,59 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
     spec = dataset.spec
     stats = compute_feature_stats(spec, examples, dataset.items)
     examples = _with_candidate_q(examples, spec.columns.item_id)
-    corpus, corpus_probs = None, None
-    if config.loss.uses_corpus:
-        corpus = item_inputs(spec, dataset.items)
+    counts = None
     if config.loss.corpus_negatives:
-        counts = _item_counts(examples[spec.columns.item_id], corpus[spec.columns.item_id])
-        corpus_probs = corpus_sampling_weights(counts, config.loss.corpus_distribution,
-                                               config.loss.corpus_beta)
+        counts = _item_counts(examples[spec.columns.item_id],
+                              np.asarray(dataset.items[spec.columns.item_id], dtype=object))
     n = len(examples[spec.columns.item_id])
-    with training_strategy().scope():
-        towers = Towers(spec, stats, config.tower)
-        model = TwoTowerModel(towers.user_tower(), towers.item_tower(), spec.columns.item_id,
-                              config.loss, config.batch_size, corpus, corpus_probs)
-        model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, n)))
+    model = compiled_model(spec, stats, config, n, dataset.items, counts)
     data = (
         tf.data.Dataset.from_tensor_slices(examples)
         .shuffle(min(n, 1_000_000), seed=config.seed, reshuffle_each_iteration=True)
         .batch(config.batch_size, drop_remainder=n >= config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    trained = TrainedModel(model, stats, dataset, {}, config)
+    return fit(TrainedModel(model, stats, dataset, {}, config), data, n, validate)
+
+
+def fit(trained: TrainedModel, data, n: int, validate: Validator | None = None,
+        steps_per_epoch: int | None = None) -> TrainedModel:
+    """Run Keras's fit of ``trained.model`` on ``data`` (``n`` examples an epoch) with our
+    callbacks (checkpoint resume, validation, early stopping, progress); ``steps_per_epoch``
+    for an endless stream."""
+    config = trained.config
     callbacks = _callbacks(config, trained, n, validate)
     initial_epoch = callbacks[0].restore() if config.checkpoint_dir else 0
     log.info("training on %d examples, %d epochs, batch %d, loss %s", n, config.epochs,
              config.batch_size, config.loss)
-    fit = model.fit(data, epochs=config.epochs, initial_epoch=initial_epoch, verbose=0,
-                    callbacks=callbacks)
-    trained.history = {k: [float(x) for x in v] for k, v in fit.history.items()}
+    history = trained.model.fit(data, epochs=config.epochs, initial_epoch=initial_epoch,
+                                steps_per_epoch=steps_per_epoch, verbose=0,
+                                callbacks=callbacks)
+    trained.history = {k: [float(x) for x in v] for k, v in history.history.items()}
     return trained
+
+
+def compiled_model(spec, stats: FeatureStats, config: TrainConfig, n: int,
+                   items: dict[str, np.ndarray], item_counts: np.ndarray | None) -> TwoTowerModel:
+    """The model, built and compiled in the training strategy's scope; ``items`` is the
+    catalogue (corpus negatives), ``item_counts`` [n_items] its training counts (corpus
+    sampling weights; needed with corpus negatives only)."""
+    corpus, corpus_probs = None, None
+    if config.loss.uses_corpus:
+        corpus = item_inputs(spec, items)
+    if config.loss.corpus_negatives:
+        corpus_probs = corpus_sampling_weights(item_counts, config.loss.corpus_distribution,
+                                               config.loss.corpus_beta)
+    return _compiled_model(spec, stats, config, n, corpus, corpus_probs)
+
+
+def _compiled_model(spec, stats, config: TrainConfig, n: int, corpus, corpus_probs):
+    with training_strategy().scope():
+        towers = Towers(spec, stats, config.tower)
+        model = TwoTowerModel(towers.user_tower(), towers.item_tower(), spec.columns.item_id,
+                              config.loss, config.batch_size, corpus, corpus_probs)
+        model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, n)))
+    return model
 
 
 def _learning_rate(config: TrainConfig, n: int):
@@ -222,8 +247,8 @@ class _EarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class EpochProgress(keras.callbacks.Callback):
-    """Progress in the log: every tenth of an epoch (steps, loss, examples/s) and one line
-    per epoch (loss, time, throughput)."""
+    """Progress in the log: every tenth of an epoch (steps, loss, examples/s, the epoch's
+    ETA) and one line per epoch (loss, time, throughput)."""
 
     def __init__(self, epochs: int, examples: int, batch_size: int = 256) -> None:
         super().__init__()
@@ -237,15 +262,27 @@ class EpochProgress(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = batch + 1
         if step % self.every == 0 and step < self.steps:
-            rate = step * self.examples / self.steps / (time.perf_counter() - self._start)
-            log.info("epoch %d/%d  step %d/%d (%3.0f%%)  loss %.4f  %.0f examples/s",
+            seconds = time.perf_counter() - self._start
+            rate = step * self.examples / self.steps / seconds
+            log.info("epoch %d/%d  step %d/%d (%3.0f%%)  loss %.4f  %.0f examples/s  ETA %s",
                      self._epoch + 1, self.epochs, step, self.steps, 100 * step / self.steps,
-                     (logs or {}).get("loss", float("nan")), rate)
+                     (logs or {}).get("loss", float("nan")), rate,
+                     _duration(seconds * (self.steps - step) / step))
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._start
         log.info("epoch %d/%d  loss %.4f  %.1fs  %.0f examples/s", epoch + 1, self.epochs,
                  (logs or {}).get("loss", float("nan")), seconds, self.examples / seconds)
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _predict(tower: keras.Model, inputs: dict[str, np.ndarray], batch_size: int) -> np.ndarray:

@@ -1,14 +1,35 @@
-"""`train`: train the two towers and write a model artifact."""
+"""`train`: train the two towers and write a model artifact.
+
+From prepared shards (``--prepared``, streamed), or from a dataset (``--data``): prepared
+in-process first (preparation.prepare, into a temporary directory or ``--prepared-dir``),
+then streamed; ``--in-memory`` trains on arrays in memory instead (small data, the quality
+benchmarks), as do several workers given ``--data`` (each would prepare its own copy).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
+import tempfile
 from pathlib import Path
+
+log = logging.getLogger("two_tower")
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train the two towers and write a model artifact")
-    p.add_argument("--data", type=Path, required=True, help="dataset directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="dataset directory (prepared, then streamed)")
+    source.add_argument("--prepared", type=Path,
+                        help="prepared examples (two-tower prepare), streamed from the shards")
+    p.add_argument("--prepared-dir", type=Path,
+                   help="with --data: keep the prepared examples here (must not exist)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="with --data: train on arrays in memory, without preparing")
+    p.add_argument("--eval-users", type=int, default=10_000,
+                   help="streamed evaluation: users sampled (seeded by --seed) from each "
+                        "hold-out split, every item ranked for each")
     p.add_argument("--out", type=Path, required=True, help="model store; a version dir is added")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
@@ -48,9 +69,7 @@ def add_train(sub) -> None:
 
 
 def _train(args) -> None:
-    from contracts.dataset import load_dataset
     from training.model import LossConfig, TowerConfig
-    from training.pipeline import run_training
     from training.train import TrainConfig
 
     hidden = tuple(int(w) for w in args.hidden_dims.split(",") if w.strip())
@@ -66,5 +85,48 @@ def _train(args) -> None:
         learning_rate_schedule=args.learning_rate_schedule,
         seed=args.seed, checkpoint_dir=args.checkpoint_dir, tensorboard_dir=args.tensorboard_dir,
         early_stopping_patience=args.early_stopping_patience)
-    path, _ = run_training(load_dataset(args.data), args.out, config, evaluate=not args.no_eval)
+    path = _run(args, config)
     print(path)
+
+
+def _run(args, config) -> Path:
+    from contracts.dataset import load_dataset
+    from training.pipeline import run_training, run_training_from_prepared
+
+    if args.eval_users < 1:
+        raise ValueError(f"--eval-users must be >= 1 (got {args.eval_users})")
+    if args.prepared is not None and (args.prepared_dir or args.in_memory):
+        raise ValueError("--prepared-dir and --in-memory go with --data, not --prepared")
+    evaluate = not args.no_eval
+
+    def streamed(prepared: Path) -> Path:
+        return run_training_from_prepared(prepared, args.out, config, evaluate,
+                                          args.eval_users)[0]
+
+    if args.prepared is not None:
+        return streamed(args.prepared)
+    if args.in_memory or not _streams():
+        return run_training(load_dataset(args.data), args.out, config, evaluate=evaluate)[0]
+    from preparation import prepare
+
+    if args.prepared_dir is not None:
+        return streamed(prepare(args.data, args.prepared_dir))
+    with tempfile.TemporaryDirectory(prefix="two-tower-prepared-") as scratch:
+        return streamed(prepare(args.data, Path(scratch) / "prepared"))
+
+
+def _streams() -> bool:
+    """Whether ``--data`` is prepared and streamed (else trained in memory, said in the log)."""
+    from training.distributed import worker_role
+
+    if worker_role().num_workers > 1:
+        log.info("train: several workers with --data train in memory (each would prepare "
+                 "its own copy); prepare once with `two-tower prepare` and pass --prepared "
+                 "to stream")
+        return False
+    if importlib.util.find_spec("preparation") is None or \
+            importlib.util.find_spec("pyspark") is None:
+        log.info("train: the preparation job is not installed (pip install "
+                 "'two-tower-retrieval[prepare]'); training in memory")
+        return False
+    return True
