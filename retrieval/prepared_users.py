@@ -50,8 +50,9 @@ def open_prepared_users(prepared: str | Path) -> PreparedUsers:
     column that is missing or of a type the store cannot hold)."""
     manifest = load_prepared(prepared)
     files = tuple(sorted(manifest.users.glob("*.parquet")))
-    if not files:
-        raise DataError(str(manifest.users), "no .parquet files of users")
+    if not files and manifest.users_rows:
+        raise DataError(str(manifest.users), f"no .parquet files, but the manifest counts "
+                        f"{manifest.users_rows} users; prepare again")
     user_id = manifest.spec.columns.user_id
     for path in files:  # footers only: a wrong file is refused before anything is written
         _feature_columns(pq.read_schema(path), user_id, path)

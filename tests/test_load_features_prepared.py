@@ -150,3 +150,14 @@ def test_memory_is_held_by_one_batch_not_by_the_number_of_users(tmp_path, redis_
     assert streamed["users"] == in_memory["users"] == 50_000
     assert in_memory["growth_mb"] > 80, in_memory
     assert streamed["growth_mb"] < min(0.5 * in_memory["growth_mb"], 64), (streamed, in_memory)
+
+
+def test_an_output_with_no_users_loads_nothing(tmp_path, redis_url, capsys):
+    prepared = write_prepared(tmp_path / "prepared", [])
+    assert _load(prepared, redis_url) == 0
+    assert "wrote features and histories of 0 users" in capsys.readouterr().err
+    (prepared / "manifest.json").write_text(
+        (prepared / "manifest.json").read_text().replace('"rows": 0, "history', '"rows": 5, '
+                                                         '"history'))
+    assert _load(prepared, redis_url) == 2
+    assert "no .parquet files, but the manifest counts 5 users" in capsys.readouterr().err
