@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("contracts", "preparation", "training", "indexer", "retrieval", "app")
-HEAVY = ("tensorflow", "tf_keras", "tensorflow_recommenders", "faiss")
+HEAVY = ("tensorflow", "tf_keras", "tensorflow_recommenders", "faiss", "pyspark")
 # (importing module, imported module): allowed exceptions to ORDER, each with its reason
 ALLOWED_UPWARD = {
     ("retrieval.pair", "training.saved_model_tower"): "optional SavedModel tower, lazily",
