@@ -1,5 +1,6 @@
-"""The serving install has no TensorFlow (`pip install .[serve]`, the image's serve target):
-`serve`, `load-features` and `query` work in a Python where `import tensorflow` fails.
+"""The serving install has no TensorFlow and no Spark (`pip install .[serve]`, the image's
+serve target): `serve`, `load-features` and `query` work in a Python where
+`import tensorflow` (or pyspark) fails.
 
 The child processes get a sitecustomize that refuses TensorFlow, tf-keras and TFRS at
 import and records every attempt, so the test fails both when serving breaks without them
@@ -25,7 +26,7 @@ import os, sys
 
 class _NoTensorFlow:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tf_keras", "tensorflow_recommenders"):
+        if name.split(".")[0] in ("tensorflow", "tf_keras", "tensorflow_recommenders", "pyspark"):
             with open(os.environ["TT_TF_ATTEMPTS"], "a") as fh:
                 fh.write(name + "\\n")
             raise ImportError(f"{name} is not installed (serving install)")
