@@ -22,8 +22,7 @@ import pyarrow.parquet as pq
 
 from contracts.errors import DataError
 from contracts.prepared import SEEN_ITEMS, PreparedManifest
-from training.metrics import (KS, RankingMetrics, UserItems, evaluate_ranking,
-                              popularity_scorer)
+from training.metrics import KS, RankingMetrics, UserItems, evaluate_ranking, popularity_scorer
 from training.shards import READ_ROWS, arrow_inputs
 from training.tf_env import tf
 

@@ -22,10 +22,17 @@ from contracts.feature_spec import FeatureSpec, load_feature_spec
 from contracts.prepared import PreparedManifest, check_spec
 from training.distributed import WorkerRole, training_strategy
 from training.model import FeatureStats
-from training.shards import (SHUFFLE_BUFFER, StreamConfig, candidate_q_table, split_shards,
-                             steps_per_epoch, stream_examples, worker_shards)
-from training.train import TrainConfig, TrainedModel, Validator, compiled_model, fit
+from training.shards import (
+    SHUFFLE_BUFFER,
+    StreamConfig,
+    candidate_q_table,
+    split_shards,
+    steps_per_epoch,
+    stream_examples,
+    worker_shards,
+)
 from training.tf_env import keras
+from training.train import TrainConfig, TrainedModel, Validator, compiled_model, fit
 
 log = logging.getLogger(__name__)
 # derived context: its full range, in the order training.model.compute_feature_stats gives
