@@ -130,7 +130,7 @@ def read_table(path: Path, columns: list[Feature | str], spec: FeatureSpec) -> T
         else:
             arrow = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        bad_row = _csv_row_error(path) if is_csv and isinstance(exc, pa.ArrowInvalid) else None
+        bad_row = csv_row_error(path) if is_csv and isinstance(exc, pa.ArrowInvalid) else None
         raise (bad_row or DataError(str(path), f"cannot read table: {exc}")) from exc
     out: Table = {}
     for col in columns:
@@ -143,7 +143,7 @@ def read_table(path: Path, columns: list[Feature | str], spec: FeatureSpec) -> T
     return out
 
 
-def _csv_row_error(path: Path) -> DataError | None:
+def csv_row_error(path: Path) -> DataError | None:
     """The first row whose field count differs from the header's, as a DataError naming its
     line and the first column it lacks (or that it has one too many); pyarrow's own message
     quotes the row but not where it is."""

@@ -19,7 +19,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from contracts.dataset import SPEC_FILE, table_columns
+from contracts.dataset import SPEC_FILE, csv_row_error, table_columns
 from contracts.errors import DataError
 from contracts.feature_spec import BAG_SEPARATOR, Feature, FeatureSpec, load_feature_spec
 
@@ -99,9 +99,10 @@ def check_rows(table: DataFrame, files: tuple[Path, ...], columns: list[Feature 
     checks = ([(None, None)] if _is_csv(files) else []) + [(c, _name(c)) for c in columns]
     col, name = checks[row[BAD]]
     path = files[row[FILE]]
-    if col is None:
-        raise DataError(str(path), "row has a different number of fields than the header",
-                        line=_line(table, row), column="(the row)")
+    if col is None:  # the file's first row of the wrong width, worded as contracts.dataset does
+        raise csv_row_error(path) or DataError(
+            str(path), "row has a different number of fields than the header",
+            line=_line(table, row), column="(the row)")
     message = _message(col, spec, row[f"_raw_{name}"])
     if _is_csv(files):
         raise DataError(str(path), message, line=_line(table, row), column=name)

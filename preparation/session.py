@@ -14,6 +14,9 @@ from pathlib import Path
 from preparation.config import PrepareConfig
 
 log = logging.getLogger("two_tower")
+# py4j logs every gateway connection it opens and closes at INFO, the last of them at
+# interpreter exit, after the log's stream may be closed: noise, not progress.
+logging.getLogger("py4j").setLevel(logging.WARNING)
 
 # Spark's own log4j2 defaults print INFO; these keep WARN and silence three start-up
 # warnings that say nothing about the job (hostname, native Hadoop, local.dir override)
