@@ -8,7 +8,7 @@ Each path runs in its own child process, so each peak RSS (VmHWM from /proc/self
 read by the child at its end) is that path's alone. Both train on every interaction (as
 ``two-tower train --no-eval``: the streamed path reads the train, valid and test shards).
 Prints a table (examples/s of the epoch, the whole run's wall time, peak RSS) and writes
-benchmarks/results/train_scale.json.
+benchmarks/results/train_scale.json (or --out).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": args.batch_size, "epochs": 1, "cpus": os.cpu_count(),
               "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
               "runs": runs, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_scale.json").write_text(json.dumps(record, indent=2))
-    print(f"written {RESULTS / 'train_scale.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"written {args.out}")
     return 0
 
 
@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the dataset the shards were prepared from: also train in memory")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "train_scale.json",
+                   help="where the JSON record goes")
     p.add_argument("--child", choices=("shards", "in-memory"), help=argparse.SUPPRESS)
     return p
 
