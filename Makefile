@@ -18,7 +18,7 @@ help:
 	@echo "make loadtest ghz load test: echo ceiling, naive baseline, server (LOADTEST_ARGS=--quick)"
 	@echo "make swap-load  a hot swap under open-loop load, beside a steady run (SWAP_LOAD_ARGS)"
 	@echo "make bench-index  index build/recall/QPS at 100k and 1M items (BENCH_INDEX_ARGS)"
-	@echo "make chaos    faults under load: Redis down/slow, overload, SIGTERM, bad publish, swap, soak (CHAOS_ARGS)"
+	@echo "make chaos    faults under load: Redis down/slow, overload, SIGTERM, bad publish, swap, watcher, soak (CHAOS_ARGS)"
 	@echo "make quality  retrieval quality on MovieLens vs the plain TFRS baseline (../shared/data)"
 
 $(BIN)/python:
