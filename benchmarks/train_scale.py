@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = runs[0]["examples_per_s"] / runs[1]["examples_per_s"]
         print(f"streamed / in-memory examples/s: {ratio:.2f}")
     record = {"command": "python -m benchmarks.train_scale " + " ".join(argv or sys.argv[1:]),
-              "batch_size": args.batch_size, "epochs": 1, "cpus": os.cpu_count(),
+              "batch_size": args.batch_size, "optimizer": args.optimizer, "epochs": 1,
+              "cpus": os.cpu_count(),
               "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
               "runs": runs, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def _spawn(args, path: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.train_scale", "--child", path,
                "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+               "--optimizer", args.optimizer,
                "--prepared", str(args.prepared)]
     if path == "in-memory":
         command += ["--in-memory-data", str(args.in_memory_data)]
@@ -68,7 +70,8 @@ def _child(args) -> dict:
     epoch = _EpochRate()
     logging.getLogger("training.train").addHandler(epoch)
     logging.getLogger("training.train").setLevel(logging.INFO)
-    config = TrainConfig(epochs=1, batch_size=args.batch_size, seed=args.seed)
+    config = TrainConfig(epochs=1, batch_size=args.batch_size, seed=args.seed,
+                         optimizer=args.optimizer)
     start = time.perf_counter()
     if args.child == "shards":
         from contracts.prepared import SPLITS, load_prepared
@@ -126,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the dataset the shards were prepared from: also train in memory")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("adam", "lazy-adam"), default="adam")
     p.add_argument("--out", type=Path, default=RESULTS / "train_scale.json",
                    help="where the JSON record goes")
     p.add_argument("--child", choices=("shards", "in-memory"), help=argparse.SUPPRESS)

@@ -17,6 +17,7 @@ from training.model import (
     compute_feature_stats,
 )
 from training.sampling import corpus_sampling_weights, exact_item_frequencies
+from training.optimizers import OPTIMIZERS, make_optimizer
 from training.tf_env import keras, tf
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class TrainConfig:
     early_stopping_patience: int = 0     # epochs without validation gain; 0 = off
     # constant, or cosine: decayed from learning_rate to 0 over all epochs' steps
     learning_rate_schedule: str = "constant"
+    # adam, or lazy-adam: sparse updates of the embedding rows a batch touched (optimizers.py)
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -45,6 +48,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} "
+                             f"(got {self.optimizer!r})")
         if self.learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
             raise ValueError(f"learning_rate_schedule must be one of "
                              f"{', '.join(LEARNING_RATE_SCHEDULES)} "
@@ -145,7 +151,7 @@ def _compiled_model(spec, stats, config: TrainConfig, n: int, corpus, corpus_pro
         towers = Towers(spec, stats, config.tower)
         model = TwoTowerModel(towers.user_tower(), towers.item_tower(), spec.columns.item_id,
                               config.loss, config.batch_size, corpus, corpus_probs)
-        model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, n)))
+        model.compile(optimizer=make_optimizer(config.optimizer, _learning_rate(config, n)))
     return model
 
 

@@ -34,6 +34,9 @@ def add_train(sub) -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=0.01)
+    p.add_argument("--optimizer", choices=("adam", "lazy-adam"), default="adam",
+                   help="lazy-adam: update only the embedding rows a batch touched (much "
+                        "faster with large vocabularies; docs/training.md)")
     p.add_argument("--learning-rate-schedule", choices=("constant", "cosine"),
                    default="constant", help="cosine: decay to 0 over all epochs")
     p.add_argument("--embedding-dim", type=int, default=32)
@@ -82,7 +85,7 @@ def _train(args) -> None:
                         temperature=args.temperature, hard_negatives=args.hard_negatives,
                         remove_accidental_hits=not args.keep_accidental_hits),
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        learning_rate_schedule=args.learning_rate_schedule,
+        learning_rate_schedule=args.learning_rate_schedule, optimizer=args.optimizer,
         seed=args.seed, checkpoint_dir=args.checkpoint_dir, tensorboard_dir=args.tensorboard_dir,
         early_stopping_patience=args.early_stopping_patience)
     path = _run(args, config)
