@@ -1,16 +1,6 @@
-"""Writing the versioned model artifact (its layout and reader: contracts.model_manifest).
-
-Layout of ``<store>/<model_version>/``::
-
-    manifest.json          format, model_version, embedding_dim, similarity, feature spec,
-                           training summary, sha256 of every other file
-    user_tower/            SavedModel; signature "serving_default" takes the raw user and
-                           context features (contracts.inputs) and returns {"user_emb": [n, d]}
-    item_tower/            SavedModel; the same for item features, {"item_emb": [n, d]}
-    item_embeddings.npy    float32 [n_items, d], every catalogue item
-    item_ids.npy           unicode [n_items], external item ids in the same order
-    user_tower_numpy.npz   the user tower as plain arrays, and .json its layer graph: what
-    user_tower_numpy.json  the service runs online (retrieval.numpy_tower), no TensorFlow
+"""Writing the versioned model artifact: the towers as SavedModels and as NumPy arrays, the
+item embeddings and ids, and the manifest with every file's checksum. Its layout and its
+reader are contracts.model_manifest's.
 
 The directory is written under a temporary name and renamed into place, so a reader never
 sees half an artifact.
