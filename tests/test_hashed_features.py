@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.tower_parity import Exported, assert_towers_agree, training_inputs
 
 from contracts.errors import FeatureSpecError
 from contracts.feature_spec import parse_feature_spec
@@ -87,22 +88,9 @@ def test_a_bad_hash_buckets_names_its_key(text, key, message):
 # --- training and serving compute the same ----------------------------------------------------
 
 TINY = {"num_users": 80, "num_items": 60, "num_clusters": 4, "interactions_per_user": 6}
-ATOL = 1e-5
 # fewer buckets than ids for users and items, so collisions happen and are served the same
 HASHED = {"user_id": 37, "item_id": 23, "recent_items": 23, "country": 5, "device": 1,
           "tags": 7}
-
-
-@dataclasses.dataclass(frozen=True)
-class Exported:
-    trained: object
-    model_dir: Path
-    saved_model: object
-    numpy_tower: object
-
-    @property
-    def spec(self):
-        return self.trained.dataset.spec
 
 
 @pytest.fixture(scope="module")
@@ -128,23 +116,9 @@ def exported(tmp_path_factory) -> Exported:
                     NumpyUserTower.load(model_dir))
 
 
-def _examples(exported: Exported, n: int = 200) -> dict[str, np.ndarray]:
-    from contracts.inputs import training_examples
-
-    examples = training_examples(exported.trained.dataset)
-    return {f.name: examples[f.name][:n] for f in exported.spec.user_input_features}
-
-
-def _assert_agree(exported: Exported, inputs: dict[str, np.ndarray]) -> None:
-    expected = exported.saved_model(inputs)
-    got = exported.numpy_tower(inputs)
-    assert got.dtype == np.float32 and got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
-
-
 @pytest.mark.slow
-def test_numpy_tower_equals_the_saved_model_on_training_examples(exported):
-    _assert_agree(exported, _examples(exported))
+def test_numpy_tower_equals_the_saved_model_on_trainingtraining_inputs(exported):
+    assert_towers_agree(exported, training_inputs(exported))
 
 
 @pytest.mark.slow
@@ -159,10 +133,10 @@ def test_numpy_tower_equals_the_saved_model_on_ids_never_seen_in_training(export
         UserRequest("", {"country": ""}, ("", "i3"), {}, event_time=0),
         UserRequest("ünïcödé-👤", {}, ("ïtem", "a" * 200), {"device": "tv"}, event_time=0),
     ]
-    _assert_agree(exported, user_inputs(exported.spec, requests))
-    inputs = _examples(exported, 30)
+    assert_towers_agree(exported, user_inputs(exported.spec, requests))
+    inputs = training_inputs(exported, 30)
     inputs["recent_items"] = np.full_like(inputs["recent_items"], PAD)
-    _assert_agree(exported, inputs)
+    assert_towers_agree(exported, inputs)
 
 
 @pytest.mark.slow

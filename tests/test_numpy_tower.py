@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.tower_parity import Exported, assert_towers_agree, training_inputs
 
 from contracts.errors import ArtifactError
 from contracts.inputs import PAD, UserRequest, user_inputs
@@ -16,24 +17,11 @@ from contracts.inputs import PAD, UserRequest, user_inputs
 pytestmark = pytest.mark.slow
 
 TINY = dict(num_users=80, num_items=60, num_clusters=4, interactions_per_user=6)
-ATOL = 1e-5
 VARIANTS = {  # name: (normalize, hidden_dims, oov_buckets by feature)
     "plain": (False, (64,), {}),
     "normalized": (True, (64,), {}),
     "oov-hashed": (False, (16, 8), {"user_id": 3, "item_id": 2}),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Exported:
-    trained: object
-    model_dir: Path
-    saved_model: object
-    numpy_tower: object
-
-    @property
-    def spec(self):
-        return self.trained.dataset.spec
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -64,28 +52,14 @@ def _with_oov_buckets(dataset, oov: dict[str, int]):
     return dataclasses.replace(dataset, spec=dataclasses.replace(spec, features=features))
 
 
-def _examples(exported: Exported, n: int = 200) -> dict[str, np.ndarray]:
-    from contracts.inputs import training_examples
-
-    examples = training_examples(exported.trained.dataset)
-    return {f.name: examples[f.name][:n] for f in exported.spec.user_input_features}
-
-
-def _assert_agree(exported: Exported, inputs: dict[str, np.ndarray]) -> None:
-    expected = exported.saved_model(inputs)
-    got = exported.numpy_tower(inputs)
-    assert got.dtype == np.float32 and got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
-
-
-def test_agrees_on_training_examples(exported):
-    _assert_agree(exported, _examples(exported))
+def test_agrees_on_trainingtraining_inputs(exported):
+    assert_towers_agree(exported, training_inputs(exported))
 
 
 def test_agrees_one_row_at_a_time(exported):
-    inputs = _examples(exported, 5)
+    inputs = training_inputs(exported, 5)
     for i in range(5):
-        _assert_agree(exported, {k: v[i:i + 1] for k, v in inputs.items()})
+        assert_towers_agree(exported, {k: v[i:i + 1] for k, v in inputs.items()})
 
 
 def test_agrees_on_unknown_users_items_and_context(exported):
@@ -98,18 +72,18 @@ def test_agrees_on_unknown_users_items_and_context(exported):
         UserRequest("", {}, ("zzz", "", "i3"), {"hour_of_day": 99}, event_time=0),
         UserRequest("ünïcödé-👤", {"country": ""}, ("ïtem",), {}, event_time=0),
     ]
-    _assert_agree(exported, user_inputs(exported.spec, requests))
+    assert_towers_agree(exported, user_inputs(exported.spec, requests))
 
 
 def test_agrees_on_empty_histories(exported):
-    inputs = _examples(exported, 50)
+    inputs = training_inputs(exported, 50)
     history = next(f.name for f in exported.spec.user_input_features if f.kind == "history")
     inputs[history] = np.full_like(inputs[history], PAD)
-    _assert_agree(exported, inputs)
+    assert_towers_agree(exported, inputs)
 
 
 def test_agrees_on_missing_numeric_values(exported):
-    inputs = _examples(exported, 50)
+    inputs = training_inputs(exported, 50)
     numeric = [f.name for f in exported.spec.user_input_features if f.kind == "numeric"]
     assert numeric
     for name in numeric:
@@ -117,7 +91,7 @@ def test_agrees_on_missing_numeric_values(exported):
         values[::2] = np.nan
         values[1::4] = np.inf
         inputs[name] = values
-    _assert_agree(exported, inputs)
+    assert_towers_agree(exported, inputs)
 
 
 def test_hashed_oov_matches_string_lookup():
@@ -174,7 +148,7 @@ def test_files_are_arrays_and_a_layer_graph(exported):
 
 
 def test_wrong_inputs_are_refused_naming_them(exported):
-    inputs = _examples(exported, 3)
+    inputs = training_inputs(exported, 3)
     del inputs["age"]
     with pytest.raises(ValueError, match=r"missing \['age'\]"):
         exported.numpy_tower(inputs)
@@ -223,7 +197,7 @@ def test_a_format_1_tower_with_vocabularies_in_its_json_still_loads_and_agrees(
     manifest["files"] = checksums(copy)
     (copy / "manifest.json").write_text(json.dumps(manifest))
 
-    inputs = _examples(exported, 50)
+    inputs = training_inputs(exported, 50)
     np.testing.assert_array_equal(NumpyUserTower.load(copy)(inputs),
                                   exported.numpy_tower(inputs))
 
