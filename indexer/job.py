@@ -31,6 +31,7 @@ from indexer.publish import DEFAULT_KEEP, publish
 from indexer.queries import item_queries, user_queries
 from indexer.source import EmbeddingSource, NpySource
 from indexer.timing import FaissClock
+from contracts.index_store import current_version
 from contracts.model_manifest import ModelManifest, load_model_manifest, load_npy
 from contracts.errors import ArtifactError
 
@@ -68,6 +69,8 @@ def run_build_index(model_dir: str | Path, store: str | Path, spec: IndexSpec | 
     the index misses the target recall.
     """
     clock = FaissClock()
+    # an unreadable CURRENT would refuse the publish at the end: say so before the build
+    current_version(store)
     model = load_model_manifest(model_dir)
     items = item_side(model, options)
     spec = spec or choose_spec(items.source.num_items, model.embedding_dim, options.memory_budget)

@@ -105,6 +105,17 @@ def test_a_pointer_naming_a_missing_version_is_refused_with_the_fix(pipeline, tm
         load_index_artifact(store)
 
 
+def test_a_store_with_an_unreadable_pointer_is_refused_before_anything_is_built(
+        pipeline, tmp_path):
+    store = tmp_path / "indexes"
+    kept = _build(pipeline, store)
+    (store / "CURRENT").write_bytes(b"\xff\xfe not a version\n")
+    with pytest.raises(ArtifactError, match=r"CURRENT: is not UTF-8 text.*two-tower rollback"):
+        _build(pipeline, store)
+    # nothing was written: the only directory is the version that was there
+    assert sorted(p.name for p in store.iterdir()) == [".lock", "CURRENT", kept.name]
+
+
 def test_publishing_sends_the_documented_message_on_redis(pipeline, tmp_path, redis_url):
     store = tmp_path / "indexes"
     first = _build(pipeline, store)
