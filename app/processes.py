@@ -50,6 +50,39 @@ def rss_kib(pid: int) -> int:
                  if line.startswith("VmRSS:")), 0)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the workers of `serve --workers N`)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional memory of ``pid`` (Pss of /proc/PID/smaps_rollup): each shared page
+    divided among the processes that map it; 0 once it has exited."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return next((int(line.split()[1]) for line in rollup.splitlines()
+                 if line.startswith("Pss:")), 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used (/proc/PID/stat), 0 once it has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_process(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
     """SIGTERM (after SIGCONT: a paused process would not act on it), then SIGKILL after
     ``timeout_s``; returns the exit code."""
@@ -184,10 +217,15 @@ class ServeProcess:
     @classmethod
     def start(cls, args: Sequence[str], workdir: Path, timeout_s: float = SERVE_START_TIMEOUT_S,
               env: Mapping[str, str] | None = None, command: Sequence[str] = (*CLI, "serve"),
-              cwd: Path | None = None, name: str = "server") -> ServeProcess:
+              cwd: Path | None = None, name: str = "server", workers: int | None = 1
+              ) -> ServeProcess:
         """``command ARGS --port 0 --port-file …`` with its output in workdir/NAME.log
-        (and the ports in workdir/port, or NAME.port for another name)."""
+        (and the ports in workdir/port, or NAME.port for another name). `serve` runs one
+        process unless ``workers`` (or --workers in ARGS) says otherwise; None: its
+        default (the usable cores with Redis)."""
         workdir.mkdir(parents=True, exist_ok=True)
+        if workers is not None and tuple(command) == (*CLI, "serve") and "--workers" not in args:
+            args = [*args, "--workers", str(workers)]
         port_file = workdir / ("port" if name == "server" else f"{name}.port")
         log_path = workdir / f"{name}.log"
         port_file.unlink(missing_ok=True)
@@ -208,6 +246,18 @@ class ServeProcess:
 
     def rss_kib(self) -> int:
         return rss_kib(self.process.pid)
+
+    def pids(self) -> list[int]:
+        """The process and its children: the supervisor and workers of --workers N."""
+        return [self.process.pid, *child_pids(self.process.pid)]
+
+    def cpu_seconds(self) -> float:
+        """CPU time used by the server's processes alive now (exited ones not counted)."""
+        return sum(cpu_seconds(pid) for pid in self.pids())
+
+    def pss_kib(self) -> int:
+        """Proportional memory of all the server's processes together."""
+        return sum(pss_kib(pid) for pid in self.pids())
 
     def stop(self, timeout_s: float = 30.0) -> int:
         return stop_process(self.process, timeout_s)

@@ -26,6 +26,17 @@
                                              dropped: lru (over --store-max-users), ttl
     two_tower_unsent_replies_total           replies gRPC could not send: the caller reset
                                              the stream or its connection closed first
+    two_tower_worker_requests_total{worker}  `serve --workers N` only: finished calls by
+                                             worker index (0 … N-1), to see how connections
+                                             spread over the workers
+
+With ``serve --workers N`` (retrieval.workers) each worker writes its values to files in
+PROMETHEUS_MULTIPROC_DIR and the supervisor's one /metrics sums them: counters and
+histograms over every worker that ever ran (a restarted worker's counts stay); gauges per
+their ``multiprocess_mode``, over the live workers: the breaker state and the watcher's
+age are the worst worker's (livemax), ``two_tower_serving_info`` is the number of workers
+serving that pair (livesum: two series during a swap, until every worker has swapped).
+Gauges computed at scrape time are written once a second instead (``refresh``).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import values as _values
 
 # 50 µs … 2.5 s: the stages of one call span four orders of magnitude.
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
@@ -42,9 +54,18 @@ LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5
 WATCH_ERROR_REASONS = ("pointer", "refused", "timeout", "unexpected")
 
 
+def multiprocess_mode() -> bool:
+    """Whether this process writes its values to PROMETHEUS_MULTIPROC_DIR (decided by
+    prometheus_client when first imported)."""
+    return bool(getattr(_values.ValueClass, "_multiprocess", False))
+
+
 class ServiceMetrics:
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_mode()
+        self._functions: list[tuple[Gauge, Callable[[], float]]] = []
+        self._serving: tuple[str, str] | None = None
         self.stage_seconds = Histogram(
             "two_tower_stage_seconds", "Latency of one stage of a call", ("rpc", "stage"),
             buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -60,7 +81,7 @@ class ServiceMetrics:
                                 ("reason",), registry=self.registry)
         self.breaker_state = Gauge("two_tower_feature_store_breaker_state",
                                    "Feature-store circuit breaker: 0 closed, 1 half-open, 2 open",
-                                   registry=self.registry)
+                                   registry=self.registry, multiprocess_mode="livemax")
         self.auth_failures = Counter("two_tower_auth_failures_total",
                                      "Calls refused for a missing or invalid bearer token",
                                      ("reason",), registry=self.registry)
@@ -71,9 +92,11 @@ class ServiceMetrics:
             self.watch_errors.labels(reason)
         self.watch_age = Gauge("two_tower_version_watch_last_success_age_seconds",
                                "Seconds since the version watcher last saw CURRENT's pair "
-                               "served", registry=self.registry)
-        self.serving = Gauge("two_tower_serving_info", "The model and index being served",
-                             ("model_version", "index_version"), registry=self.registry)
+                               "served", registry=self.registry, multiprocess_mode="livemax")
+        self.serving = Gauge("two_tower_serving_info", "The model and index being served "
+                             "(with --workers: how many workers serve it)",
+                             ("model_version", "index_version"), registry=self.registry,
+                             multiprocess_mode="livesum")
         self.unsent_replies = Counter("two_tower_unsent_replies_total",
                                       "Replies gRPC could not send (stream reset or "
                                       "connection closed before the reply went out)",
@@ -82,6 +105,12 @@ class ServiceMetrics:
                                        "Users the in-process feature store dropped, by reason: "
                                        "lru (over its cap), ttl (history expired)",
                                        ("reason",), registry=self.registry)
+
+        self._worker_requests = None
+        if worker is not None:
+            self._worker_requests = Counter(
+                "two_tower_worker_requests_total", "Finished calls by worker index",
+                ("worker",), registry=self.registry).labels(str(worker))
 
         # labels() takes a lock and hashes its arguments: the hot path keeps the children.
         self._stage_children: dict[tuple[str, str], Histogram] = {}
@@ -106,10 +135,29 @@ class ServiceMetrics:
         if child is None:
             child = self._request_children[rpc, code] = self.requests.labels(rpc, code)
         child.inc()
+        if self._worker_requests is not None:
+            self._worker_requests.inc()
 
     def set_serving(self, model_version: str, index_version: str) -> None:
-        self.serving.clear()
+        if not self.multiprocess:
+            self.serving.clear()
+        elif self._serving is not None:  # a file cannot drop a series: the old one goes to 0
+            self.serving.labels(*self._serving).set(0)
+        self._serving = (model_version, index_version)
         self.serving.labels(model_version, index_version).set(1)
+
+    def set_function(self, gauge: Gauge, value: Callable[[], float]) -> None:
+        """``gauge`` reads ``value()`` at each scrape; in multiprocess mode, where the
+        scrape reads files, at each ``refresh`` (the server calls it once a second)."""
+        if self.multiprocess:
+            self._functions.append((gauge, value))
+            gauge.set(value())
+        else:
+            gauge.set_function(value)
+
+    def refresh(self) -> None:
+        for gauge, value in self._functions:
+            gauge.set(value())
 
     def count_store_evictions(self, reason: str, n: int) -> None:
         self.store_evictions.labels(reason).inc(n)
@@ -117,8 +165,9 @@ class ServiceMetrics:
     def watch_store_size(self, size: Callable[[], int]) -> None:
         """A gauge of the in-process store's users, read at each scrape."""
         gauge = Gauge("two_tower_feature_store_users",
-                      "Users held by the in-process feature store", registry=self.registry)
-        gauge.set_function(size)
+                      "Users held by the in-process feature store", registry=self.registry,
+                      multiprocess_mode="livesum")
+        self.set_function(gauge, size)
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics; returns the bound port (port 0: any free one)."""

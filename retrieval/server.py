@@ -23,6 +23,7 @@ from retrieval.metrics import ServiceMetrics
 from retrieval.pair import load_pair
 from retrieval.query import Limits
 from retrieval.redis_options import RedisAuth
+from retrieval.seen_items import DEFAULT_SEEN_ITEMS_CAP, check_cap, iter_dataset_seen
 from retrieval.retriever import BatchingConfig, Retriever
 from retrieval.security import AuthInterceptor, TlsConfig, TokenSet
 from retrieval.swap import PairWatcher, resolve_pair_dirs, start_watching, stop_watching
@@ -86,6 +87,7 @@ class ServerConfig:
     history_length: int = 20
     history_ttl_s: int | None = 90 * 86400  # a history without events expires; None: never
     store_max_users: int = DEFAULT_MAX_USERS  # in-process store: preloaded + recorded users
+    seen_items_cap: int = DEFAULT_SEEN_ITEMS_CAP  # a user's seen set (exclude_seen), both stores
     grace_seconds: float = 5.0
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0: any free port
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -105,6 +107,10 @@ class ServerConfig:
     # sys.setswitchinterval: the longest the compute thread waits for the GIL after Faiss
     # returns while the event loop holds it (Python's default is 5 ms).
     gil_switch_interval_s: float = 0.005
+    # Set by retrieval.workers for a worker of `serve --workers N`: its index (0 … N-1). A
+    # worker shares the port with the others (SO_REUSEPORT) and binds it only once loaded,
+    # so the kernel never hands a connection to a worker that cannot answer yet.
+    worker: int | None = None
 
     def __post_init__(self) -> None:
         t = self.redis_timeout_s
@@ -117,6 +123,7 @@ class ServerConfig:
         u = self.store_max_users
         if isinstance(u, bool) or not isinstance(u, int) or u < 1:
             raise ValueError(f"store_max_users must be an integer >= 1 (got {u!r})")
+        check_cap(self.seen_items_cap)
         h = self.history_ttl_s
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
             raise ValueError(f"history_ttl_s must be an integer >= 1 or None (got {h!r})")
@@ -133,6 +140,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics_port: int | None = None
     watch_task: asyncio.Task | None = None
+    refresh_task: asyncio.Task | None = None
 
     async def load(self, config: ServerConfig) -> None:
         """Load the model/index pair (off the event loop), then report SERVING and start
@@ -155,26 +163,40 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def listen(self, config: ServerConfig) -> None:
+        """Bind the port and start answering on it."""
+        self.port = _bind(self.server, config)
+        if self.port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        await self.server.start()
+        worker = "" if config.worker is None else f"worker {config.worker} (pid {os.getpid()}) "
+        log.info("%slistening on %s:%d, %s", worker, config.host, self.port, _security(config))
+
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so probes move away
         if self.watch_task is not None:
             stop_watching(self.watch_task)
+        if self.refresh_task is not None:
+            self.refresh_task.cancel()
         await self.server.stop(grace)
         await self.retriever.close()
         await self.retriever.store.close()
 
 
 async def create_server(config: ServerConfig) -> RunningServer:
-    """Build and start the server, NOT_SERVING until ``RunningServer.load``."""
+    """Build and start the server, NOT_SERVING until ``RunningServer.load``. A worker of
+    ``serve --workers`` is built but not bound: ``listen`` once loaded."""
     import faiss
 
     faiss.omp_set_num_threads(config.batching.faiss_threads)
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(config.worker)
     retriever = Retriever(await _feature_store(config, metrics), config.limits,
                           config.history_ttl_s, metrics, config.batching, config.breaker)
     fold_unsent_replies(metrics.unsent_replies.inc)
     server = grpc.aio.server(interceptors=_interceptors(config, metrics), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Explicit although grpcio sets it on Linux: workers of one host share the port.
+        ("grpc.so_reuseport", 1),
         *config.streams.options()], maximum_concurrent_rpcs=config.streams.total)
     add_to_server(RetrievalServicer(retriever), server)
     health_servicer = health.aio.HealthServicer()
@@ -184,17 +206,27 @@ async def create_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = _bind(server, config)
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    await server.start()
-    log.info("listening on %s:%d, %s (NOT_SERVING until the model and index are loaded)",
-             config.host, port, _security(config))
-    metrics_port = None
+    running = RunningServer(server, 0, retriever, health_servicer)
+    if metrics.multiprocess:
+        running.refresh_task = asyncio.create_task(_refresh(metrics), name="metrics-refresh")
+    if config.worker is not None:
+        return running
+    await running.listen(config)
+    log.info("NOT_SERVING until the model and index are loaded")
     if config.metrics_port is not None:
-        metrics_port = metrics.serve_http(config.host, config.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
-    return RunningServer(server, port, retriever, health_servicer, metrics_port)
+        running.metrics_port = metrics.serve_http(config.host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, running.metrics_port)
+    return running
+
+
+async def _refresh(metrics: ServiceMetrics, every_s: float = 1.0) -> None:
+    """Multiprocess mode: the scrape reads files, so computed gauges are written here."""
+    while True:
+        try:
+            metrics.refresh()
+        except Exception:  # noqa: BLE001 - a gauge's bug must not end the refreshes
+            log.exception("refreshing the computed metrics failed; trying again")
+        await asyncio.sleep(every_s)
 
 
 def _interceptors(config: ServerConfig, metrics: ServiceMetrics) -> list:
@@ -230,9 +262,11 @@ async def _feature_store(config: ServerConfig, metrics: ServiceMetrics) -> Featu
     if config.redis_url:
         return RedisFeatureStore.from_url(config.redis_url, client_options=_redis_options(config),
                                           history_length=config.history_length,
-                                          timeout_s=config.redis_timeout_s)
+                                          timeout_s=config.redis_timeout_s,
+                                          seen_items_cap=config.seen_items_cap)
     store = InMemoryFeatureStore(history_length=config.history_length,
                                  max_users=config.store_max_users,
+                                 seen_items_cap=config.seen_items_cap,
                                  on_evict=metrics.count_store_evictions)
     metrics.watch_store_size(store.__len__)
     if config.features_from is not None:
@@ -240,6 +274,8 @@ async def _feature_store(config: ServerConfig, metrics: ServiceMetrics) -> Featu
 
         dataset = await asyncio.to_thread(load_dataset, config.features_from)
         await store.put_users(users_from_dataset(dataset, config.history_length))
+        for events in iter_dataset_seen(dataset):  # every interaction: exclude_seen
+            await store.add_seen(events)
     room = store.max_users - store.preloaded
     ttl = f"{config.history_ttl_s} s" if config.history_ttl_s else "never"
     log.log(logging.WARNING if room < store.max_users // 10 else logging.INFO,
@@ -256,6 +292,8 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
     running = await create_server(config)
     try:
         await running.load(config)
+        if config.worker is not None:
+            await running.listen(config)
     except BaseException:
         await running.stop(0)
         raise

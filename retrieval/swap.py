@@ -108,7 +108,8 @@ class PairWatcher:
         self.read_timeout_s, self.load_timeout_s = read_timeout_s, load_timeout_s
         self.metrics = retriever.metrics
         self.last_success = time.monotonic()
-        self.metrics.watch_age.set_function(lambda: time.monotonic() - self.last_success)
+        self.metrics.set_function(self.metrics.watch_age,
+                                  lambda: time.monotonic() - self.last_success)
         self._refusal = ""
         self._logged: set[tuple[str, str]] = set()  # causes logged since the last success
         self._io: asyncio.Future | None = None  # the artifact read or load in its thread

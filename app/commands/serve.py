@@ -29,8 +29,12 @@ def add_load_features(sub) -> None:
                         help="prepared output: its users/*.parquet, streamed a batch at a time")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--history-length", type=int, default=20)
+    p.add_argument("--seen-items-cap", type=int, default=10_000,
+                   help="items kept in a user's seen set (exclude_seen), the oldest dropped "
+                        "first; the server's --seen-items-cap should match")
     p.add_argument("--batch-size", type=int, default=1000,
-                   help="users written per pipelined round trip (MULTI/EXEC)")
+                   help="users (and 10x as many interactions) written per pipelined round "
+                        "trip (MULTI/EXEC)")
     add_redis_auth_args(p)
     p.set_defaults(run=_load_features)
 
@@ -106,6 +110,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connection-age-grace-seconds", type=float, default=10.0,
                    help="then its calls have this long to finish before it is closed: "
                         "a reply nobody reads is held at most age + grace")
+    p.add_argument("--seen-items-cap", type=int, default=10_000,
+                   help="items kept in a user's seen set, what exclude_seen drops (every "
+                        "interaction, the oldest dropped first past it); both stores")
     p.add_argument("--store-max-users", type=int, default=500_000,
                    help="in-process store: most users held, preloaded (--features, never "
                         "evicted) and recorded; past it the least recently used recorded "
@@ -115,6 +122,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "EXPIRE; in-process: the recorded user is dropped); 0 = never")
     p.add_argument("--grace-seconds", type=float, default=5.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
+    p.add_argument("--workers", type=int, default=None,
+                   help="serving processes on the one port, each with its own GIL "
+                        "(retrieval.workers); default: the usable cores with --redis-url, "
+                        "1 with the in-process feature store; 1 = a single process")
 
 def _add_serve_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, metavar="FILE",
@@ -171,7 +182,22 @@ def _client_channel(args):
         read_token(variable=args.token_env) if os.environ.get(args.token_env) else None)
     return open_channel(args.address, tls, token)
 
-def _serve(args) -> None:
+def _workers(args) -> int:
+    """--workers, or its default; more than one needs Redis: each in-process store would be
+    one worker's alone, and a history recorded by one unseen by the others."""
+    from retrieval.workers import usable_cores
+
+    if args.workers is None:
+        return usable_cores() if args.redis_url else 1
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1 (got {args.workers})")
+    if args.workers > 1 and not args.redis_url:
+        raise ValueError(f"--workers {args.workers} needs --redis-url: the in-process feature "
+                         "store is one per process, so a history recorded by one worker "
+                         "would be unseen by the others")
+    return args.workers
+
+def _serve(args) -> int | None:
     # Before Faiss loads libgomp: idle OpenMP workers sleep instead of spinning on the
     # cores the event loop and the compute thread need.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -199,33 +225,50 @@ def _serve(args) -> None:
                           max_message_bytes=args.max_message_bytes,
                           gil_switch_interval_s=args.gil_switch_interval_us / 1e6,
                           store_max_users=args.store_max_users,
+                          seen_items_cap=args.seen_items_cap,
                           streams=StreamLimits(args.max_streams_per_connection or None,
                                                args.max_concurrent_rpcs or None,
                                                args.max_connection_age_seconds or None,
                                                args.max_connection_age_grace_seconds),
                           history_ttl_s=args.history_ttl_seconds or None,
                           grace_seconds=args.grace_seconds)
+    workers = _workers(args)
+    if workers > 1:
+        from retrieval.workers import SupervisorConfig, supervise
+
+        return supervise(config, SupervisorConfig(workers, log_format=args.log_format),
+                         args.port_file)
     asyncio.run(serve(config, args.port_file))
+    return None
 
 def _load_features(args) -> None:
     if args.prepared is not None:
         return _load_prepared_features(args)
     from contracts.dataset import load_dataset
     from retrieval.feature_store import RedisFeatureStore, users_from_dataset
+    from retrieval.seen_items import iter_dataset_seen
 
-    users = users_from_dataset(load_dataset(args.data), args.history_length)
+    dataset = load_dataset(args.data)
+    users = users_from_dataset(dataset, args.history_length)
 
-    async def write() -> None:
+    async def write() -> int:
         store = RedisFeatureStore.from_url(
             args.redis_url, history_length=args.history_length, batch_size=args.batch_size,
-            client_options=redis_auth(args).client_kwargs(args.redis_url))
+            client_options=redis_auth(args).client_kwargs(args.redis_url),
+            seen_items_cap=args.seen_items_cap)
         try:
             await store.put_users(users)
+            seen = 0
+            for events in iter_dataset_seen(dataset, 10 * args.batch_size):
+                await store.add_seen(events)
+                seen += len(events)
+            return seen
         finally:
             await store.close()
 
-    asyncio.run(write())
-    log.info("wrote features and histories of %d users", len(users))
+    seen = asyncio.run(write())
+    log.info("wrote features and histories of %d users, and %d interactions to their seen "
+             "sets", len(users), seen)
 
 
 PROGRESS_EVERY_S = 5.0
@@ -240,7 +283,8 @@ def _load_prepared_features(args) -> None:
     import pyarrow as pa
 
     from retrieval.feature_store import RedisFeatureStore
-    from retrieval.prepared_users import iter_user_batches, open_prepared_users
+    from retrieval.prepared_users import (iter_seen_batches, iter_user_batches,
+                                          open_prepared_users)
 
     users = open_prepared_users(args.prepared)
     if users.history_length < args.history_length:
@@ -248,8 +292,9 @@ def _load_prepared_features(args) -> None:
                     args.prepared, users.history_length, args.history_length)
     store = RedisFeatureStore.from_url(
         args.redis_url, history_length=args.history_length, timeout_s=LOAD_TIMEOUT_S,
-        client_options=redis_auth(args).client_kwargs(args.redis_url))
-    written, start = 0, time.monotonic()
+        client_options=redis_auth(args).client_kwargs(args.redis_url),
+        seen_items_cap=args.seen_items_cap)
+    written, seen, start = 0, 0, time.monotonic()
     reported, pool = start, pa.default_memory_pool()
     # Arrow's default pool (mimalloc) keeps what each batch freed: 45 MB of growth over
     # 50,000 users against 15 MB with the system allocator (benchmarks.load_features_scale)
@@ -262,12 +307,17 @@ def _load_prepared_features(args) -> None:
                 reported = time.monotonic()
                 log.info("load-features: %d of %d users written, %.0f users/s", written,
                          users.rows, written / (reported - start))
+        # after the users: writing a user clears its seen set, which the splits then fill
+        for events in iter_seen_batches(users, 10 * args.batch_size):
+            store.write_seen_batch(events)
+            seen += len(events)
     finally:
         pa.set_memory_pool(pool)
         asyncio.run(store.close())
     seconds = time.monotonic() - start
     log.info("wrote features and histories of %d users from %s in %.1f s (%.0f users/s)",
              written, args.prepared, seconds, written / max(seconds, 1e-9))
+    log.info("wrote %d interactions to the users' seen sets (exclude_seen)", seen)
 
 def _query(args) -> int:
     import grpc

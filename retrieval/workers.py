@@ -1,0 +1,353 @@
+"""`serve --workers N`: N serving processes on one port, under one supervisor.
+
+A `serve` process is bound by its GIL to about one core (plus the Faiss threads). Here the
+supervisor starts N workers, each a whole server (retrieval.server) with its own event
+loop, GIL, Redis connections and version watcher, all listening on the same port with
+SO_REUSEPORT: the kernel spreads new connections over the workers that listen (a
+connection, with every call on it, stays with the worker that accepted it).
+
+    supervisor   reserves the port (bound, not listening: it takes no connections),
+                 serves the one /metrics, forwards SIGTERM, restarts a worker that dies
+    worker i     loads the pair, then binds the port and answers; on SIGTERM drains
+
+- Port: the supervisor binds host:port with SO_REUSEPORT first (port 0: the kernel picks
+  one) and hands the bound port to every worker; a worker binds it only once loaded, so a
+  worker that is starting or restarting is never handed a connection.
+- Health: grpc.health.v1 is answered on the port by whichever worker accepted the
+  connection; before the first worker has loaded, connections are refused.
+- Metrics: each worker writes its values to files in a private PROMETHEUS_MULTIPROC_DIR;
+  the supervisor's /metrics sums them (retrieval.metrics says how each gauge combines) and
+  adds its own: two_tower_workers, two_tower_worker_restarts_total.
+- SIGTERM/SIGINT: forwarded to every worker, which reports NOT_SERVING and drains for
+  ``grace_seconds``; the supervisor exits 0 once all have exited 0 (a straggler is killed
+  ``STOP_MARGIN_S`` after the grace and the exit is 1).
+- A worker that exits unasked is logged with its exit status, counted and started again;
+  more than ``max_restarts`` such exits within ``restart_window_s`` (a crash loop) stop
+  every worker and exit 1. A worker that fails before the first all-SERVING start stops
+  the whole start with its exit status.
+- Version swaps: each worker follows CURRENT on its own, so for a moment two workers may
+  serve different pairs; each reply names its model and index version, and within a worker
+  a call is answered by one consistent pair (retrieval.swap).
+
+The workers are started as ``python -m retrieval.workers`` with their configuration
+pickled on stdin; each asks the kernel for SIGTERM should the supervisor die.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import math
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+log = logging.getLogger(__name__)
+
+STOP_MARGIN_S = 15.0   # past the drain grace, time for a worker's loop and threads to end
+POLL_S = 0.2           # how often exits are checked when no signal arrives
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota
+    (a container's CPU limit, which the affinity does not show), at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota)) if quota else cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    workers: int
+    max_restarts: int = 5        # unasked exits tolerated within the window …
+    restart_window_s: float = 60.0  # … beyond that, a crash loop: stop and exit 1
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
+                1 <= self.workers <= 256):
+            raise ValueError(f"workers must be an integer in [1, 256] (got {self.workers!r})")
+        if self.max_restarts < 0 or self.restart_window_s <= 0:
+            raise ValueError("max_restarts must be >= 0 and restart_window_s > 0 (got "
+                             f"{self.max_restarts!r}, {self.restart_window_s!r})")
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen
+    port_file: Path
+    serving: bool = False
+
+
+class Supervisor:
+    def __init__(self, server, supervision: SupervisorConfig, run_dir: Path) -> None:
+        self.server, self.supervision, self.run_dir = server, supervision, run_dir
+        self.workers: dict[int, _Worker] = {}
+        self.stopping = False
+        self.all_serving_once = False  # every worker was SERVING once: the start is over
+        self.crashes: deque[float] = deque()
+        self.registry = CollectorRegistry()
+        self.restarts = Counter("two_tower_worker_restarts_total",
+                                "Workers started again after exiting unasked",
+                                registry=self.registry)
+        live = Gauge("two_tower_workers", "Worker processes running", registry=self.registry)
+        live.set_function(lambda: sum(w.process.poll() is None for w in self.workers.values()))
+
+    # --- starting --------------------------------------------------------------------------
+
+    def start_worker(self, index: int) -> None:
+        port_file = self.run_dir / f"worker-{index}.port"
+        port_file.unlink(missing_ok=True)
+        config = dataclasses.replace(self.server, worker=index, metrics_port=None)
+        process = subprocess.Popen([sys.executable, "-m", "retrieval.workers"],
+                                   stdin=subprocess.PIPE, env=self._env(),
+                                   # not the terminal's group: Ctrl-C reaches the
+                                   # supervisor alone, which forwards one SIGTERM
+                                   process_group=0)
+        assert process.stdin is not None
+        with process.stdin:
+            pickle.dump((config, port_file, self.supervision.log_format, os.getpid()),
+                        process.stdin)
+        self.workers[index] = _Worker(index, process, port_file)
+        log.info("worker %d started (pid %d)", index, process.pid)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / "metrics")}
+
+    def all_serving(self) -> bool:
+        for worker in self.workers.values():
+            worker.serving = worker.serving or worker.port_file.exists()
+        return all(w.serving for w in self.workers.values())
+
+    # --- watching --------------------------------------------------------------------------
+
+    def check_exits(self) -> int | None:
+        """Restart workers that exited unasked; an exit status to end with, or None."""
+        for worker in list(self.workers.values()):
+            code = worker.process.poll()
+            if code is None or self.stopping:
+                continue
+            mark_process_dead(worker.process.pid, str(self.run_dir / "metrics"))
+            if not worker.serving and not self.all_serving_once:
+                log.error("worker %d exited with %s while starting: stopping", worker.index,
+                          _status(code))
+                return code or 1
+            now = time.monotonic()
+            self.crashes.append(now)
+            while self.crashes and self.crashes[0] < now - self.supervision.restart_window_s:
+                self.crashes.popleft()
+            if len(self.crashes) > self.supervision.max_restarts:
+                log.error("worker %d exited with %s: %d unasked exits within %g s, a crash "
+                          "loop; stopping every worker", worker.index, _status(code),
+                          len(self.crashes), self.supervision.restart_window_s)
+                return 1
+            log.error("worker %d (pid %d) exited unasked with %s: starting it again",
+                      worker.index, worker.process.pid, _status(code))
+            self.restarts.inc()
+            self.start_worker(worker.index)
+        return None
+
+    # --- stopping --------------------------------------------------------------------------
+
+    def signal_all(self, sig: int) -> None:
+        for worker in self.workers.values():
+            if worker.process.poll() is None:
+                try:
+                    worker.process.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def stop(self) -> int:
+        """SIGTERM every worker, wait for their drain; 0 when all exited 0."""
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.server.grace_seconds + STOP_MARGIN_S
+        clean = True
+        for worker in self.workers.values():
+            try:
+                code = worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not stop in time: killed", worker.index)
+                worker.process.kill()
+                code = worker.process.wait()
+            if code == -signal.SIGTERM and not worker.serving:
+                log.info("worker %d stopped while loading", worker.index)
+            elif code != 0:
+                clean = False
+                log.error("worker %d stopped with %s", worker.index, _status(code))
+        return 0 if clean else 1
+
+
+def supervise(server, supervision: SupervisorConfig, port_file: Path | None = None) -> int:
+    """Run ``supervision.workers`` workers of ``server`` (a retrieval.server.ServerConfig)
+    on its port until SIGTERM/SIGINT; returns the exit status."""
+    run_dir = Path(tempfile.mkdtemp(prefix="two-tower-serve-"))
+    (run_dir / "metrics").mkdir()
+    wakeup_r, wakeup_w = os.pipe()
+    os.set_blocking(wakeup_w, False)
+    handlers = {sig: signal.signal(sig, lambda *_: _wake(wakeup_w))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    reserved = _reserve(server.host, server.port)
+    try:
+        server = dataclasses.replace(server, port=reserved.getsockname()[1])
+        supervisor = Supervisor(server, supervision, run_dir)
+        return _run(supervisor, port_file, wakeup_r)
+    finally:
+        reserved.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.close(wakeup_r)
+        os.close(wakeup_w)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(supervisor: Supervisor, port_file: Path | None, wakeup_r: int) -> int:
+    server = supervisor.server
+    log.info("starting %d workers on %s:%d", supervisor.supervision.workers, server.host,
+             server.port)
+    for index in range(supervisor.supervision.workers):
+        supervisor.start_worker(index)
+    selector = selectors.DefaultSelector()
+    selector.register(wakeup_r, selectors.EVENT_READ)
+    try:
+        while True:
+            if selector.select(POLL_S):
+                os.read(wakeup_r, 512)
+                log.info("stopping: SIGTERM to %d workers, draining for up to %.1fs",
+                         len(supervisor.workers), server.grace_seconds)
+                return supervisor.stop()
+            code = supervisor.check_exits()
+            if code is not None:
+                supervisor.stop()
+                return code
+            if not supervisor.all_serving_once and supervisor.all_serving():
+                supervisor.all_serving_once = True
+                _announce(supervisor, port_file)
+    except BaseException:
+        supervisor.stop()
+        raise
+    finally:
+        selector.close()
+
+
+def _announce(supervisor: Supervisor, port_file: Path | None) -> None:
+    server = supervisor.server
+    ports = [server.port]
+    if server.metrics_port is not None:
+        registry = supervisor.registry
+        _WorkerMetrics(registry, str(supervisor.run_dir / "metrics"))  # registers itself
+        http, _ = start_http_server(server.metrics_port, server.host, registry=registry)
+        ports.append(http.server_port)
+        log.info("metrics of every worker on http://%s:%d/metrics", server.host, ports[1])
+    log.info("SERVING with %d workers on %s:%d", len(supervisor.workers), server.host,
+             server.port)
+    if port_file is not None:  # as a single `serve` writes it: "PORT [METRICS_PORT]"
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(" ".join(map(str, ports)))
+        os.replace(tmp, port_file)
+
+
+class _WorkerMetrics(MultiProcessCollector):
+    """The workers' files, summed; a series a worker has left (a pair it no longer
+    serves, set to 0 since a file cannot drop it) is left out."""
+
+    def collect(self):
+        for metric in super().collect():
+            if metric.name == "two_tower_serving_info":
+                metric.samples = [s for s in metric.samples if s.value != 0]
+            yield metric
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """host:port bound with SO_REUSEPORT and not listening: no other program takes the
+    port while workers start and restart, and no connection is queued on it here."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"x")
+    except BlockingIOError:  # the pipe is full: a wake-up is already pending
+        pass
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+# --- a worker ----------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM to this process when the supervisor dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main() -> int:
+    import asyncio
+
+    from contracts.errors import TwoTowerError
+    from retrieval.logs import configure_logging
+
+    config, port_file, log_format, parent = pickle.load(sys.stdin.buffer)
+    _die_with_parent(parent)
+    configure_logging(log_format)
+    from retrieval.server import serve
+
+    try:
+        asyncio.run(serve(config, port_file))
+    except (TwoTowerError, ValueError, OSError) as exc:
+        print(f"two-tower serve: worker {config.worker}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main())
