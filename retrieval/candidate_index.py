@@ -1,10 +1,14 @@
 """Nearest-item search over a loaded index artifact, with exclusions and metadata rules.
 
-Excluded ids are filtered after the search; the search over-fetches by the number of
-exclusions the index actually holds, so k candidates come back whenever the index has them.
 Tombstoned items (retired by an incremental update) and items a request's metadata rules
 (allow / block by category, tag, ...) refuse are filtered inside Faiss with an ID selector,
-so they are never returned and never count against k.
+so they are never returned and never count against k. A request's excluded ids (its
+exclude_item_ids, and with exclude_seen its user's seen set) are dropped so that k
+candidates come back whenever the index has them: up to ``SHARED_EXCLUSIONS`` of them that
+the index holds, by over-fetching by that many in the batch's shared Faiss call and
+filtering after; more (a seen set of thousands), inside a Faiss call of the request's own
+with an ID selector that also refuses them, refilled with a deeper search in the rare case
+that it comes back short (HNSW with most of the neighbourhood excluded).
 """
 
 from __future__ import annotations
@@ -112,18 +116,56 @@ class CandidateIndex:
     def _search(self, user_emb: np.ndarray, k: int, exclude: list[frozenset[str]],
                 rules: ItemRules) -> list[Candidates]:
         excluded_rows = [self._rows(ids) for ids in exclude]
-        selector, eligible = self._selector, self.size
+        selector, allowed = self._selector, self._live
         if rules:
             allowed = self._allowed(rules)
-            selector, eligible = _only(allowed), int(allowed.sum())
+            selector = _only(allowed)
+        eligible = int(allowed.sum()) if rules else self.size
+        out: list[Candidates | None] = [None] * len(excluded_rows)
+        shared = [i for i, ex in enumerate(excluded_rows) if len(ex) <= SHARED_EXCLUSIONS]
+        if shared:
+            found = self._search_shared(user_emb[shared], k, [excluded_rows[i] for i in shared],
+                                        selector, eligible)
+            for i, candidates in zip(shared, found, strict=True):
+                out[i] = candidates
+        for i, excluded in enumerate(excluded_rows):
+            if out[i] is None:
+                out[i] = self._search_alone(user_emb[i : i + 1], k, excluded, selector,
+                                            eligible, eligible - int(allowed[excluded].sum()))
+        return out  # type: ignore[return-value]
+
+    def _search_shared(self, user_emb: np.ndarray, k: int, excluded_rows: list[np.ndarray],
+                       selector: faiss.IDSelector | None, eligible: int) -> list[Candidates]:
+        """One Faiss call for the rows, over-fetching by the most exclusions of one row."""
         fetch_k = min(eligible, k + max((len(r) for r in excluded_rows), default=0))
         if fetch_k == 0:
             return [self._keep(_NO_SCORES, _NO_ROWS, _NO_ROWS, k) for _ in excluded_rows]
-        index = self.artifact.index
-        scores, rows = index.search(np.ascontiguousarray(user_emb, dtype=np.float32), fetch_k,
-                                    params=search_parameters(index, self.artifact.spec, fetch_k,
-                                                             selector))
+        scores, rows = self._faiss_search(user_emb, fetch_k, selector)
         return [self._keep(s, r, ex, k) for s, r, ex in zip(scores, rows, excluded_rows, strict=True)]
+
+    def _search_alone(self, user_emb: np.ndarray, k: int, excluded: np.ndarray,
+                      selector: faiss.IDSelector | None, eligible: int, left: int
+                      ) -> Candidates:
+        """user_emb [1, d] with its excluded rows refused inside Faiss; ``left``: how many
+        of the ``eligible`` items the exclusions leave. Searched again, as deep as k + the
+        exclusions (HNSW's efSearch follows the depth), when the first search finds fewer
+        than min(k, left)."""
+        want = min(k, left)
+        if want <= 0:
+            return self._keep(_NO_SCORES, _NO_ROWS, _NO_ROWS, k)
+        refusing = _and_not(selector, excluded)
+        scores, rows = self._faiss_search(user_emb, want, refusing)
+        if int((rows[0] >= 0).sum()) < want:
+            deeper = min(eligible, k + len(excluded))
+            scores, rows = self._faiss_search(user_emb, deeper, refusing)
+        return self._keep(scores[0], rows[0], _NO_ROWS, k)
+
+    def _faiss_search(self, user_emb: np.ndarray, fetch_k: int,
+                      selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
+        index = self.artifact.index
+        return index.search(np.ascontiguousarray(user_emb, dtype=np.float32), fetch_k,
+                            params=search_parameters(index, self.artifact.spec, fetch_k,
+                                                     selector))
 
     def _allowed(self, rules: ItemRules) -> np.ndarray:
         """bool [n_rows]: live items every allow rule accepts and no block rule refuses."""
@@ -158,6 +200,7 @@ class CandidateIndex:
         return Candidates(rows[keep], scores[keep], self)
 
 
+SHARED_EXCLUSIONS = 256  # over-fetching by more costs the whole batch a deeper search
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _NO_SCORES = np.zeros(0, dtype=np.float32)
 
@@ -170,6 +213,18 @@ def _without(labels: np.ndarray) -> faiss.IDSelector | None:
     selector = faiss.IDSelectorNot(batch)
     selector.referenced = batch  # the C++ object holds a raw pointer: keep it alive
     return selector
+
+
+def _and_not(selector: faiss.IDSelector | None, labels: np.ndarray) -> faiss.IDSelector:
+    """``selector`` (None: every label) that also refuses ``labels``."""
+    batch = faiss.IDSelectorBatch(np.ascontiguousarray(labels, dtype=np.int64))
+    refusing = faiss.IDSelectorNot(batch)
+    refusing.referenced = batch  # the C++ objects hold raw pointers: keep them alive
+    if selector is None:
+        return refusing
+    both = faiss.IDSelectorAnd(selector, refusing)
+    both.referenced = (selector, refusing)
+    return both
 
 
 def _only(allowed: np.ndarray) -> faiss.IDSelector:

@@ -19,14 +19,17 @@ and every reader; change it only together with the prefix version (default ``tt:
                                        order), at most history_length long. An online writer
                                        records an interaction with LPUSH then
                                        LTRIM 0 history_length-1.
+    {prefix}:seen:{user_id}      ZSET  every item the user interacted with, for exclude_seen,
+                                       at most seen_items_cap: retrieval.seen_items.
 
 A user is unknown (``get_user`` returns None) when both keys are missing; Redis keeps no empty
 hashes or lists, so a user with no features and no history is unknown too. ``read_users``
-reads both keys of every user of a serving batch in one pipelined round trip (2·n commands),
+reads both keys of every user of a serving batch in one pipelined round trip (2·n commands,
+and the seen set of each user whose request asks exclude_seen),
 blocking, from the compute thread that serves the batch: the event loop never waits on
 Redis for a Retrieve and spends no CPU on it (see "The request path" in the README);
 ``get_user`` is the same read for one user, awaitable. ``put_users`` replaces each user's
-keys (DEL, then HSET / RPUSH), one MULTI/EXEC round trip per batch, so re-loading is idempotent and a reader
+keys (DEL of the three, then HSET / RPUSH; ``add_seen`` then fills the seen set), one MULTI/EXEC round trip per batch, so re-loading is idempotent and a reader
 never sees a user half-written. The in-memory store follows the same rules.
 
 Errors (redis exceptions are translated in one place, ``RedisFeatureStore._translate``)::
@@ -63,8 +66,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
-from contracts.dataset import Dataset, table_columns
+from contracts.dataset import Dataset, is_missing, table_columns
 from contracts.errors import DataError, TwoTowerError, Unavailable
+from retrieval import seen_items
+from retrieval.seen_items import DEFAULT_SEEN_ITEMS_CAP, SeenEvent, SeenSets
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +102,9 @@ class StoredUser:
 
     features: Mapping[str, FeatureValue]  # user-tower features by name, except id and history
     history: tuple[str, ...]  # the user's latest item ids, most recent first
+    # Read only (read_users with seen): the user's seen set; written by add_seen and
+    # record_interactions with the times that order it (retrieval.seen_items).
+    seen: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         features = {str(name): _feature_value(name, v) for name, v in self.features.items()}
@@ -108,10 +116,11 @@ UserRead = StoredUser | None | FeatureStoreError  # one user of read_users
 
 
 class FeatureStore(Protocol):
-    def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
+    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = ()) -> list[UserRead]:
         """Blocking, for a worker thread (never the event loop): each user's stored record,
         None for an unknown user, or a FeatureStoreError in the place of a user whose record
-        cannot be read. Raises FeatureStoreUnavailable when the store cannot answer in time."""
+        cannot be read; ``seen[i]`` also reads user i's seen set into ``StoredUser.seen``.
+        Raises FeatureStoreUnavailable when the store cannot answer in time."""
         ...
 
     async def get_user(self, user_id: str) -> StoredUser | None:
@@ -125,8 +134,13 @@ class FeatureStore(Protocol):
     async def record_interactions(self, events: Sequence[tuple[str, str]],
                                   ttl_s: int | None = None) -> None:
         """Prepend each (user_id, item_id), in the given order (the last is the most recent),
-        to its user's history, cut to the history length; ``ttl_s`` (Redis) expires a
-        history that stops receiving events."""
+        to its user's history, cut to the history length, and to its seen set at the server's time;
+        ``ttl_s`` expires a history (and seen set) that stops receiving events."""
+        ...
+
+    async def add_seen(self, events: Sequence[SeenEvent]) -> None:
+        """Add (user_id, item_id, time) to the users' seen sets, keeping each user's newest
+        ``seen_items_cap`` (the bulk load: load-features, serve --features)."""
         ...
 
     async def ping(self) -> None:
@@ -156,6 +170,7 @@ class InMemoryFeatureStore:
 
     def __init__(self, *, history_length: int = DEFAULT_HISTORY_LENGTH,
                  max_users: int = DEFAULT_MAX_USERS,
+                 seen_items_cap: int = DEFAULT_SEEN_ITEMS_CAP,
                  on_evict: Callable[[str, int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._history_length = _check_history_length(history_length)
@@ -165,6 +180,7 @@ class InMemoryFeatureStore:
         self._preloaded: dict[str, StoredUser] = {}
         # user id -> (user, monotonic deadline or None); least recently used first
         self._recorded: OrderedDict[str, tuple[StoredUser, float | None]] = OrderedDict()
+        self._seen = SeenSets(seen_items_cap)  # of preloaded and recorded users, dropped with them
         self._lock = threading.Lock()
         self._on_evict, self._clock = on_evict, clock
 
@@ -175,19 +191,22 @@ class InMemoryFeatureStore:
     def preloaded(self) -> int:
         return len(self._preloaded)
 
-    def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
+    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = ()) -> list[UserRead]:
         now, expired = self._clock(), 0
         found: list[UserRead] = []
         with self._lock:
-            for user_id in user_ids:
+            for i, user_id in enumerate(user_ids):
                 user = self._preloaded.get(user_id)
                 if user is None and (entry := self._recorded.get(user_id)) is not None:
                     if entry[1] is not None and entry[1] <= now:
                         del self._recorded[user_id]
+                        self._seen.drop(user_id)
                         expired += 1
                     else:
                         self._recorded.move_to_end(user_id)
                         user = entry[0]
+                if user is not None and i < len(seen) and seen[i]:
+                    user = StoredUser(user.features, user.history, self._seen.items_of(user_id))
                 found.append(user)
         self._count("ttl", expired)
         return found
@@ -211,6 +230,7 @@ class InMemoryFeatureStore:
                                  "--store-max-users) or use Redis (--redis-url)")
             for user_id, user in kept.items():
                 self._recorded.pop(user_id, None)
+                self._seen.drop(user_id)
                 if user.features or user.history:
                     self._preloaded[user_id] = user
                 else:
@@ -224,13 +244,16 @@ class InMemoryFeatureStore:
         deadline = now + ttl_s if ttl_s else None
         with self._lock:
             expired = 0
-            for user_id, item_id in events:
+            for user_id, item_id, at in seen_items.recorded_events(events):
                 if (user := self._preloaded.get(user_id)) is not None:
                     self._preloaded[user_id] = _prepend(user, item_id, self._history_length)
+                    self._seen.add(user_id, {item_id: at})
                     continue
                 entry = self._recorded.pop(user_id, None)
                 if entry is not None and entry[1] is not None and entry[1] <= now:
                     entry, expired = None, expired + 1
+                    self._seen.drop(user_id)
+                self._seen.add(user_id, {item_id: at})
                 user = _NO_USER if entry is None else entry[0]
                 self._recorded[user_id] = (_prepend(user, item_id, self._history_length),
                                            deadline)
@@ -238,6 +261,14 @@ class InMemoryFeatureStore:
             evicted = self._evict_over_cap()
         self._count("ttl", expired)
         self._count("lru", evicted)
+
+    async def add_seen(self, events: Sequence[SeenEvent]) -> None:
+        """Fill the seen sets of users the store holds (put_users first); others are
+        skipped, so the store stays bounded by max_users."""
+        with self._lock:
+            for user_id, items in seen_items.by_user(events).items():
+                if user_id in self._preloaded or user_id in self._recorded:
+                    self._seen.add(user_id, items)
 
     async def ping(self) -> None:
         return None
@@ -248,7 +279,7 @@ class InMemoryFeatureStore:
     def _evict_over_cap(self) -> int:
         over = max(0, len(self._preloaded) + len(self._recorded) - self.max_users)
         for _ in range(over):
-            self._recorded.popitem(last=False)
+            self._seen.drop(self._recorded.popitem(last=False)[0])
         return over
 
     def _expire_oldest(self, now: float, most: int = 16) -> int:
@@ -258,7 +289,7 @@ class InMemoryFeatureStore:
             deadline = next(iter(self._recorded.values()))[1]
             if deadline is None or deadline > now:
                 break
-            self._recorded.popitem(last=False)
+            self._seen.drop(self._recorded.popitem(last=False)[0])
             dropped += 1
         return dropped
 
@@ -292,6 +323,7 @@ class RedisFeatureStore:
         history_length: int = DEFAULT_HISTORY_LENGTH,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        seen_items_cap: int = DEFAULT_SEEN_ITEMS_CAP,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError(f"key_prefix must be a non-empty string (got {key_prefix!r})")
@@ -301,6 +333,7 @@ class RedisFeatureStore:
         self._history_length = _check_history_length(history_length)
         self._prefix = key_prefix
         self._batch_size = batch_size
+        self._seen_cap = seen_items.check_cap(seen_items_cap)
         self._where = _describe(client)
 
     @classmethod
@@ -313,6 +346,7 @@ class RedisFeatureStore:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         batch_size: int = DEFAULT_BATCH_SIZE,
         client_options: Mapping[str, Any] | None = None,
+        seen_items_cap: int = DEFAULT_SEEN_ITEMS_CAP,
     ) -> RedisFeatureStore:
         """A store on ``url`` (``redis://host:port/db``). Connecting and each reply are
         bounded by ``timeout_s`` seconds; there are no retries, so a failure surfaces within
@@ -328,21 +362,27 @@ class RedisFeatureStore:
         except ValueError as exc:
             raise ValueError(f"{exc} (expected a URL like redis://127.0.0.1:6379/0)") from exc
         return cls(client, reader, history_length=history_length, key_prefix=key_prefix,
-                   batch_size=batch_size)
+                   batch_size=batch_size, seen_items_cap=seen_items_cap)
 
-    def read_users(self, user_ids: Sequence[str]) -> list[UserRead]:
-        """Both keys of every user in one pipeline: 2·n commands, one round trip, bounded
-        by the socket timeouts. A key of the wrong type fails its own user, not the batch."""
+    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = ()) -> list[UserRead]:
+        """Both keys of every user, and the seen set of those ``seen`` asks for, in one
+        pipeline: one round trip, bounded by the socket timeouts. A key of the wrong type
+        fails its own user, not the batch."""
         keys = [self._keys(user_id) for user_id in user_ids]
+        with_seen = [i < len(seen) and bool(seen[i]) for i in range(len(user_ids))]
         what = f"user {user_ids[0]!r}" if len(user_ids) == 1 else f"{len(user_ids)} users"
         with self._translate(f"reading {what}"), \
                 self._reader.pipeline(transaction=False) as pipe:
-            for user_key, history_key in keys:
+            for user_id, (user_key, history_key), wanted in zip(user_ids, keys, with_seen,
+                                                                 strict=True):
                 pipe.hgetall(user_key)
                 pipe.lrange(history_key, 0, self._history_length - 1)
-            replies = pipe.execute(raise_on_error=False)
-        return [self._user_of(user_id, user_key, replies[2 * i], replies[2 * i + 1])
-                for i, (user_id, (user_key, _)) in enumerate(zip(user_ids, keys, strict=True))]
+                if wanted:
+                    seen_items.queue_read(pipe, self._seen_key(user_id), self._seen_cap)
+            replies = iter(pipe.execute(raise_on_error=False))
+        return [self._user_of(user_id, user_key, next(replies), next(replies),
+                              next(replies) if wanted else [])
+                for user_id, (user_key, _), wanted in zip(user_ids, keys, with_seen, strict=True)]
 
     async def get_user(self, user_id: str) -> StoredUser | None:
         found = (await asyncio.to_thread(self.read_users, [user_id]))[0]
@@ -350,19 +390,21 @@ class RedisFeatureStore:
             raise found
         return found
 
-    def _user_of(self, user_id: str, user_key: str, fields: Any, history: Any) -> UserRead:
-        for reply in (fields, history):
+    def _user_of(self, user_id: str, user_key: str, fields: Any, history: Any,
+                 seen: Any) -> UserRead:
+        for reply in (fields, history, seen):
             if isinstance(reply, RedisError):
                 error = FeatureStoreError(f"Redis at {self._where} failed while reading user "
                                           f"{user_id!r}: {reply}")
                 error.__cause__ = reply
                 return error
-        if not fields and not history:
+        if not fields and not history and not seen:
             return None
         try:
-            return _decode_user(user_key, fields, history)
+            user = _decode_user(user_key, fields, history)
         except FeatureStoreError as exc:
             return exc
+        return StoredUser(user.features, user.history, seen_items.decode(seen)) if seen else user
 
     async def put_users(self, users: Mapping[str, StoredUser]) -> None:
         pending = list(users.items())
@@ -388,11 +430,13 @@ class RedisFeatureStore:
 
     async def record_interactions(self, events: Sequence[tuple[str, str]],
                                   ttl_s: int | None = None) -> None:
-        """One round trip: LPUSH, LTRIM (and EXPIRE) per user, in a MULTI/EXEC so a reader
-        never sees a history longer than history_length."""
+        """One round trip: LPUSH, LTRIM (and EXPIRE) of the history and ZADD,
+        ZREMRANGEBYRANK (and EXPIRE) of the seen set per user, in a MULTI/EXEC so a reader
+        never sees a history longer than history_length nor a seen set over its cap."""
         by_user: dict[str, list[str]] = {}
         for user_id, item_id in events:
             by_user.setdefault(user_id, []).append(item_id)
+        seen = seen_items.by_user(seen_items.recorded_events(events))
         with self._translate(f"recording {len(events)} interactions"):
             async with self._client.pipeline(transaction=True) as pipe:
                 for user_id, items in by_user.items():
@@ -401,7 +445,28 @@ class RedisFeatureStore:
                     pipe.ltrim(history_key, 0, self._history_length - 1)
                     if ttl_s:
                         pipe.expire(history_key, ttl_s)
+                    seen_items.queue_add(pipe, self._seen_key(user_id), seen[user_id],
+                                         self._seen_cap, ttl_s)
                 await pipe.execute()
+
+    async def add_seen(self, events: Sequence[SeenEvent]) -> None:
+        for start in range(0, len(events), self._batch_size):
+            batch = events[start : start + self._batch_size]
+            with self._translate(f"writing {len(batch)} seen items"):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    self._queue_seen(pipe, batch)
+                    await pipe.execute()
+
+    def write_seen_batch(self, events: Sequence[SeenEvent]) -> None:
+        """Blocking add_seen of one batch in one MULTI/EXEC (the streamed bulk load)."""
+        with self._translate(f"writing {len(events)} seen items"), \
+                self._reader.pipeline(transaction=True) as pipe:
+            self._queue_seen(pipe, events)
+            pipe.execute()
+
+    def _queue_seen(self, pipe: Any, events: Sequence[SeenEvent]) -> None:
+        for user_id, items in seen_items.by_user(events).items():
+            seen_items.queue_add(pipe, self._seen_key(user_id), items, self._seen_cap)
 
     async def ping(self) -> None:
         with self._translate("pinging"):
@@ -416,9 +481,12 @@ class RedisFeatureStore:
     def _keys(self, user_id: str) -> tuple[str, str]:
         return f"{self._prefix}:user:{user_id}", f"{self._prefix}:history:{user_id}"
 
+    def _seen_key(self, user_id: str) -> str:
+        return seen_items.seen_key(self._prefix, user_id)
+
     def _queue_replace(self, pipe: Any, user_id: str, user: StoredUser) -> None:
         user_key, history_key = self._keys(user_id)
-        pipe.delete(user_key, history_key)
+        pipe.delete(user_key, history_key, self._seen_key(user_id))
         if user.features:
             pipe.hset(user_key, mapping={n: _encode(v) for n, v in user.features.items()})
         if user.history:
@@ -469,7 +537,9 @@ def _user_features(dataset: Dataset) -> dict[str, dict[str, Any]]:
                             column=name)
     columns = {name: users[name].tolist() for name in names}
     user_ids = [str(u) for u in users[spec.columns.user_id].tolist()]
-    return {u: {n: values[i] for n, values in columns.items()} for i, u in enumerate(user_ids)}
+    # a missing value is not stored: serving reads it as missing, as training did
+    return {u: {n: values[i] for n, values in columns.items() if not is_missing(values[i])}
+            for i, u in enumerate(user_ids)}
 
 
 def _latest_items(dataset: Dataset, history_length: int) -> dict[str, tuple[str, ...]]:

@@ -1,5 +1,5 @@
 """The users of a prepared output, streamed as batches of StoredUser for the feature store
-(`two-tower load-features --prepared`).
+(`two-tower load-features --prepared`), then its interactions for the users' seen sets.
 
 What it reads of a prepared directory (contracts.prepared, docs/preparation.md)::
 
@@ -7,6 +7,9 @@ What it reads of a prepared directory (contracts.prepared, docs/preparation.md):
                         the spec, whose columns.user_id names the user id column
     users/*.parquet     the user id, the user-tower features (not id, not history) and
                         ``history``: list<string>, the user's last L items, most recent first
+    train/ valid/ test/ every interaction, one example row each (shuffled): of these only
+                        the user id, item id and timestamp columns are read, for the
+                        seen sets (retrieval.seen_items)
 
 Files are read in name order, one record batch at a time (pyarrow ``iter_batches``): what
 is held is one batch of users and Arrow's buffers for the row group being read, whatever
@@ -28,7 +31,9 @@ import pyarrow.parquet as pq
 from contracts.errors import DataError
 from contracts.prepared import HISTORY as HISTORY_COLUMN
 from contracts.prepared import load_prepared
+from contracts.prepared import SPLITS
 from retrieval.feature_store import StoredUser
+from retrieval.seen_items import SeenEvent
 
 UserBatch = list[tuple[str, StoredUser]]
 
@@ -36,12 +41,17 @@ UserBatch = list[tuple[str, StoredUser]]
 @dataclass(frozen=True)
 class PreparedUsers:
     """Where a prepared output's users are: ``files`` in read order, the user id column,
-    and the manifest's counts (``rows`` users, histories of ``history_length`` items)."""
+    and the manifest's counts (``rows`` users, histories of ``history_length`` items);
+    ``examples``: the train, valid and test shards, whose (``user_id``, ``item_id``,
+    ``timestamp``) columns are every interaction."""
 
     files: tuple[Path, ...]
     user_id: str
     rows: int
     history_length: int
+    examples: tuple[Path, ...] = ()
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
 
 
 def open_prepared_users(prepared: str | Path) -> PreparedUsers:
@@ -56,7 +66,13 @@ def open_prepared_users(prepared: str | Path) -> PreparedUsers:
     user_id = manifest.spec.columns.user_id
     for path in files:  # footers only: a wrong file is refused before anything is written
         _feature_columns(pq.read_schema(path), user_id, path)
-    return PreparedUsers(files, user_id, manifest.users_rows, manifest.history_length)
+    cols = manifest.spec.columns
+    examples = tuple(s.path for split in SPLITS for s in manifest.splits[split].shards)
+    for path in examples:
+        _interaction_columns(pq.read_schema(path), cols.user_id, cols.item_id, cols.timestamp,
+                             path)
+    return PreparedUsers(files, user_id, manifest.users_rows, manifest.history_length,
+                         examples, cols.item_id, cols.timestamp)
 
 
 def iter_user_batches(users: PreparedUsers, batch_size: int) -> Iterator[UserBatch]:
@@ -70,6 +86,30 @@ def iter_user_batches(users: PreparedUsers, batch_size: int) -> Iterator[UserBat
         for batch in parquet.iter_batches(batch_size=batch_size):
             yield _users_of(batch, users.user_id, features, path, first_row)
             first_row += batch.num_rows
+
+
+def iter_seen_batches(users: PreparedUsers, batch_size: int) -> Iterator[list[SeenEvent]]:
+    """Every interaction of the splits as (user_id, item_id, timestamp), in lists of at
+    most ``batch_size``, shard by shard (three columns of one record batch in memory)."""
+    columns = [users.user_id, users.item_id, users.timestamp]
+    for path in users.examples:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+            user_ids, item_ids, times = (batch.column(c).to_pylist() for c in columns)
+            yield [(str(u), str(i), float(t))
+                   for u, i, t in zip(user_ids, item_ids, times, strict=True)]
+
+
+def _interaction_columns(schema: pa.Schema, user_id: str, item_id: str, timestamp: str,
+                         path: Path) -> None:
+    text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+    for name, ok, wanted in ((user_id, text, "string"), (item_id, text, "string"),
+                             (timestamp, pa.types.is_integer, "int64 seconds")):
+        if name not in schema.names:
+            raise DataError(str(path), f"missing column; expected {wanted} (has: "
+                            f"{', '.join(schema.names)})", column=name)
+        if not ok(schema.field(name).type):
+            raise DataError(str(path), f"expected {wanted} (got {schema.field(name).type})",
+                            column=name)
 
 
 def _feature_columns(schema: pa.Schema, user_id: str, path: Path) -> list[str]:

@@ -206,23 +206,26 @@ class Retriever:
         if not live:
             return results
         with self.metrics.stage("Retrieve", "features"):
-            users = dict(zip(live, self._read_users([jobs[r].query.user_id for r in live]),
+            users = dict(zip(live, self._read_users([jobs[r].query.user_id for r in live],
+                                                    [jobs[r].query.exclude_seen for r in live]),
                              strict=True))
         for pair, rows in _group_by_pair(jobs, live):
             requests = [_user_request(jobs[r].query, users[r][0]) for r in rows]
             with self.metrics.stage("Retrieve", "tower"):
                 user_emb = pair.user_tower(user_inputs(pair.model.feature_spec, requests))
             k = max(jobs[r].query.k for r in rows)
-            exclude = [_excluded(jobs[r].query, request) for r, request in zip(rows, requests,
-                                                                                 strict=True)]
+            exclude = [_excluded(jobs[r].query, request, users[r][0])
+                       for r, request in zip(rows, requests, strict=True)]
             with self.metrics.stage("Retrieve", "ann"):
                 found = pair.index.search(user_emb, k, exclude, [jobs[r].query.rules for r in rows])
             for r, candidates in zip(rows, found, strict=True):
                 results[r] = _Answer(candidates.top(jobs[r].query.k), users[r][1])
         return results
 
-    def _read_users(self, user_ids: list[str]) -> list[tuple[StoredUser | None, bool]]:
-        """(the stored user or None, degraded) per user, in one read of the store. A store
+    def _read_users(self, user_ids: list[str], seen: list[bool]
+                    ) -> list[tuple[StoredUser | None, bool]]:
+        """(the stored user or None, degraded) per user, in one read of the store (with the
+        seen set of the users whose request asks exclude_seen). A store
         that fails, times out or holds unreadable data never fails a call: the user is
         served as a cold start (request history and context only) and the reply is flagged
         degraded. While the breaker is open the store is not asked at all."""
@@ -231,7 +234,8 @@ class Retriever:
             self.metrics.degraded.labels("breaker_open").inc(len(user_ids))
             return cold
         try:
-            found = self.store.read_users(user_ids)
+            found = (self.store.read_users(user_ids, seen) if any(seen)
+                     else self.store.read_users(user_ids))
         except FeatureStoreUnavailable:
             self.breaker.record_failure()
             self.metrics.feature_store_errors.inc()
@@ -264,11 +268,14 @@ def _user_request(query: RetrieveQuery, stored: StoredUser | None) -> UserReques
     )
 
 
-def _excluded(query: RetrieveQuery, request: UserRequest) -> frozenset[str]:
-    """The request's exclusions, plus the history it was answered with when exclude_seen."""
-    if query.exclude_seen:
-        return query.exclude_item_ids | frozenset(request.history)
-    return query.exclude_item_ids
+def _excluded(query: RetrieveQuery, request: UserRequest, stored: StoredUser | None
+              ) -> frozenset[str]:
+    """The request's exclusions, plus, when exclude_seen, the user's seen set and the
+    history the request was answered with (recent_item_ids, or the stored history)."""
+    if not query.exclude_seen:
+        return query.exclude_item_ids
+    seen = stored.seen if stored is not None else frozenset()
+    return query.exclude_item_ids | seen | frozenset(request.history)
 
 
 def _set_faiss_threads(n: int) -> None:
