@@ -7,6 +7,7 @@ import logging
 import sys
 
 from app.commands import data, demo, index, prepare, serve, train
+from app.quiet import VERBOSE_ENV, quiet_start
 from contracts.errors import TwoTowerError
 from retrieval.logs import configure_logging
 
@@ -26,6 +27,7 @@ _COMMANDS = (
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format)
+    quiet_start(args.verbose)  # before any command imports TensorFlow or faiss
     try:
         return args.run(args) or 0
     except (TwoTowerError, ValueError, OSError) as exc:
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="two-tower", description=__doc__)
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one JSON object per log line (before the subcommand)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="keep what TensorFlow, CUDA and faiss log while loading (quiet "
+                             f"by default; also {VERBOSE_ENV}=1; before the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
     for _, adders in _COMMANDS:
         for add in adders:

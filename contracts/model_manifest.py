@@ -12,6 +12,13 @@ Layout of ``<store>/<model_version>/``::
     user_tower_numpy.npz   the user tower as plain arrays, and .json its layer graph: what
     user_tower_numpy.json  the service runs online (retrieval.numpy_tower), no TensorFlow
 
+The training summary (``training``) says which model this is: ``fit`` "train-split" (each
+user's last two events were held out: the model evaluated) or "all-events" (trained on
+every event: a final fit after evaluation, or no evaluation); ``epochs`` it trained (the
+one early stopping kept); ``evaluation`` the held-out figures, always of the train-split
+model (``evaluation.model_evaluated``), so for a final fit the figures it was chosen on;
+``final_fit`` its examples, epochs and loss history.
+
 Training writes it (training.artifact); this module reads and checks it, with no
 TensorFlow: the serving install has none.
 """
@@ -37,7 +44,8 @@ MODEL_FORMAT = "two-tower-model/1"
 MANIFEST = "manifest.json"
 SIMILARITY = "dot"
 # the NumPy user tower (written by training.numpy_export, run by retrieval.numpy_tower)
-NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/2"
+NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/3"  # 2 + missing rows and indicators
+NUMPY_TOWER_FORMAT_2 = "two-tower-numpy-user-tower/2"
 NUMPY_TOWER_FORMAT_1 = "two-tower-numpy-user-tower/1"  # vocabularies as JSON lists
 NUMPY_TOWER_ARRAYS = "user_tower_numpy.npz"
 NUMPY_TOWER_GRAPH = "user_tower_numpy.json"
@@ -55,6 +63,15 @@ class ModelManifest:
     num_items: int
     files: dict[str, str]
     training: dict[str, Any]
+
+    @property
+    def fit(self) -> str:
+        """"all-events" or "train-split" (see the module's docstring); for an artifact
+        written before the summary said so, what its evaluation implies."""
+        stated = self.training.get("fit")
+        if stated:
+            return str(stated)
+        return "train-split" if "evaluation" in self.training else "all-events"
 
 
 def new_version(prefix: str) -> str:

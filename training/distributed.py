@@ -8,9 +8,14 @@ two machines (worker 0 is the chief, the one whose model artifact is kept)::
     TF_CONFIG='{"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]},
                 "task": {"type": "worker", "index": 0}}' two-tower train --data … --out …
 
-Each worker reads the whole dataset and keeps its shard (auto-sharding by data); in-batch
-negatives come from each worker's local batch. Without TF_CONFIG (or with one worker) the
-default single-process strategy is used.
+``--batch-size`` is the global batch: each of W workers steps on batch / W rows (in memory,
+``--data --in-memory``: Keras splits every batch of the dataset, which each worker reads
+whole and shards by data; streamed, ``--prepared``: each worker batches its own files at
+the per-replica size, training.shards). The retrieval loss is a sum over rows and the
+all-reduce sums the workers' gradients, so a step's gradient covers the same batch rows as
+one worker's step; what changes is the in-batch softmax: each row's negatives are the other
+rows of its own worker's batch / W, not of the whole batch (docs/training.md measures
+it). Without TF_CONFIG (or with one worker) the default single-process strategy is used.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from training.tf_env import tf
+if TYPE_CHECKING:  # TensorFlow loads only when a strategy is asked for: `train` reads
+    from training.tf_env import tf  # TF_CONFIG (worker_role) before it checks the data
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ _STRATEGY: tf.distribute.Strategy | None = None
 
 def training_strategy() -> tf.distribute.Strategy:
     """One strategy per process (TensorFlow allows a single multi-worker strategy)."""
+    from training.tf_env import tf
+
     global _STRATEGY
     if _STRATEGY is None:
         if worker_role().num_workers > 1:

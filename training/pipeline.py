@@ -1,5 +1,6 @@
 """The training job: dataset (in memory, or prepared shards streamed) → temporal split →
-fit (early stopping on validation) → test against popularity → model artifact."""
+fit (early stopping on validation) → test against popularity → optionally a final fit on
+every event for the epochs chosen → model artifact."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from training.metrics import RankingMetrics
 from training.protocols import (
     ProtocolSplit, evaluate_protocol, popularity_ranking, temporal_leave_one_out,
 )
-from training.train import TrainConfig, TrainedModel, train
+from training.train import VALIDATION_METRIC, TrainConfig, TrainedModel, train
 from training.train_shards import (check_prepared, load_catalogue, prepared_item_counts,
                                    train_from_shards)
 
@@ -35,41 +37,51 @@ PROTOCOL = ("temporal leave-one-out: per user the last event is test, the second
 
 
 def run_training(dataset: Dataset, store: str | Path, config: TrainConfig = TrainConfig(),
-                 evaluate: bool = True) -> tuple[Path, dict[str, Any]]:
+                 evaluate: bool = True, final_fit: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train, evaluate (when ``evaluate``) and export.
 
     With evaluation on, each user's last two events are held out: the second-last drives
     validation (and early stopping when configured), the last is the test reported next
-    to popularity. The exported model is the one evaluated. Returns the artifact directory
-    and the training summary stored in its manifest.
+    to popularity. Exported is the model evaluated, or with ``final_fit`` one trained again
+    on every event (hold-out included) for the epochs the evaluated one was kept at: the
+    manifest says which (``fit``), and its figures are the evaluated model's. Returns the
+    artifact directory and the training summary stored in its manifest.
     """
     start = time.perf_counter()
     examples = training_examples(dataset)
     split = temporal_leave_one_out(dataset) if evaluate else None
     train_rows = split.train if split is not None else slice(None)
     validate = _validator(examples, split) if split is not None else None
+    _warn_without_validation(config, validate, evaluate)
     trained = train(dataset, config, {k: v[train_rows] for k, v in examples.items()}, validate)
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "examples": int(len(examples[dataset.spec.columns.user_id][train_rows])),
         "history": trained.history,
-        "seconds": round(time.perf_counter() - start, 2),
     }
     if split is not None:
+        _log_kept(trained)
         summary["evaluation"] = _test(trained, examples, split)
+        if final_fit:
+            trained = _final_fit(trained, summary, len(examples[dataset.spec.columns.user_id]),
+                                 lambda again: train(dataset, again, examples))
+    _record_fit(trained, summary, held_out=split is not None, start=start)
     return _export(trained, store, summary)
 
 
 def run_training_from_prepared(prepared: str | Path, store: str | Path,
                                config: TrainConfig = TrainConfig(), evaluate: bool = True,
                                eval_users: int = DEFAULT_USERS,
-                               spec: FeatureSpec | None = None) -> tuple[Path, dict[str, Any]]:
+                               spec: FeatureSpec | None = None,
+                               final_fit: bool = False) -> tuple[Path, dict[str, Any]]:
     """:func:`run_training` on prepared shards (contracts.prepared), streamed.
 
     Refuses shards prepared with another spec than ``spec`` (default: the source dataset's
     features.toml). With evaluation on, ``eval_users`` users sampled (seeded by
     ``config.seed``) from the valid split drive validation, and as many from the test split
-    are reported next to popularity; without, every split is trained on.
+    are reported next to popularity; without, every split is trained on, as the
+    ``final_fit`` is (the hold-out rows are examples like the train rows; vocabularies,
+    statistics and item counts stay the train split's, as prepared).
     """
     start = time.perf_counter()
     manifest = load_prepared(prepared)
@@ -79,6 +91,7 @@ def run_training_from_prepared(prepared: str | Path, store: str | Path,
     if evaluate and manifest.splits["valid"].rows:
         validate = _sampled_validator(sample_holdout(manifest, "valid", item_ids, eval_users,
                                                      config.seed))
+    _warn_without_validation(config, validate, evaluate)
     splits = ("train",) if evaluate else SPLITS
     trained = train_from_shards(manifest, catalogue, config, validate, splits=splits)
     summary: dict[str, Any] = {
@@ -87,13 +100,72 @@ def run_training_from_prepared(prepared: str | Path, store: str | Path,
         "prepared": {"path": str(manifest.path), "spec_fingerprint": manifest.spec_fingerprint,
                      "engine": manifest.engine},
         "history": trained.history,
-        "seconds": round(time.perf_counter() - start, 2),
     }
     if evaluate:
+        _log_kept(trained)
         test = sample_holdout(manifest, "test", item_ids, eval_users, config.seed)
         counts = prepared_item_counts(manifest, item_ids)
         summary["evaluation"] = _sampled_test(trained, test, counts)
+        if final_fit:
+            every = sum(manifest.splits[s].rows for s in SPLITS)
+            trained = _final_fit(trained, summary, every, lambda again: train_from_shards(
+                manifest, catalogue, again, splits=SPLITS))
+    _record_fit(trained, summary, held_out=evaluate, start=start)
     return _export(trained, store, summary)
+
+
+def _warn_without_validation(config: TrainConfig, validate, evaluate: bool) -> None:
+    if evaluate and validate is None and config.early_stopping_patience:
+        log.warning("no user has a validation event (each needs 3 or more events): early "
+                    "stopping is off, all %d epochs are trained", config.epochs)
+
+
+FIT_ALL_EVENTS, FIT_TRAIN_SPLIT = "all-events", "train-split"
+FINAL_FIT = "final-fit"  # its checkpoints and TensorBoard logs: a folder of the run's own
+
+
+def _final_fit(chosen: TrainedModel, summary: dict[str, Any], examples: int,
+               refit: Callable[[TrainConfig], TrainedModel]) -> TrainedModel:
+    """``refit`` (every event) for the epochs ``chosen`` was kept at, from a fresh start
+    with the same seed and no validation (nothing is held out any more)."""
+    start = time.perf_counter()
+    config = chosen.config
+    again = dataclasses.replace(
+        config, epochs=chosen.kept_epoch, early_stopping_patience=0,
+        checkpoint_dir=config.checkpoint_dir and str(Path(config.checkpoint_dir) / FINAL_FIT),
+        tensorboard_dir=config.tensorboard_dir and str(Path(config.tensorboard_dir) / FINAL_FIT))
+    log.info("final fit: %d examples (every event, the hold-out included), %d epochs as "
+             "chosen on validation; the held-out figures above are the train-split model's",
+             examples, again.epochs)
+    final = refit(again)
+    summary["final_fit"] = {"examples": examples, "epochs": again.epochs,
+                            "history": final.history,
+                            "seconds": round(time.perf_counter() - start, 2)}
+    return final
+
+
+def _record_fit(trained: TrainedModel, summary: dict[str, Any], held_out: bool,
+                start: float) -> None:
+    """What the exported model is (contracts.model_manifest: ``fit``, ``epochs``), said in
+    the log too."""
+    final = "final_fit" in summary
+    summary["fit"] = FIT_ALL_EVENTS if final or not held_out else FIT_TRAIN_SPLIT
+    summary["epochs"] = trained.kept_epoch
+    if held_out:
+        summary["evaluation"]["model_evaluated"] = FIT_TRAIN_SPLIT
+    log.info("exported: %s, %d epochs", "a final fit on every event" if final else
+             "the train-split model" if held_out else "every event", trained.kept_epoch)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+
+
+def _log_kept(trained: TrainedModel) -> None:
+    """Which epoch the evaluated model is (early stopping's best, or the last)."""
+    best = trained.history.get(f"val_{VALIDATION_METRIC}", [])
+    trained_epochs = len(trained.history.get("loss", []))
+    chosen = trained.kept_epoch
+    score = (f" (validation {VALIDATION_METRIC} {best[chosen - 1]:.4f})"
+             if 0 < chosen <= len(best) else "")
+    log.info("kept epoch %d of the %d trained%s", chosen, trained_epochs, score)
 
 
 def _export(trained: TrainedModel, store: str | Path,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ info/warning lines are noise here
+# C++ log lines on a CPU machine are noise (the cuInit probe, oneDNN notes): kept only with
+# TWO_TOWER_VERBOSE=1 (`two-tower -v`; app.quiet sets both before this import)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL",
+                      "0" if os.environ.get("TWO_TOWER_VERBOSE", "") not in ("", "0") else "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # CPU only; skips a failing cuInit probe
 
 import tensorflow as tf  # noqa: E402

@@ -35,6 +35,7 @@ class TrainConfig:
     learning_rate: float = 0.01
     seed: int = 0
     checkpoint_dir: str | None = None    # resume from the latest checkpoint found there
+    checkpoint_every_steps: int = 1000   # streamed training: also every N steps (resume.py)
     tensorboard_dir: str | None = None
     early_stopping_patience: int = 0     # epochs without validation gain; 0 = off
     # constant, or cosine: decayed from learning_rate to 0 over all epochs' steps
@@ -43,7 +44,7 @@ class TrainConfig:
     optimizer: str = "adam"
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "checkpoint_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not self.learning_rate > 0:
@@ -64,6 +65,8 @@ class TrainedModel:
     dataset: Dataset
     history: dict[str, list[float]]
     config: TrainConfig = field(default_factory=TrainConfig)
+    # the epoch whose weights these are (1-based): early stopping's best, else the last run
+    kept_epoch: int = 0
 
     @property
     def user_tower(self) -> keras.Model:
@@ -116,20 +119,31 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
 
 
 def fit(trained: TrainedModel, data, n: int, validate: Validator | None = None,
-        steps_per_epoch: int | None = None) -> TrainedModel:
+        steps_per_epoch: int | None = None,
+        checkpoint: keras.callbacks.Callback | None = None) -> TrainedModel:
     """Run Keras's fit of ``trained.model`` on ``data`` (``n`` examples an epoch) with our
     callbacks (checkpoint resume, validation, early stopping, progress); ``steps_per_epoch``
-    for an endless stream."""
+    for an endless stream; ``checkpoint``: a callback that saves and restores itself, instead
+    of the per-epoch EpochCheckpoint of ``config.checkpoint_dir``."""
     config = trained.config
-    callbacks = _callbacks(config, trained, n, validate)
-    initial_epoch = callbacks[0].restore() if config.checkpoint_dir else 0
+    callbacks = _callbacks(config, trained, n, validate, checkpoint)
+    initial_epoch = callbacks[0].restore() if isinstance(callbacks[0], EpochCheckpoint) else 0
     log.info("training on %d examples, %d epochs, batch %d, loss %s", n, config.epochs,
              config.batch_size, config.loss)
     history = trained.model.fit(data, epochs=config.epochs, initial_epoch=initial_epoch,
                                 steps_per_epoch=steps_per_epoch, verbose=0,
                                 callbacks=callbacks)
     trained.history = {k: [float(x) for x in v] for k, v in history.history.items()}
+    trained.kept_epoch = _kept_epoch(callbacks, initial_epoch + len(history.epoch))
     return trained
+
+
+def _kept_epoch(callbacks: list, last_epoch: int) -> int:
+    """The epoch (1-based) whose weights the model holds once fit returns."""
+    stopping = next((c for c in callbacks if isinstance(c, _EarlyStopping)), None)
+    if stopping is not None and stopping.best_weights is not None:
+        return int(stopping.best_epoch) + 1
+    return last_epoch
 
 
 def compiled_model(spec, stats: FeatureStats, config: TrainConfig, n: int,
@@ -174,9 +188,12 @@ def _item_counts(example_items: np.ndarray, catalogue: np.ndarray) -> np.ndarray
     return np.array([freq.get(str(i), 0.0) for i in catalogue]) * len(example_items)
 
 
-def _callbacks(config: TrainConfig, trained: TrainedModel, n: int, validate) -> list:
+def _callbacks(config: TrainConfig, trained: TrainedModel, n: int, validate,
+               checkpoint: keras.callbacks.Callback | None = None) -> list:
     callbacks: list = []
-    if config.checkpoint_dir:
+    if checkpoint is not None:
+        callbacks.append(checkpoint)
+    elif config.checkpoint_dir:
         callbacks.append(EpochCheckpoint(trained.model, config.checkpoint_dir))
     if validate is not None:
         callbacks.append(Validation(trained, validate))  # before EarlyStopping: it reads val_*

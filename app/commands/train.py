@@ -4,6 +4,11 @@ From prepared shards (``--prepared``, streamed), or from a dataset (``--data``):
 in-process first (preparation.prepare, into a temporary directory or ``--prepared-dir``),
 then streamed; ``--in-memory`` trains on arrays in memory instead (small data, the quality
 benchmarks), as do several workers given ``--data`` (each would prepare its own copy).
+
+By default training stops early on validation NDCG@10 (patience 2, at most 30 epochs) and
+keeps the best epoch; then a final fit trains again on every event, the held-out ones
+included, for that many epochs, and that model is exported (``--no-final-fit``: the
+evaluated one). The input is checked before TensorFlow loads. docs/training.md.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger("two_tower")
+MAX_EPOCHS, PATIENCE = 30, 2  # early stopping on validation, the default
+NO_EVAL_EPOCHS = 5            # no validation to stop on: a fixed count
+PRECHECK_BYTES = 64 << 20     # --data tables up to this size are read whole before Spark
 
 
 def add_train(sub) -> None:
@@ -31,7 +39,14 @@ def add_train(sub) -> None:
                    help="streamed evaluation: users sampled (seeded by --seed) from each "
                         "hold-out split, every item ranked for each")
     p.add_argument("--out", type=Path, required=True, help="model store; a version dir is added")
-    p.add_argument("--epochs", type=int, default=5)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-epochs", type=int,
+                        help=f"most epochs with early stopping on validation NDCG@10 (the "
+                             f"default, {MAX_EPOCHS}); the best epoch's weights are kept")
+    budget.add_argument("--epochs", type=int,
+                        help=f"exactly this many epochs, no early stopping (unless "
+                             f"--early-stopping-patience is given: then the most); "
+                             f"{NO_EVAL_EPOCHS} by default with --no-eval")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=0.01)
     p.add_argument("--optimizer", choices=("adam", "lazy-adam"), default="adam",
@@ -61,10 +76,18 @@ def add_train(sub) -> None:
     p.add_argument("--hard-negatives", type=int, default=0, help="0 = every negative counts")
     p.add_argument("--keep-accidental-hits", action="store_true",
                    help="do not mask negatives equal to the positive")
-    p.add_argument("--checkpoint-dir", help="save each epoch here and resume from it")
+    p.add_argument("--checkpoint-dir", help="save each epoch here and resume from it "
+                   "(streamed: also every --checkpoint-every-steps, resumed mid-epoch)")
+    p.add_argument("--checkpoint-every-steps", type=int, default=1000,
+                   help="streamed training with --checkpoint-dir: steps between checkpoints")
     p.add_argument("--tensorboard-dir", help="write TensorBoard logs here")
-    p.add_argument("--early-stopping-patience", type=int, default=0,
-                   help="stop after this many epochs without validation NDCG@10 gain")
+    p.add_argument("--early-stopping-patience", type=int,
+                   help=f"stop after this many epochs without validation NDCG@10 gain "
+                        f"(default {PATIENCE}; 0 = off, every --max-epochs trained)")
+    p.add_argument("--final-fit", action=argparse.BooleanOptionalAction, default=True,
+                   help="after evaluation, train again on every event (the held-out last "
+                        "two per user included) for the epochs kept, and export that; "
+                        "--no-final-fit exports the evaluated train-split model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-eval", action="store_true",
                    help="train on every interaction; skip the held-out evaluation")
@@ -72,6 +95,8 @@ def add_train(sub) -> None:
 
 
 def _train(args) -> None:
+    epochs, patience = _schedule(args)
+    source = _checked_source(args)  # before TensorFlow loads (training.model imports it)
     from training.model import LossConfig, TowerConfig
     from training.train import TrainConfig
 
@@ -84,38 +109,86 @@ def _train(args) -> None:
                         corpus_distribution=args.corpus_distribution,
                         temperature=args.temperature, hard_negatives=args.hard_negatives,
                         remove_accidental_hits=not args.keep_accidental_hits),
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        epochs=epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         learning_rate_schedule=args.learning_rate_schedule, optimizer=args.optimizer,
-        seed=args.seed, checkpoint_dir=args.checkpoint_dir, tensorboard_dir=args.tensorboard_dir,
-        early_stopping_patience=args.early_stopping_patience)
-    path = _run(args, config)
+        seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every_steps=args.checkpoint_every_steps, tensorboard_dir=args.tensorboard_dir,
+        early_stopping_patience=patience)
+    path = _run(args, config, source)
     print(path)
 
 
-def _run(args, config) -> Path:
-    from contracts.dataset import load_dataset
-    from training.pipeline import run_training, run_training_from_prepared
+def _schedule(args) -> tuple[int, int]:
+    """(epochs, early-stopping patience) from --max-epochs, --epochs, --early-stopping-patience."""
+    patience = args.early_stopping_patience
+    if patience is not None and patience < 0:
+        raise ValueError(f"--early-stopping-patience must be >= 0 (got {patience})")
+    if args.epochs is not None:
+        return args.epochs, patience or 0
+    if args.no_eval:
+        if args.max_epochs is not None:
+            raise ValueError("--max-epochs is early stopping's budget, which needs the "
+                             "validation that --no-eval skips: give --epochs N instead")
+        return NO_EVAL_EPOCHS, 0
+    return args.max_epochs or MAX_EPOCHS, PATIENCE if patience is None else patience
 
+
+def _checked_source(args):
+    """The input, checked before TensorFlow is imported so that a data error is reported in
+    well under a second: the prepared manifest (``--prepared``), the dataset read whole
+    (``--data`` in memory), or the ``--data`` directory, checked (_check_before_preparing)."""
     if args.eval_users < 1:
         raise ValueError(f"--eval-users must be >= 1 (got {args.eval_users})")
-    if args.prepared is not None and (args.prepared_dir or args.in_memory):
-        raise ValueError("--prepared-dir and --in-memory go with --data, not --prepared")
-    evaluate = not args.no_eval
+    if args.prepared is not None:
+        if args.prepared_dir or args.in_memory:
+            raise ValueError("--prepared-dir and --in-memory go with --data, not --prepared")
+        from contracts.prepared import load_prepared
+
+        return load_prepared(args.prepared)
+    from contracts.dataset import load_dataset
+
+    if args.in_memory or not _streams():
+        return load_dataset(args.data)
+    _check_before_preparing(args.data)
+    return args.data
+
+
+def _run(args, config, source) -> Path:
+    from contracts.dataset import Dataset
+    from training.pipeline import run_training, run_training_from_prepared
+
+    evaluate, final_fit = not args.no_eval, args.final_fit and not args.no_eval
+    if isinstance(source, Dataset):
+        return run_training(source, args.out, config, evaluate=evaluate,
+                            final_fit=final_fit)[0]
 
     def streamed(prepared: Path) -> Path:
         return run_training_from_prepared(prepared, args.out, config, evaluate,
-                                          args.eval_users)[0]
+                                          args.eval_users, final_fit=final_fit)[0]
 
     if args.prepared is not None:
         return streamed(args.prepared)
-    if args.in_memory or not _streams():
-        return run_training(load_dataset(args.data), args.out, config, evaluate=evaluate)[0]
     from preparation import prepare
 
     if args.prepared_dir is not None:
         return streamed(prepare(args.data, args.prepared_dir))
     with tempfile.TemporaryDirectory(prefix="two-tower-prepared-") as scratch:
         return streamed(prepare(args.data, Path(scratch) / "prepared"))
+
+
+def _check_before_preparing(data: Path) -> None:
+    """Tables of single files up to PRECHECK_BYTES in all are read and checked as the
+    in-memory path reads them (about a second), so that a bad cell is named before Spark
+    starts; larger ones, or tables in folders, are checked by the preparation job (which
+    runs before TensorFlow loads, too)."""
+    from contracts.dataset import load_dataset
+
+    entries = list(data.glob("*")) if data.is_dir() else []
+    if any(p.is_dir() and p.name in ("interactions", "users", "items") for p in entries):
+        return
+    tables = [p for p in entries if p.suffix in (".csv", ".parquet") and p.is_file()]
+    if sum(p.stat().st_size for p in tables) <= PRECHECK_BYTES:
+        load_dataset(data)
 
 
 def _streams() -> bool:
