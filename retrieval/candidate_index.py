@@ -7,8 +7,9 @@ exclude_item_ids, and with exclude_seen its user's seen set) are dropped so that
 candidates come back whenever the index has them: up to ``SHARED_EXCLUSIONS`` of them that
 the index holds, by over-fetching by that many in the batch's shared Faiss call and
 filtering after; more (a seen set of thousands), inside a Faiss call of the request's own
-with an ID selector that also refuses them, refilled with a deeper search in the rare case
-that it comes back short (HNSW with most of the neighbourhood excluded).
+with an ID selector that also refuses them (HNSW as deep as k + the exclusions, since it
+walks past refused items), refilled by a deeper search, then an exact scan of what is left
+when few items are, in the rare case that it comes back short.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import faiss
 import numpy as np
 
 from indexer.artifact import IndexArtifact, load_metadata_rows
-from indexer.build import search_parameters
+from indexer.build import search_parameters, tunable_parameter
 from contracts.errors import InvalidArgument
 from retrieval.query import ItemRules, rule_field
 from retrieval.row_lookup import rows_by_id
@@ -61,6 +62,7 @@ class CandidateIndex:
         self._row_of = rows_by_id(artifact.item_ids[live_rows], live_rows)
         self._live = live
         self._selector = _without(artifact.tombstones)
+        self._graph = tunable_parameter(artifact.index) == "ef_search"  # HNSW
         self._rows_by_value = load_metadata_rows(artifact)
         self.wire = CandidateWire(artifact.item_ids)
 
@@ -131,7 +133,7 @@ class CandidateIndex:
         for i, excluded in enumerate(excluded_rows):
             if out[i] is None:
                 out[i] = self._search_alone(user_emb[i : i + 1], k, excluded, selector,
-                                            eligible, eligible - int(allowed[excluded].sum()))
+                                            allowed, eligible)
         return out  # type: ignore[return-value]
 
     def _search_shared(self, user_emb: np.ndarray, k: int, excluded_rows: list[np.ndarray],
@@ -144,21 +146,49 @@ class CandidateIndex:
         return [self._keep(s, r, ex, k) for s, r, ex in zip(scores, rows, excluded_rows, strict=True)]
 
     def _search_alone(self, user_emb: np.ndarray, k: int, excluded: np.ndarray,
-                      selector: faiss.IDSelector | None, eligible: int, left: int
+                      selector: faiss.IDSelector | None, allowed: np.ndarray, eligible: int
                       ) -> Candidates:
-        """user_emb [1, d] with its excluded rows refused inside Faiss; ``left``: how many
-        of the ``eligible`` items the exclusions leave. Searched again, as deep as k + the
-        exclusions (HNSW's efSearch follows the depth), when the first search finds fewer
-        than min(k, left)."""
-        want = min(k, left)
+        """user_emb [1, d] with its excluded rows refused inside Faiss. HNSW meets the
+        refused items on its way and must look past them, so it searches as deep as k + the
+        exclusions (efSearch follows); an IVF index scans its lists whatever k is, and goes
+        that deep only when it comes back short. Still short with few items left (HNSW's
+        graph cut up by the exclusions): exact search over what is left."""
+        left = eligible - int(allowed[excluded].sum())
+        want, deep = min(k, left), min(eligible, k + len(excluded))
         if want <= 0:
             return self._keep(_NO_SCORES, _NO_ROWS, _NO_ROWS, k)
         refusing = _and_not(selector, excluded)
-        scores, rows = self._faiss_search(user_emb, want, refusing)
-        if int((rows[0] >= 0).sum()) < want:
-            deeper = min(eligible, k + len(excluded))
-            scores, rows = self._faiss_search(user_emb, deeper, refusing)
+        fetch = deep if self._graph else want
+        scores, rows = self._faiss_search(user_emb, fetch, refusing)
+        if int((rows[0] >= 0).sum()) < want and fetch < deep:
+            scores, rows = self._faiss_search(user_emb, deep, refusing)
+        if int((rows[0] >= 0).sum()) < want and left <= EXACT_FALLBACK:
+            scores, rows = self._exact(user_emb, allowed, excluded, k)
         return self._keep(scores[0], rows[0], _NO_ROWS, k)
+
+    def _exact(self, user_emb: np.ndarray, allowed: np.ndarray, excluded: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of the allowed, not excluded rows by the index's own metric, from
+        the vectors it stores; [1, k] like a Faiss search."""
+        keep = allowed.copy()
+        keep[excluded] = False
+        rows = np.flatnonzero(keep)
+        xb = self._stored_vectors(rows)
+        if self.artifact.index.metric_type == faiss.METRIC_INNER_PRODUCT:
+            scores = xb @ user_emb[0]
+            order = np.argsort(-scores, kind="stable")[:k]
+        else:
+            scores = ((xb - user_emb[0]) ** 2).sum(axis=1)
+            order = np.argsort(scores, kind="stable")[:k]
+        return scores[order][None].astype(np.float32), rows[order][None]
+
+    def _stored_vectors(self, rows: np.ndarray) -> np.ndarray:
+        index = self.artifact.index
+        try:
+            return index.reconstruct_batch(rows)
+        except RuntimeError:  # IVF without a direct map yet (see vector)
+            faiss.extract_index_ivf(index).make_direct_map()
+            return index.reconstruct_batch(rows)
 
     def _faiss_search(self, user_emb: np.ndarray, fetch_k: int,
                       selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
@@ -201,6 +231,7 @@ class CandidateIndex:
 
 
 SHARED_EXCLUSIONS = 256  # over-fetching by more costs the whole batch a deeper search
+EXACT_FALLBACK = 20_000  # items left at most for an exact scan when the index came back short
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _NO_SCORES = np.zeros(0, dtype=np.float32)
 
