@@ -134,7 +134,10 @@ def fit(trained: TrainedModel, data, n: int, validate: Validator | None = None,
                                 steps_per_epoch=steps_per_epoch, verbose=0,
                                 callbacks=callbacks)
     trained.history = {k: [float(x) for x in v] for k, v in history.history.items()}
-    trained.kept_epoch = _kept_epoch(callbacks, initial_epoch + len(history.epoch))
+    # history.epoch holds the epochs run, numbered from 0 over the whole run (a checkpoint
+    # callback may have resumed at a later epoch than initial_epoch)
+    last = history.epoch[-1] + 1 if history.epoch else initial_epoch
+    trained.kept_epoch = _kept_epoch(callbacks, last)
     return trained
 
 
