@@ -11,12 +11,21 @@ A dataset is a directory::
 Column names come from the spec. In CSV a bag feature is one "|"-separated string; in
 Parquet it may also be a list<string> column. Every reader error names the file, the line
 (CSV: 1 is the header) and the column.
+
+Missing values: an empty cell, a Parquet null or NaN is a missing value of a feature (read
+as "" for categorical, NaN for numeric, an empty bag); the user id, item id and timestamp
+may not be missing. Timestamps are read into int64 seconds (UTC) from a number in the
+spec's ``columns.timestamp_unit`` (s, ms, us), an ISO-8601 string or a Parquet timestamp;
+one before 1970 or after 2199 is refused, naming the unit it looks like.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +39,15 @@ from contracts.feature_spec import BAG_SEPARATOR, Feature, FeatureSpec, load_fea
 
 Table = dict[str, np.ndarray]
 SPEC_FILE = "features.toml"
+TABLE_SUFFIXES = ("parquet", "csv")
+UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+UNIT_WORDS = {"s": "seconds", "ms": "milliseconds", "us": "microseconds"}
+# plausible event times in seconds: from 1970 up to (not including) 2200-01-01
+LATEST_SECONDS = 7_258_118_400
+# ISO-8601 extended form (what Spark's timestamp cast also reads): a date, or a date and
+# time with optional seconds, fraction and offset (no offset: UTC)
+ISO_8601 = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})?)?$"
+_ISO_8601 = re.compile(ISO_8601)
 
 
 @dataclass(frozen=True)
@@ -108,14 +126,22 @@ def _to_arrow(values: np.ndarray, fmt: str) -> pa.Array:
 
 
 def _find_table(directory: Path, name: str, required: bool) -> Path | None:
-    for suffix in ("parquet", "csv"):
+    for suffix in TABLE_SUFFIXES:
         path = directory / f"{name}.{suffix}"
         if path.exists():
             return path
     if required:
-        raise DataError(str(directory / f"{name}.parquet"), f"missing table {name!r} "
-                        "(expected a .parquet or .csv file)")
+        raise missing_table(directory, name, f"{name}.parquet or {name}.csv")
     return None
+
+
+def missing_table(directory: Path, name: str, looked_for: str) -> DataError:
+    """A required table that is not there, naming what was looked for and what is."""
+    there = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                   if not p.name.startswith(".")) if directory.is_dir() else []
+    return DataError(str(directory), f"missing table {name!r}: looked for {looked_for}; "
+                     f"the directory holds {', '.join(there) or 'nothing'}; rename or convert "
+                     f"the {name} file to one of those names")
 
 
 def read_table(path: Path, columns: list[Feature | str], spec: FeatureSpec) -> Table:
@@ -138,9 +164,19 @@ def read_table(path: Path, columns: list[Feature | str], spec: FeatureSpec) -> T
         if name not in arrow.column_names:
             raise DataError(str(path), f"missing column (has: {', '.join(arrow.column_names)})",
                             line=1 if is_csv else None, column=name)
-        values = arrow.column(name).to_pylist()
+        values = _pylist(arrow.column(name), col == spec.columns.timestamp)
         out[name] = _convert(values, col, spec, str(path), first_line=2 if is_csv else None)
     return out
+
+
+def _pylist(column: pa.ChunkedArray, is_timestamp: bool) -> list:
+    """A column's values; a Parquet timestamp column as whole seconds since the epoch (its
+    unit and time zone are in its type; floored, as numbers in a finer unit are)."""
+    if is_timestamp and pa.types.is_timestamp(column.type):
+        per_second = UNIT_SECONDS[column.type.unit]
+        return [None if v is None else v // per_second
+                for v in column.cast(pa.int64()).to_pylist()]
+    return column.to_pylist()
 
 
 def csv_row_error(path: Path) -> DataError | None:
@@ -170,29 +206,28 @@ def _convert(values: list, col: Feature | str, spec: FeatureSpec, path: str,
         return DataError(path, where, line=line, column=_name(col))
 
     if col == spec.columns.timestamp:
-        out = np.empty(len(values), dtype=np.int64)
-        for i, v in enumerate(values):
-            try:
-                out[i] = int(float(v))
-            except (TypeError, ValueError):
-                raise fail(i, f"timestamp must be seconds since the epoch (got {v!r})") from None
-        return out
-    if isinstance(col, str) or col.kind == "categorical":
+        return _timestamps(values, spec.columns.timestamp_unit, fail)
+    if isinstance(col, str):  # an id: every row needs one
         out = np.empty(len(values), dtype=object)
         for i, v in enumerate(values):
             if v is None or v == "":
                 raise fail(i, "empty value; every row needs one")
             out[i] = _as_id(v)
         return out
-    if col.kind == "numeric":
+    if col.kind == "categorical":  # missing → "" (its own embedding row)
+        out = np.empty(len(values), dtype=object)
+        out[:] = ["" if _missing(v) else _as_id(v) for v in values]
+        return out
+    if col.kind == "numeric":  # missing (empty, null, NaN) → NaN (the training mean)
         out = np.empty(len(values), dtype=np.float32)
         for i, v in enumerate(values):
             try:
-                out[i] = float(v)
+                out[i] = np.nan if v is None or v == "" else float(v)
             except (TypeError, ValueError):
                 raise fail(i, f"expected a number (got {v!r})") from None
-            if not np.isfinite(out[i]):
-                raise fail(i, f"expected a finite number (got {v!r})")
+            if np.isinf(out[i]):
+                raise fail(i, f"expected a finite number (got {v!r}); leave the cell empty "
+                           "or NaN for a missing value")
         return out
     out = np.empty(len(values), dtype=object)  # bag
     for i, v in enumerate(values):
@@ -203,6 +238,86 @@ def _convert(values: list, col: Feature | str, spec: FeatureSpec, path: str,
         else:
             out[i] = tuple(_as_id(t) for t in v)
     return out
+
+
+def _timestamps(values: list, unit: str, fail) -> np.ndarray:
+    """Event times → int64 seconds since the epoch; DataError for a missing, unreadable or
+    implausible one (before 1970, after 2199)."""
+    per_second = UNIT_SECONDS[unit]
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        seconds = parse_timestamp(v, per_second)
+        if seconds is None:
+            raise fail(i, timestamp_message(unit, v))
+        if not 0 <= seconds < LATEST_SECONDS:
+            raise fail(i, implausible_timestamp(v, seconds, unit))
+        out[i] = seconds
+    return out
+
+
+def timestamp_message(unit: str, value: object) -> str:
+    return (f"timestamp must be {UNIT_WORDS[unit]} since the epoch (the spec's [columns] "
+            f"timestamp_unit) or ISO-8601 text like 2024-05-01T12:30:00Z (got {value!r})")
+
+
+def parse_timestamp(value: object, per_second: int) -> int | None:
+    """Whole seconds since the epoch (floored) of a number in units of 1/per_second s, or
+    of ISO-8601 text (no offset: UTC); None when it is neither."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value // per_second
+    text = str(value).strip()
+    try:
+        number = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            return _iso_seconds(text)
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            return None
+        return math.floor(number / per_second)
+    return number // per_second
+
+
+def _iso_seconds(text: str) -> int | None:
+    if not _ISO_8601.match(text):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return math.floor(when.timestamp())
+
+
+def implausible_timestamp(value: object, seconds: int, unit: str) -> str:
+    """What a timestamp outside 1970-2199 looks like, and how to read it right."""
+    guess = next((u for u in ("ms", "us", "ns") if UNIT_SECONDS[u] > UNIT_SECONDS[unit] and
+                  0 <= seconds * UNIT_SECONDS[unit] // UNIT_SECONDS[u] < LATEST_SECONDS),
+                 None)
+    read = f"read as {unit!r} it is {seconds} s since 1970, outside 1970-2199"
+    if guess in ("ms", "us"):
+        fix = f"it looks like {guess}: set timestamp_unit = \"{guess}\" under [columns] in " \
+              f"{SPEC_FILE}"
+    elif guess == "ns":
+        fix = "it looks like nanoseconds: convert the column to seconds, ms or us"
+    else:
+        fix = "expected seconds since 1970-01-01 UTC (or set [columns] timestamp_unit)"
+    return f"implausible timestamp {value!r}: {read}; {fix}"
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def is_missing(value: object) -> bool:
+    """Whether a feature value read from a table is missing: "", NaN or None (an empty
+    bag is a value: the empty set)."""
+    return _missing(value) or value == ""
 
 
 def _as_id(value: object) -> str:

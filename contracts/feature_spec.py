@@ -6,7 +6,8 @@ stage (training, export, serving) reads these objects, never the raw file. Examp
     [columns]                 # names of the id and time columns of the input tables
     user_id = "user_id"
     item_id = "item_id"
-    timestamp = "timestamp"   # seconds since the Unix epoch, UTC
+    timestamp = "timestamp"   # event time, UTC: a number in timestamp_unit, or ISO-8601
+    timestamp_unit = "s"      # s | ms | us: the unit of a numeric timestamp
 
     [features.user_id]        # the user id itself is a categorical user feature
     tower = "user"
@@ -24,6 +25,12 @@ or, with ``hash_buckets = N``, hashed into N buckets with no vocabulary),
 ``numeric`` (a float, normalised with training statistics), ``bag`` (a set of ids per
 example, mean-pooled; "|"-separated in CSV), ``history`` (the user's earlier item ids,
 most recent first, mean-pooled; computed from the interactions, never a column).
+
+Missing values (an empty cell, NaN, a Parquet null; a feature a request leaves out) are
+allowed for every feature but the id and time columns: categorical → its own "missing"
+embedding row, apart from the OOV rows; numeric → the training mean (and, with
+``missing_indicator = true``, one more 0/1 input saying it was missing); bag and
+history → empty.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ Derivation = Literal["hour_of_day", "day_of_week"]
 TOWERS: tuple[str, ...] = ("user", "item", "context")
 KINDS: tuple[str, ...] = ("categorical", "numeric", "bag", "history")
 DERIVATIONS: tuple[str, ...] = ("hour_of_day", "day_of_week")
+TIMESTAMP_UNITS: tuple[str, ...] = ("s", "ms", "us")
 BAG_SEPARATOR = "|"
 
 
@@ -61,6 +69,8 @@ class Feature:
     # FarmHash Fingerprint64(utf-8 id) mod hash_buckets is the embedding row: no vocabulary
     # is computed or stored (for id spaces too large to list); None = a vocabulary
     hash_buckets: int | None = None
+    # numeric only: one more input, 1.0 where the value was missing (NaN), else 0.0
+    missing_indicator: bool = False
 
     @property
     def uses_vocabulary(self) -> bool:
@@ -74,12 +84,19 @@ class Feature:
     def is_sequence(self) -> bool:
         return self.kind in ("bag", "history")
 
+    def has_missing_row(self, spec: FeatureSpec) -> bool:
+        """Whether a missing value ("") has its own embedding row: every categorical
+        feature but the ids (never missing) and derived context (never missing)."""
+        return (self.kind == "categorical" and self.derive is None
+                and self.name not in (spec.columns.user_id, spec.columns.item_id))
+
 
 @dataclass(frozen=True)
 class Columns:
     user_id: str = "user_id"
     item_id: str = "item_id"
     timestamp: str = "timestamp"
+    timestamp_unit: str = "s"  # of a numeric timestamp; ISO-8601 text needs none
 
 
 @dataclass(frozen=True)
@@ -109,8 +126,13 @@ class FeatureSpec:
             d.pop("name")
             if f.hashed:  # no vocabulary: its OOV count means nothing and is refused
                 d.pop("oov_buckets")
+            if not f.missing_indicator:  # left out at its default: fingerprints of specs
+                d.pop("missing_indicator")  # written before the option stay the same
             features[f.name] = {k: v for k, v in d.items() if v is not None}
-        return {"columns": dataclasses.asdict(self.columns), "features": features}
+        columns = dataclasses.asdict(self.columns)
+        if self.columns.timestamp_unit == "s":  # the same: the default is left out
+            columns.pop("timestamp_unit")
+        return {"columns": columns, "features": features}
 
 
 _FEATURE_KEYS = {f.name for f in dataclasses.fields(Feature)} - {"name"}
@@ -120,7 +142,10 @@ def parse_feature_spec(doc: dict[str, Any], path: str = "<spec>") -> FeatureSpec
     """Validate a parsed TOML (or manifest JSON) document into a FeatureSpec."""
     _reject_unknown(doc, {"columns", "features"}, path, "")
     columns_doc = doc.get("columns", {})
-    _reject_unknown(columns_doc, {"user_id", "item_id", "timestamp"}, path, "columns.")
+    _reject_unknown(columns_doc, {"user_id", "item_id", "timestamp", "timestamp_unit"}, path,
+                    "columns.")
+    if "timestamp_unit" in columns_doc:
+        _require_choice(columns_doc, "timestamp_unit", TIMESTAMP_UNITS, path, "columns")
     for key, value in columns_doc.items():
         if not isinstance(value, str) or not value:
             raise FeatureSpecError(path, f"columns.{key}", f"must be a column name (got {value!r})")
@@ -165,6 +190,7 @@ def _parse_feature(name: str, doc: Any, path: str) -> Feature:
                 path, f"{key}.{int_key}", f"must be an integer >= {low} (got {value!r})"
             )
     _check_hash_buckets(doc, path, key)
+    _check_missing_indicator(doc, path, key)
     feature = Feature(name=name, **doc)
     if feature.derive is not None and feature.tower != "context":
         raise FeatureSpecError(path, f"{key}.derive", "only context features can be derived")
@@ -189,6 +215,20 @@ def _check_hash_buckets(doc: dict, path: str, key: str) -> None:
         if other in doc:
             raise FeatureSpecError(path, f"{key}.hash_buckets",
                                    f"cannot be combined with {other} ({why}); remove one")
+
+
+def _check_missing_indicator(doc: dict, path: str, key: str) -> None:
+    if "missing_indicator" not in doc:
+        return
+    value = doc["missing_indicator"]
+    if not isinstance(value, bool):
+        raise FeatureSpecError(path, f"{key}.missing_indicator",
+                               f"must be true or false (got {value!r})")
+    if value and doc.get("kind") != "numeric":
+        raise FeatureSpecError(path, f"{key}.missing_indicator",
+                               f"only numeric features take a missing indicator (got kind "
+                               f"{doc.get('kind')!r}); a missing categorical value has its "
+                               "own embedding row, a missing bag is empty")
 
 
 def _check_history_hashing(spec: FeatureSpec, path: str) -> None:

@@ -2,9 +2,16 @@
 
 Both towers take a dict of NumPy arrays keyed by feature name:
 
-* categorical → object array of str, shape [n] ("" = unknown, looked up as OOV)
-* numeric     → float32, shape [n] (NaN = unknown, replaced by the training mean)
-* bag/history → object array of str, shape [n, max_length], padded with ""
+* categorical → object array of str, shape [n] ("" = missing: the feature's own missing
+                row in the model; an id training never saw is OOV instead)
+* numeric     → float32, shape [n] (NaN = missing: the training mean, and the 0/1
+                missing indicator when the spec asks for one)
+* bag/history → object array of str, shape [n, max_length], padded with "" (missing =
+                empty)
+
+A missing value is the same in training (an empty cell, a null or NaN in a table; a user
+absent from the users table) and at serving (a feature the store does not hold for the
+user, a context feature the request leaves out or sends without a value, "" or NaN).
 
 Context features derived from the event time (hour of day, day of week, UTC) are computed
 here and nowhere else, so training and serving cannot disagree.
@@ -99,8 +106,9 @@ def _take(values: np.ndarray, rows: np.ndarray, f: Feature) -> np.ndarray:
     if f.kind == "numeric":
         taken = taken.astype(np.float32)
         taken[missing] = np.nan
-    elif f.kind == "bag":
-        taken[missing] = ()
+    elif f.kind == "bag":  # one by one: NumPy would broadcast () as no values at all
+        for row in np.flatnonzero(missing):
+            taken[row] = ()
     else:
         taken[missing] = PAD
     return taken
@@ -124,8 +132,8 @@ def _histories(inter: Mapping[str, np.ndarray], cols, max_length: int) -> np.nda
 def user_inputs(spec: FeatureSpec, requests: Sequence[UserRequest]) -> dict[str, np.ndarray]:
     """User-tower inputs for online requests, one row per request.
 
-    Unknown values are left unknown the way training saw them: "" for categorical
-    (→ OOV bucket), NaN for numeric (→ training mean), empty bags and histories.
+    Missing values are missing the way training saw them: "" for categorical (→ its
+    missing row), NaN for numeric (→ training mean), empty bags and histories.
     """
     cols = spec.columns
     out: dict[str, np.ndarray] = {}
@@ -164,7 +172,7 @@ def _derived(f: Feature, requests: Sequence[UserRequest]) -> np.ndarray:
 
 
 def _value(f: Feature, value: object) -> object:
-    if value is None:
+    if value is None:  # left out, or sent without a value: missing
         return np.nan if f.kind == "numeric" else (() if f.kind == "bag" else PAD)
     if f.kind == "categorical":
         return str(value)

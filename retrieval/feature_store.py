@@ -66,7 +66,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
-from contracts.dataset import Dataset, table_columns
+from contracts.dataset import Dataset, is_missing, table_columns
 from contracts.errors import DataError, TwoTowerError, Unavailable
 from retrieval import seen_items
 from retrieval.seen_items import DEFAULT_SEEN_ITEMS_CAP, SeenEvent, SeenSets
@@ -537,7 +537,9 @@ def _user_features(dataset: Dataset) -> dict[str, dict[str, Any]]:
                             column=name)
     columns = {name: users[name].tolist() for name in names}
     user_ids = [str(u) for u in users[spec.columns.user_id].tolist()]
-    return {u: {n: values[i] for n, values in columns.items()} for i, u in enumerate(user_ids)}
+    # a missing value is not stored: serving reads it as missing, as training did
+    return {u: {n: values[i] for n, values in columns.items() if not is_missing(values[i])}
+            for i, u in enumerate(user_ids)}
 
 
 def _latest_items(dataset: Dataset, history_length: int) -> dict[str, tuple[str, ...]]:

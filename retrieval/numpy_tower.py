@@ -13,9 +13,13 @@ inputs of contracts.inputs.user_inputs. Preprocessing is the training graph's:
   Fingerprint64(utf-8 id) mod num_oov, as ``tf.strings.to_hash_bucket_fast`` computes it
   (pyfarmhash's C Fingerprint64, pinned against TensorFlow by the tests; no TensorFlow is
   imported here);
+* categorical (not an id, not derived; format 3 "missing_row"): "" — a missing value —
+  reads the table's last row, as training.model.MissingRow sends it (format 1 and 2: ""
+  is an unknown id, an OOV bucket, as those models were trained);
 * bag, history: mean of the embeddings of the non-"" ids, zeros for an all-"" row ("" is
   looked up as an extra all-zero row, so padding costs no hashing and no mask);
-* numeric: NaN/±inf → the training mean, then (x - mean) / sqrt(variance), in float32;
+* numeric: NaN/±inf → the training mean, then (x - mean) / sqrt(variance), in float32,
+  followed by a 1.0/0.0 missing column when the entry has "missing_indicator";
 * concatenation in spec order, Dense layers (relu or linear), optional L2 normalisation.
 """
 
@@ -35,6 +39,7 @@ from contracts.model_manifest import (
     NUMPY_TOWER_ARRAYS,
     NUMPY_TOWER_FORMAT,
     NUMPY_TOWER_FORMAT_1,
+    NUMPY_TOWER_FORMAT_2,
     NUMPY_TOWER_GRAPH,
     ModelManifest,
     load_model_manifest,
@@ -140,10 +145,12 @@ class _Embedded:
         else:
             vocabulary, num_oov = _vocabulary(entry, arrays), int(entry["num_oov"])
         table = arrays[entry["embedding"]]
-        if table.ndim != 2 or table.shape[0] != len(vocabulary) + num_oov:
+        missing = bool(entry.get("missing_row", False)) and not self.pooled
+        if table.ndim != 2 or table.shape[0] != len(vocabulary) + num_oov + missing:
             raise ValueError(f"{entry['embedding']}: {table.shape[0]} rows for "
-                             f"{len(vocabulary)} ids + {num_oov} OOV")
-        pad_row = None
+                             f"{len(vocabulary)} ids + {num_oov} OOV"
+                             + " + 1 missing row" * missing)
+        pad_row = len(table) - 1 if missing else None  # "" reads the missing value's row
         if self.pooled:  # "" reads an extra zero row; a last column of 1s (0 for "")
             pad_row = len(table)  # makes the pooled sum carry the count of real ids
             table = np.vstack([np.hstack([table, np.ones((len(table), 1), np.float32)]),
@@ -165,19 +172,24 @@ class _Embedded:
 
 
 class _Numeric:
-    """[n] float → [n, 1]: NaN/±inf → mean, then (x - mean) / sqrt(variance), float32."""
+    """[n] float → [n, 1]: NaN/±inf → mean, then (x - mean) / sqrt(variance), float32;
+    [n, 2] with the missing indicator (1.0 where the value was NaN/±inf) as column 1."""
 
     def __init__(self, entry: Mapping[str, Any]) -> None:
         self.name = entry["name"]
         self._mean = np.float32(entry["mean"])
         self._std = np.float32(np.sqrt(float(entry["variance"])))
+        self._indicator = bool(entry.get("missing_indicator", False))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 1:
             raise ValueError(f"input {self.name!r}: expected shape [n] (got {x.shape})")
-        x = np.where(np.isfinite(x), x, self._mean)
-        return ((x - self._mean) / self._std)[:, np.newaxis]
+        finite = np.isfinite(x)
+        scaled = ((np.where(finite, x, self._mean) - self._mean) / self._std)[:, np.newaxis]
+        if not self._indicator:
+            return scaled
+        return np.hstack([scaled, (~finite).astype(np.float32)[:, np.newaxis]])
 
 
 def _vocabulary(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
@@ -214,7 +226,7 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         graph = json.loads(graph_path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(str(graph_path), f"cannot read the NumPy user tower: {exc}") from exc
-    formats = (NUMPY_TOWER_FORMAT, NUMPY_TOWER_FORMAT_1)
+    formats = (NUMPY_TOWER_FORMAT, NUMPY_TOWER_FORMAT_2, NUMPY_TOWER_FORMAT_1)
     if not isinstance(graph, dict) or graph.get("format") not in formats:
         got = graph.get("format") if isinstance(graph, dict) else type(graph).__name__
         raise ArtifactError(str(graph_path), f"format must be one of {', '.join(formats)} "

@@ -41,7 +41,7 @@ class Limits:
 class RetrieveQuery:
     user_id: str
     k: int
-    context: dict[str, ContextValue]
+    context: dict[str, ContextValue | None]  # None: a missing value, as if left out
     event_time: int                  # seconds since the epoch, UTC
     recent_item_ids: tuple[str, ...]  # most recent first; replaces stored history when set
     exclude_item_ids: frozenset[str]
@@ -97,7 +97,7 @@ def _check_rules(rules: ItemRules, limits: Limits) -> None:
                                       "instead)")
 
 
-def _check_context(context: dict[str, ContextValue], spec: FeatureSpec, limits: Limits) -> None:
+def _check_context(context: dict[str, ContextValue | None], spec: FeatureSpec, limits: Limits) -> None:
     known = {f.name: f for f in spec.tower("context")}
     for key, value in context.items():
         field_name = context_field(key)
@@ -170,12 +170,14 @@ def _check_count(field: str, count: int, limit: int) -> None:
         raise InvalidArgument(field, f"at most {limit} ids (got {count})")
 
 
-def _check_context_value(field: str, feature: Feature, value: ContextValue) -> None:
+def _check_context_value(field: str, feature: Feature, value: ContextValue | None) -> None:
+    if value is None:  # a missing value, which every context feature may have
+        return
     if feature.kind == "numeric":
         if isinstance(value, str):
             raise InvalidArgument(field, f"expected double_value or int_value (got string {quote(value)})")
-        if not math.isfinite(value):
-            raise InvalidArgument(field, f"must be finite (got {value})")
+        if math.isinf(value):  # NaN is a missing value (the training mean); inf is wrong
+            raise InvalidArgument(field, f"must be finite, or NaN for a missing value (got {value})")
     elif feature.dtype == "int":
         if not isinstance(value, int):
             raise InvalidArgument(field, f"expected int_value (got {type(value).__name__} {quote(value)})")

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from contracts.errors import InvalidArgument
 from retrieval.errors import status_of
 from retrieval.metrics import ServiceMetrics
-from retrieval.query import ItemRules, Limits, RetrieveQuery, context_field
+from retrieval.query import ItemRules, Limits, RetrieveQuery
 from retrieval.undecodable import bad_field
 from retrieval.retriever import RetrieveResult, Retriever
 from retrieval.v1 import retrieval_pb2 as pb
@@ -82,10 +82,8 @@ def _deadline(context) -> float | None:
 def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:
     context = {}
     for key, value in request.context.items():
-        which = value.WhichOneof("value")
-        if which is None:
-            raise InvalidArgument(context_field(key), "no value set")
-        context[key] = getattr(value, which)
+        which = value.WhichOneof("value")  # None: no value set, a missing value
+        context[key] = None if which is None else getattr(value, which)
     return RetrieveQuery(
         user_id=request.user_id,
         k=request.k,

@@ -136,7 +136,7 @@ def test_export_refuses_a_concatenation_order_other_than_the_spec(exported, tmp_
 def test_files_are_arrays_and_a_layer_graph(exported):
     graph = json.loads((exported.model_dir / "user_tower_numpy.json").read_text())
     vocabularies = {f["vocabulary"] for f in graph["features"] if "vocabulary" in f}
-    assert graph["format"] == "two-tower-numpy-user-tower/2" and vocabularies
+    assert graph["format"] == "two-tower-numpy-user-tower/3" and vocabularies
     with np.load(exported.model_dir / "user_tower_numpy.npz", allow_pickle=False) as npz:
         assert all(npz[name].dtype == np.float32 for name in set(npz.files) - vocabularies)
         assert all(npz[name].dtype.kind == "U" and npz[name].ndim == 1

@@ -6,6 +6,12 @@ normalisation, or masked mean of a bag), the encodings are concatenated and an M
 them to the embedding. The user tower's history feature shares the item-id lookup and
 embedding table with the item tower.
 
+Missing values: a categorical feature's "" reads its own row, the last of its embedding
+table (``MissingRow``; not an OOV row: a missing value is not an unseen one, and a hashed
+feature has no OOV row to send it to); a numeric NaN is the training mean, plus a 0/1
+column (``MissingIndicator``) when the spec sets ``missing_indicator``; bags and
+histories are empty. Ids and derived context are never missing and get no such row.
+
 Training is a sampled softmax (``tfrs.tasks.Retrieval``): each positive item is scored
 against the other items of the batch and, optionally, items drawn from the whole corpus
 (mixed negative sampling), each candidate's logit corrected by the log of its sampling
@@ -155,6 +161,28 @@ class MaskedMeanPool(keras.layers.Layer):
         return total / count
 
 
+class MissingRow(keras.layers.Layer):
+    """Embedding rows of a lookup's ids, with "" (a missing value) sent to ``row``: the
+    extra last row of the feature's table. ids [n] string, rows [n] int64 → [n] int64."""
+
+    def __init__(self, row: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.row = row
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "row": self.row}
+
+    def call(self, ids, rows):
+        return tf.where(tf.equal(ids, ""), tf.constant(self.row, rows.dtype), rows)
+
+
+class MissingIndicator(keras.layers.Layer):
+    """[n] float → [n, 1]: 1.0 where the value is missing (NaN or ±inf), else 0.0."""
+
+    def call(self, x):
+        return tf.cast(tf.logical_not(tf.math.is_finite(x)), tf.float32)[:, tf.newaxis]
+
+
 class L2Normalize(keras.layers.Layer):
     def call(self, x):
         return tf.math.l2_normalize(x, axis=-1)
@@ -177,6 +205,11 @@ class Towers:
     def _tower(self, name: str, features: tuple[Feature, ...]) -> keras.Model:
         inputs = {f.name: _input(f) for f in features}
         encoded = [self._encode(f, inputs[f.name]) for f in features]
+        indicators = {f.name: MissingIndicator(name=f"{f.name}_missing_indicator")(inputs[f.name])
+                      for f in features if f.missing_indicator}
+        # each indicator right after its value: the concatenation order is spec order
+        encoded = [e for f, v in zip(features, encoded, strict=True)
+                   for e in ([v, indicators[f.name]] if f.name in indicators else [v])]
         x = keras.layers.Concatenate()(encoded) if len(encoded) > 1 else encoded[0]
         for i, width in enumerate(self.config.hidden_dims):
             x = keras.layers.Dense(width, activation="relu", name=f"{name}_hidden{i}")(x)
@@ -196,7 +229,10 @@ class Towers:
             lookup, embedding = self._item_lookup, self._item_embedding
         else:
             lookup, embedding = self._lookup_and_embedding(f)
-        embedded = embedding(lookup(x))
+        rows = lookup(x)
+        if f.has_missing_row(self.spec):
+            rows = MissingRow(embedding.input_dim - 1, name=f"{f.name}_missing_row")(x, rows)
+        embedded = embedding(rows)
         if not f.is_sequence:
             return embedded
         dropout = self.config.history_dropout if f.kind == "history" else 0.0
@@ -212,6 +248,7 @@ class Towers:
                 vocabulary=vocabulary, num_oov_indices=f.oov_buckets, name=f"{f.name}_lookup"
             )
             rows = len(vocabulary) + f.oov_buckets
+        rows += f.has_missing_row(self.spec)  # the missing value's own row, the last
         l2 = self.config.embedding_l2
         embedding = keras.layers.Embedding(
             rows, f.embedding_dim, name=f"{f.name}_embedding",

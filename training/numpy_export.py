@@ -9,16 +9,19 @@ Two files next to the SavedModel in a model artifact (read by retrieval.numpy_to
     user_tower_numpy.json   {"format", "embedding_dim", "normalize",
                              "features": [one per concatenated encoding, in order:
                                  {"name", "kind", "vocabulary" (the array's name),
-                                  "num_oov", "embedding", "max_length" (bag and history)},
+                                  "num_oov", "embedding", "max_length" (bag and history),
+                                  "missing_row": true when "" reads the table's last row},
                                  hashed (spec hash_buckets), "hash_buckets" in place of
                                  "vocabulary" and "num_oov",
-                                 or, numeric, {"name", "kind", "mean", "variance"}],
+                                 or, numeric, {"name", "kind", "mean", "variance",
+                                 "missing_indicator": true when a 0/1 column follows}],
                              "dense": [{"name", "activation"}, ...] in order}
 
 Format 1 held each vocabulary in the JSON as a list of strings. A server parses that JSON
 in one C call holding the GIL (0.07-0.2 s for a 1M-id history vocabulary, stalling the
 calls it serves during a hot swap); an array is read from the .npz without building a
-Python object per id. retrieval.numpy_tower reads both formats.
+Python object per id. Format 3 added "missing_row" and "missing_indicator" (a format-2
+reader would misread them). retrieval.numpy_tower reads all three formats.
 
 Everything is read from the trained Keras layers by name (as training.model.Towers names
 them), except the numeric means and variances, which the model holds as constants of its
@@ -43,7 +46,8 @@ if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must
 ACTIVATIONS = ("linear", "relu")
 MIN_VARIANCE = 1e-12  # training.model.Towers floors the variance at this before sqrt
 _LAYER_TYPES = {"InputLayer", "TFOpLambda", "StringLookup", "Hashing", "Embedding",
-                "Reshape", "MaskedMeanPool", "Concatenate", "Dense", "L2Normalize"}
+                "Reshape", "MaskedMeanPool", "Concatenate", "Dense", "L2Normalize",
+                "MissingRow", "MissingIndicator"}
 # the ops of the numeric encoder: where(is_finite(x), x, mean), then (x - mean) / std
 _NUMERIC_OPS = {"math.is_finite", "where", "math.subtract", "math.truediv"}
 
@@ -82,41 +86,52 @@ def export_numpy_user_tower(user_tower, spec: FeatureSpec, stats: FeatureStats,
 def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
                    arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     if f.kind == "numeric":
-        return {"name": f.name, "kind": f.kind, "mean": float(stats.means[f.name]),
-                "variance": max(float(stats.variances[f.name]), MIN_VARIANCE)}
+        entry = {"name": f.name, "kind": f.kind, "mean": float(stats.means[f.name]),
+                 "variance": max(float(stats.variances[f.name]), MIN_VARIANCE)}
+        return {**entry, "missing_indicator": True} if f.missing_indicator else entry
     # history shares the item-id lookup and embedding with the item tower
     owner = spec.columns.item_id if f.kind == "history" else f.name
     lookup = tower.get_layer(f"{owner}_lookup")
     embedding = tower.get_layer(f"{owner}_embedding")
+    missing = f.has_missing_row(spec)  # training.model.MissingRow: "" → the last row
     if type(lookup).__name__ == "Hashing":
-        entry = _hashed_entry(f, lookup, embedding, arrays)
-        return {**entry, "max_length": f.max_length} if f.is_sequence else entry
+        entry = _hashed_entry(f, lookup, embedding, arrays, missing)
+    else:
+        entry = _vocabulary_entry(f, lookup, embedding, arrays, missing)
+    if missing:
+        entry["missing_row"] = True
+    return {**entry, "max_length": f.max_length} if f.is_sequence else entry
+
+
+def _vocabulary_entry(f: Feature, lookup, embedding, arrays: dict[str, np.ndarray],
+                      missing: bool) -> dict[str, Any]:
     num_oov = int(lookup.num_oov_indices)
     if lookup.mask_token is not None or num_oov < 1:
         raise ValueError(f"{lookup.name}: expected no mask token and >= 1 OOV index "
                          f"(got mask_token={lookup.mask_token!r}, num_oov_indices={num_oov})")
     vocabulary = [str(v) for v in lookup.get_vocabulary()[num_oov:]]
     table = np.asarray(embedding.get_weights()[0], dtype=np.float32)
-    if table.shape[0] != len(vocabulary) + num_oov:
+    if table.shape[0] != len(vocabulary) + num_oov + missing:
         raise ValueError(f"{embedding.name}: {table.shape[0]} rows but the vocabulary has "
-                         f"{len(vocabulary)} ids + {num_oov} OOV buckets")
+                         f"{len(vocabulary)} ids + {num_oov} OOV buckets"
+                         + " + 1 missing row" * missing)
     arrays[embedding.name] = table
     arrays[f"{f.name}.vocabulary"] = _string_array(vocabulary, lookup.name)
-    entry = {"name": f.name, "kind": f.kind, "vocabulary": f"{f.name}.vocabulary",
-             "num_oov": num_oov, "embedding": embedding.name}
-    return {**entry, "max_length": f.max_length} if f.is_sequence else entry
+    return {"name": f.name, "kind": f.kind, "vocabulary": f"{f.name}.vocabulary",
+            "num_oov": num_oov, "embedding": embedding.name}
 
 
-def _hashed_entry(f: Feature, lookup, embedding, arrays: dict[str, np.ndarray]
-                  ) -> dict[str, Any]:
+def _hashed_entry(f: Feature, lookup, embedding, arrays: dict[str, np.ndarray],
+                  missing: bool) -> dict[str, Any]:
     """FarmHash Fingerprint64 mod num_bins, which the NumPy tower computes only unsalted."""
     num_bins = int(lookup.num_bins)
     if lookup.salt is not None or lookup.mask_value is not None:
         raise ValueError(f"{lookup.name}: expected an unsalted Hashing without mask value "
                          f"(got salt={lookup.salt!r}, mask_value={lookup.mask_value!r})")
     table = np.asarray(embedding.get_weights()[0], dtype=np.float32)
-    if table.shape[0] != num_bins:
-        raise ValueError(f"{embedding.name}: {table.shape[0]} rows for {num_bins} hash buckets")
+    if table.shape[0] != num_bins + missing:
+        raise ValueError(f"{embedding.name}: {table.shape[0]} rows for {num_bins} hash buckets"
+                         + " + 1 missing row" * missing)
     arrays[embedding.name] = table
     return {"name": f.name, "kind": f.kind, "hash_buckets": num_bins,
             "embedding": embedding.name}
@@ -157,7 +172,9 @@ def _dense_entries(tower, arrays: dict[str, np.ndarray]) -> list[dict[str, str]]
 
 
 def _width(entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> int:
-    return 1 if entry["kind"] == "numeric" else arrays[entry["embedding"]].shape[1]
+    if entry["kind"] == "numeric":
+        return 2 if entry.get("missing_indicator") else 1
+    return arrays[entry["embedding"]].shape[1]
 
 
 def _has_layer(tower, name: str) -> bool:
@@ -178,12 +195,12 @@ def _check_layer_types(tower) -> None:
 def _check_concat_order(tower, features: tuple[Feature, ...]) -> None:
     """Each input of the Concatenate must depend on exactly the feature at its position."""
     concats = [layer for layer in tower.layers if type(layer).__name__ == "Concatenate"]
-    if len(features) == 1 and not concats:
+    expected = [{f.name} for f in features for _ in range(1 + f.missing_indicator)]
+    if len(expected) == 1 and not concats:
         return
     if len(concats) != 1:
         raise ValueError(f"{tower.name}: expected one Concatenate layer (got {len(concats)})")
     sources = [_source_inputs(t) for t in concats[0]._inbound_nodes[0].keras_inputs]
-    expected = [{f.name} for f in features]
     if sources != expected:
         raise ValueError(f"{tower.name}: concatenation order {sources} does not match "
                          f"spec.user_input_features {[f.name for f in features]}")
