@@ -299,15 +299,17 @@ def implausible_timestamp(value: object, seconds: int, unit: str) -> str:
     guess = next((u for u in ("ms", "us", "ns") if UNIT_SECONDS[u] > UNIT_SECONDS[unit] and
                   0 <= seconds * UNIT_SECONDS[unit] // UNIT_SECONDS[u] < LATEST_SECONDS),
                  None)
-    read = f"read as {unit!r} it is {seconds} s since 1970, outside 1970-2199"
+    when = "before 1970" if seconds < 0 else "after 2199"
+    read = f"as {UNIT_WORDS[unit]} since the epoch it is {when}"
     if guess in ("ms", "us"):
         fix = f"it looks like {guess}: set timestamp_unit = \"{guess}\" under [columns] in " \
               f"{SPEC_FILE}"
     elif guess == "ns":
         fix = "it looks like nanoseconds: convert the column to seconds, ms or us"
     else:
-        fix = "expected seconds since 1970-01-01 UTC (or set [columns] timestamp_unit)"
-    return f"implausible timestamp {value!r}: {read}; {fix}"
+        fix = (f"expected {UNIT_WORDS[unit]} since 1970-01-01 UTC; set [columns] "
+               f"timestamp_unit in {SPEC_FILE} to the column's unit (s, ms or us)")
+    return f"implausible timestamp {value}: {read}; {fix}"
 
 
 def _missing(value: object) -> bool:
