@@ -1,14 +1,16 @@
-"""MovieLens adapters: raw ml-100k / ml-1m files → (canonical Dataset, spec TOML text).
+"""MovieLens adapters: raw ml-100k / ml-1m / "latest"-format (ml-latest, ml-latest-small,
+ml-20m, ml-25m, ml-32m) files → (canonical Dataset, spec TOML text).
 
 Feedback is implicit: every rating is an interaction (``min_rating`` filters) and the
-rating itself is dropped. Ids become decimal strings. Files are read as latin-1 (the
-encoding of the titles). A malformed line raises DataError naming the file and line. The
+rating itself is dropped. Ids become decimal strings. ml-100k and ml-1m files are read as
+latin-1 (the encoding of the titles), the "latest" CSV files as UTF-8. A malformed line raises DataError naming the file and line. The
 ml-1m ``ratings_no_timestamps.csv`` has dense item ids and no times, so its spec has no item
 features, no time-of-day context and no recent-items history.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -19,6 +21,8 @@ from itertools import compress
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from contracts.dataset import Dataset, Table, write_dataset
 from contracts.errors import DataError
@@ -31,6 +35,8 @@ ML100K_GENRES: tuple[str, ...] = tuple(
     "Film-Noir|Horror|Musical|Mystery|Romance|Sci-Fi|Thriller|War|Western".split("|"))
 DENSE_RATINGS_HEADER = "user_id,item_dense_id,rating"
 UNKNOWN_YEAR = "unknown"
+NO_GENRES = "(no genres listed)"  # the "latest" releases' movies.csv: an empty bag
+KINDS = ("ml-100k", "ml-1m", "ml-latest")
 
 _USER_FEATURES_100K = (("age", "numeric"), ("gender", "categorical"),
                        ("occupation", "categorical"), ("zip_prefix", "categorical"))
@@ -99,9 +105,38 @@ def convert_ml1m(source_dir: str | Path, ratings_file: str = "ratings.dat",
     return _dataset(_spec_toml(_USER_FEATURES_1M, _ITEM_FEATURES), interactions, users, items)
 
 
+def convert_ml_latest(source_dir: str | Path, min_rating: float = 0.0) -> tuple[Dataset, str]:
+    """A MovieLens "latest"-format release (ml-latest, ml-latest-small, ml-20m, ml-25m,
+    ml-32m) → (Dataset, spec TOML). ratings.csv ``userId,movieId,rating,timestamp``
+    (half-star ratings) and movies.csv ``movieId,title,genres`` (quoted titles,
+    "|"-separated genres, "(no genres listed)" an empty bag, the year in the title), both
+    UTF-8 with a header. There is no users file: users have no features but their id."""
+    src = Path(source_dir)
+    movies = _read_csv(src / "movies.csv", {"movieId": pa.int64(), "title": pa.string(),
+                                            "genres": pa.string()})
+    ratings = _read_csv(src / "ratings.csv", {"userId": pa.int64(), "movieId": pa.int64(),
+                                              "rating": pa.float64(), "timestamp": pa.int64()})
+    items = {"item_id": _decimal(movies["movieId"]),
+             "genres": _objects(tuple(g for g in text.split("|") if g and g != NO_GENRES)
+                                for text in movies["genres"]),
+             "year": _years(_TITLE_YEAR, movies["title"])}
+    _check_unique_csv(src / "movies.csv", movies["movieId"], "movieId")
+    unknown = np.flatnonzero(~np.isin(ratings["movieId"], movies["movieId"]))
+    if unknown.size:
+        raise DataError(str(src / "ratings.csv"), f"movieId {ratings['movieId'][unknown[0]]} "
+                        f"has no row in movies.csv ({unknown.size} ratings like this)",
+                        line=int(unknown[0]) + 2, column="movieId")
+    keep = ratings["rating"] >= min_rating
+    interactions = {"user_id": _decimal(ratings["userId"][keep]),
+                    "item_id": _decimal(ratings["movieId"][keep]),
+                    "timestamp": ratings["timestamp"][keep]}
+    users = {"user_id": _decimal(np.unique(ratings["userId"][keep]))}
+    return _dataset(_spec_toml((), _ITEM_FEATURES), interactions, users, items)
+
+
 def main_convert(kind: str, source: str, out: str, fmt: str = "parquet") -> Path:
-    """Convert ``kind`` ("ml-100k" or "ml-1m") from ``source`` and write it to ``out``.
-    For ml-1m, ratings.dat is used when present, else ratings_no_timestamps.csv."""
+    """Convert ``kind`` (KINDS) from ``source`` and write it to ``out``. For ml-1m,
+    ratings.dat is used when present, else ratings_no_timestamps.csv."""
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"fmt must be 'parquet' or 'csv' (got {fmt!r})")
     if kind == "ml-100k":
@@ -110,13 +145,67 @@ def main_convert(kind: str, source: str, out: str, fmt: str = "parquet") -> Path
         has_dat = (Path(source) / "ratings.dat").exists()
         dataset, spec_toml = convert_ml1m(
             source, "ratings.dat" if has_dat else "ratings_no_timestamps.csv")
+    elif kind == "ml-latest":
+        dataset, spec_toml = convert_ml_latest(source)
     else:
-        raise ValueError(f"kind must be 'ml-100k' or 'ml-1m' (got {kind!r})")
+        raise ValueError(f"kind must be 'ml-100k' or 'ml-1m' or 'ml-latest' (got {kind!r})")
     directory = write_dataset(dataset, out, spec_toml, fmt)
     logger.info("%s → %s: %d users, %d items, %d interactions", kind, directory,
                 len(dataset.users["user_id"]), len(dataset.items["item_id"]),
                 dataset.num_interactions)
     return directory
+
+
+def _read_csv(path: Path, types: dict[str, pa.DataType]) -> dict[str, np.ndarray]:
+    """A "latest"-format CSV (header, quoted fields) as NumPy columns; DataError naming the
+    file, and the first bad line and column (from a second, plain pass) when it is malformed."""
+    try:
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types=types, include_columns=list(types), strings_can_be_null=False))
+    except FileNotFoundError as exc:
+        raise DataError(str(path), "missing: a MovieLens \"latest\" release has ratings.csv "
+                        "and movies.csv") from exc
+    except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:
+        raise _first_bad_cell(path, types) or DataError(str(path), f"cannot read: {exc}") \
+            from exc
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in types}
+
+
+def _first_bad_cell(path: Path, types: dict[str, pa.DataType]) -> DataError | None:
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        missing = [name for name in types if name not in header]
+        if missing:
+            return DataError(str(path), f"missing column (has: {', '.join(header)})", line=1,
+                             column=missing[0])
+        numeric = [(header.index(n), n) for n, t in types.items() if t != pa.string()]
+        for row in reader:
+            if len(row) != len(header):
+                return DataError(str(path), f"row has {len(row)} fields, the header "
+                                 f"{len(header)}", line=reader.line_num)
+            for col, name in numeric:
+                if not _is_number(row[col]):
+                    return DataError(str(path), f"expected a number (got {row[col]!r})",
+                                     line=reader.line_num, column=name)
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_unique_csv(path: Path, ids: np.ndarray, column: str) -> None:
+    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][0]
+        row = np.flatnonzero(ids == dup)[1]
+        raise DataError(str(path), f"{column} {dup} appears twice; expected one line per id",
+                        line=int(row) + 2, column=column)
 
 
 def _ml100k_genres(path: Path) -> tuple[str, ...]:

@@ -25,8 +25,11 @@ def add_generate(sub) -> None:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert-movielens", help="MovieLens 100K / 1M → canonical dataset")
-    p.add_argument("--kind", choices=("ml-100k", "ml-1m"), required=True)
+    p = sub.add_parser("convert-movielens",
+                       help="MovieLens 100K / 1M / \"latest\"-format → canonical dataset")
+    p.add_argument("--kind", choices=("ml-100k", "ml-1m", "ml-latest"), required=True,
+                   help="ml-latest: any release of ratings.csv + movies.csv (ml-latest, "
+                        "ml-latest-small, ml-20m, ml-25m, ml-32m)")
     p.add_argument("--source", type=Path, required=True, help="folder of the raw files")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
