@@ -30,7 +30,7 @@ def _train(data, out, env_extra=None) -> subprocess.Popen:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "app.cli", "train", "--data", str(data), "--out", str(out),
-         "--epochs", "3", "--batch-size", "128", "--seed", "1"],
+         "--epochs", "3", "--batch-size", "128", "--seed", "1", "--no-final-fit"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
