@@ -111,8 +111,9 @@ class RetrievalServiceServicer:
 
     def RecordInteraction(self, request, context):
         """Records that a user interacted with an item: the item is prepended to the user's
-        recent-items history in the feature store (bounded length; on Redis with a TTL), so the
-        next Retrieve for that user reflects it.
+        recent-items history in the feature store (bounded length; on Redis with a TTL) and
+        added to the user's seen set (see RetrieveRequest.exclude_seen), so the next Retrieve
+        for that user reflects it.
 
         Errors: INVALID_ARGUMENT for an empty user_id or item_id (the message names the field);
         UNAVAILABLE when the feature store cannot be reached (nothing was recorded; retry) or
