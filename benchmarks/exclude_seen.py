@@ -185,16 +185,17 @@ def markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     off, on = summary["off"], summary["on"]
     lines = [f"# exclude_seen at {meta['items']:,} items, Redis on", "",
              f"`{meta['command']}`", "",
-             f"{meta['users']:,} users with {meta['seen']:,} seen items each (half among "
-             f"their {NEAR:,} nearest), k={K}, {FACTORY} nprobe {NPROBE}, ghz closed loop "
-             f"c={meta['concurrency']}, {meta['rounds']} rounds of {meta['duration']} each "
-             f"way, alternated; medians over rounds. Load average before: "
-             f"{meta['load_before']}, after: {meta['load_after']} ({meta['host']}).", "",
+             (f"{meta['users']:,} users with {meta['seen']:,} seen items each (half among "
+              f"their {NEAR:,} nearest), k={K}, {FACTORY} nprobe {NPROBE}, ghz closed loop "
+              f"c={meta['concurrency']}, {meta['rounds']} rounds of {meta['duration']} each "
+              f"way, alternated; medians over rounds. Load average before: "
+              f"{meta['load_before']}, after: {meta['load_after']} ({meta['host']})."), "",
              "| exclude_seen | calls/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: |",
              f"| off | {off['rps']:,.0f} | {off['p50_ms']:.2f} | {off['p99_ms']:.2f} |",
              f"| on | {on['rps']:,.0f} | {on['p50_ms']:.2f} | {on['p99_ms']:.2f} |",
-             f"| on / off | {on['rps'] / off['rps']:.2f}x | {on['p50_ms'] / off['p50_ms']:.2f}x"
-             f" | {on['p99_ms'] / off['p99_ms']:.2f}x |", "", "Every round:", "",
+             (f"| on / off | {on['rps'] / off['rps']:.2f}x | "
+              f"{on['p50_ms'] / off['p50_ms']:.2f}x | {on['p99_ms'] / off['p99_ms']:.2f}x |"),
+             "", "Every round:", "",
              "| round | exclude_seen | calls/s | p50 ms | p99 ms | errors | load avg |",
              "| ---: | --- | ---: | ---: | ---: | --- | ---: |"]
     lines += [f"| {r['round']} | {r['variant']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "

@@ -30,8 +30,7 @@ import pyarrow.parquet as pq
 
 from contracts.errors import DataError
 from contracts.prepared import HISTORY as HISTORY_COLUMN
-from contracts.prepared import load_prepared
-from contracts.prepared import SPLITS
+from contracts.prepared import SPLITS, load_prepared
 from retrieval.feature_store import StoredUser
 from retrieval.seen_items import SeenEvent
 
@@ -101,8 +100,7 @@ def iter_seen_batches(users: PreparedUsers, batch_size: int) -> Iterator[list[Se
 
 def _interaction_columns(schema: pa.Schema, user_id: str, item_id: str, timestamp: str,
                          path: Path) -> None:
-    text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
-    for name, ok, wanted in ((user_id, text, "string"), (item_id, text, "string"),
+    for name, ok, wanted in ((user_id, _is_text, "string"), (item_id, _is_text, "string"),
                              (timestamp, pa.types.is_integer, "int64 seconds")):
         if name not in schema.names:
             raise DataError(str(path), f"missing column; expected {wanted} (has: "
@@ -110,6 +108,10 @@ def _interaction_columns(schema: pa.Schema, user_id: str, item_id: str, timestam
         if not ok(schema.field(name).type):
             raise DataError(str(path), f"expected {wanted} (got {schema.field(name).type})",
                             column=name)
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _feature_columns(schema: pa.Schema, user_id: str, path: Path) -> list[str]:

@@ -126,7 +126,7 @@ class _Seen:
     order while ``ordered``: then the oldest are the first entries and trimming is O(1)
     an item; events recorded online arrive in that order, a load in any order."""
 
-    __slots__ = ("times", "ordered")
+    __slots__ = ("ordered", "times")
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
