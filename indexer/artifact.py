@@ -145,8 +145,13 @@ def _manifest(contents: IndexContents, model: ModelManifest, version: str,
     }
 
 
-def load_index_artifact(directory: str | Path) -> IndexArtifact:
+def load_index_artifact(directory: str | Path, mmap: bool = False) -> IndexArtifact:
     """Load a version directory, or the current version of a store (CURRENT pointer).
+
+    ``mmap``: read-only, the Faiss index and the item ids mapped from their files rather
+    than copied into the process (Faiss IO_FLAG_MMAP_IFC: Flat, IVF-Flat, IVF-SQ, HNSW
+    tested), so the worker processes of one host share one copy in the page cache; the
+    index must not be modified (a server only searches it).
 
     Raises ArtifactError naming the file: a manifest that is not UTF-8 JSON or has a field
     of the wrong type, a listed file missing, altered, not a regular file or leading out of
@@ -164,8 +169,8 @@ def load_index_artifact(directory: str | Path) -> IndexArtifact:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(str(manifest), f"malformed manifest: {exc!r}") from exc
     index_version, model_version, dim, similarity, num_items = fields
-    index = _read_index(directory / "index.faiss")
-    item_ids = load_npy(directory / "item_ids.npy")
+    index = _read_index(directory / "index.faiss", mmap)
+    item_ids = _load_ids(directory / "item_ids.npy", mmap)
     tombstones = _load_tombstones(directory)
     if index.d != dim or index.ntotal != num_items or len(item_ids) != num_items:
         raise ArtifactError(str(directory / "index.faiss"),
@@ -257,11 +262,26 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
             raise exc from None
 
 
-def _read_index(path: Path) -> faiss.Index:
+def _read_index(path: Path, mmap: bool = False) -> faiss.Index:
     try:
+        if mmap:
+            try:
+                return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+            except RuntimeError:  # a type Faiss cannot map: read it whole
+                pass
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         raise ArtifactError(str(path), f"Faiss cannot read it: {exc}") from exc
+
+
+def _load_ids(path: Path, mmap: bool) -> np.ndarray:
+    if not mmap:
+        return load_npy(path)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # as load_npy says it
+        raise ArtifactError(str(path), f"cannot be read without pickle ({exc}); artifacts "
+                            "hold plain arrays only: rebuild it") from exc
 
 
 def _load_tombstones(directory: Path) -> np.ndarray:

@@ -74,7 +74,8 @@ def load_pair(model_dir: str | Path, index_dir: str | Path,
               user_tower: str = "auto") -> ServingPair:
     """Load and cross-check; raises ArtifactError naming the file and what did not match."""
     model = load_model_manifest(model_dir)
-    index = load_index_artifact(index_dir)
+    # mapped, not copied: the workers of `serve --workers` share the pages (retrieval.workers)
+    index = load_index_artifact(index_dir, mmap=True)
     manifest = index.path / "manifest.json"
     if index.model_version != model.model_version:
         raise ArtifactError(str(manifest), f"index was built from model {index.model_version!r} "

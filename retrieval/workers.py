@@ -29,18 +29,21 @@ connection, with every call on it, stays with the worker that accepted it).
   serve different pairs; each reply names its model and index version, and within a worker
   a call is answered by one consistent pair (retrieval.swap).
 
-The workers are started as ``python -m retrieval.workers`` with their configuration
-pickled on stdin; each asks the kernel for SIGTERM should the supervisor die.
+The workers are started as ``python -m retrieval.workers`` with their configuration as
+JSON on stdin (``encode_config``; no pickle anywhere in the service); each asks the kernel
+for SIGTERM should the supervisor die.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import dataclasses
+import importlib
+import json
 import logging
 import math
 import os
-import pickle
 import selectors
 import shutil
 import signal
@@ -135,8 +138,9 @@ class Supervisor:
                                    process_group=0)
         assert process.stdin is not None
         with process.stdin:
-            pickle.dump((config, port_file, self.supervision.log_format, os.getpid()),
-                        process.stdin)
+            process.stdin.write(json.dumps({
+                "config": encode_config(config), "port_file": str(port_file),
+                "log_format": self.supervision.log_format, "parent": os.getpid()}).encode())
         self.workers[index] = _Worker(index, process, port_file)
         log.info("worker %d started (pid %d)", index, process.pid)
 
@@ -316,6 +320,45 @@ def _status(code: int) -> str:
 
 # --- a worker ----------------------------------------------------------------------------
 
+_MODULES = ("retrieval.", "contracts.")  # where a configuration's dataclasses may come from
+
+
+def encode_config(value):
+    """A configuration (frozen dataclasses of numbers, text, paths, bytes, tuples) as
+    JSON-ready data that ``decode_config`` turns back into an equal object."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        return {"dataclass": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: encode_config(getattr(value, f.name))
+                           for f in dataclasses.fields(value) if f.init}}
+    if isinstance(value, Path):
+        return {"path": str(value)}
+    if isinstance(value, bytes):
+        return {"bytes": base64.b64encode(value).decode()}
+    if isinstance(value, tuple | frozenset):
+        return {type(value).__name__: [encode_config(v) for v in value]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot pass a {type(value).__name__} to a worker: {value!r:.80}")
+
+
+def decode_config(data):
+    if not isinstance(data, dict):
+        return data
+    if "dataclass" in data:
+        module, _, name = data["dataclass"].partition(":")
+        if not module.startswith(_MODULES):
+            raise ValueError(f"a worker's configuration names {module!r}")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: decode_config(v) for k, v in data["fields"].items()})
+    (kind, value), = data.items()
+    if kind == "path":
+        return Path(value)
+    if kind == "bytes":
+        return base64.b64decode(value)
+    return {"tuple": tuple, "frozenset": frozenset}[kind](decode_config(v) for v in value)
+
+
 
 def _die_with_parent(parent: int) -> None:
     """SIGTERM to this process when the supervisor dies (Linux prctl PR_SET_PDEATHSIG)."""
@@ -334,9 +377,10 @@ def _worker_main() -> int:
     from contracts.errors import TwoTowerError
     from retrieval.logs import configure_logging
 
-    config, port_file, log_format, parent = pickle.load(sys.stdin.buffer)
-    _die_with_parent(parent)
-    configure_logging(log_format)
+    start = json.load(sys.stdin)
+    _die_with_parent(start["parent"])
+    configure_logging(start["log_format"])
+    config, port_file = decode_config(start["config"]), Path(start["port_file"])
     from retrieval.server import serve
 
     try:

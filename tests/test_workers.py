@@ -92,7 +92,8 @@ def test_two_workers_answer_on_one_port_and_one_metrics_endpoint_sums_them(
         serving = {k: v for k, v in metrics.items() if k.startswith("two_tower_serving_info")}
         assert list(serving.values()) == [2.0]  # both workers serve the one pair
     finally:
-        assert stop_server(running) == 0
+        code = stop_server(running)
+        assert code == 0, running.log()[-3000:]
     assert "SERVING with 2 workers" in running.log()
 
 
@@ -172,7 +173,8 @@ def test_every_worker_follows_a_publish(pipeline, features_redis, tmp_path):
         assert {r.response.index_version for r in replies} == {second}
         assert len(re.findall(r"swapped to model \S+ / index " + second, running.log())) == 2
     finally:
-        assert stop_server(running) == 0
+        code = stop_server(running)
+        assert code == 0, running.log()[-3000:]
 
 
 def test_more_than_one_worker_needs_redis(pipeline, tmp_path):
@@ -182,3 +184,21 @@ def test_more_than_one_worker_needs_redis(pipeline, tmp_path):
                           timeout=60)
     assert done.returncode == 2
     assert "--workers 2 needs --redis-url" in done.stderr
+
+
+def test_a_workers_configuration_crosses_as_json_and_comes_back_equal(tmp_path):
+    import json
+
+    from retrieval.redis_options import RedisAuth
+    from retrieval.security import TlsConfig, TokenSet
+    from retrieval.server import ServerConfig
+    from retrieval.workers import decode_config, encode_config
+
+    config = ServerConfig(model_dir=tmp_path / "m", index_dir=tmp_path / "i",
+                          redis_url="redis://127.0.0.1:1/0", worker=1,
+                          tls=TlsConfig(b"-----chain-----", b"-----key-----", None),
+                          auth=TokenSet.from_text("ci:0123456789abcdef0123\n", "tokens"),
+                          redis_auth=RedisAuth("reader", "a password"))
+    assert decode_config(json.loads(json.dumps(encode_config(config)))) == config
+    with pytest.raises(ValueError, match="names 'os'"):
+        decode_config({"dataclass": "os:system", "fields": {}})
