@@ -11,7 +11,10 @@ builds (categorical → string [n], numeric → float32 [n] with NaN, bag/histor
 training.model take them unchanged. Then: rows shuffled in a bounded buffer, batched, the
 logQ column (``CANDIDATE_Q``) looked up from the manifest's item counts, prefetched.
 
-Files are interleaved (several read at once) and shuffled per pass. Under TF_CONFIG each
+Files are interleaved (several read at once) and shuffled per pass, each pass with its own
+seed (``config.seed`` and the pass's number), so the stream is one fixed sequence and a
+resumed run (``start_row``) rebuilds it from the pass it stopped in: whole passes are never
+read again, only the rows already consumed of that pass are read and skipped. Under TF_CONFIG each
 worker reads a disjoint set of files (``worker_shards``: file i goes to worker i mod W,
 never tf.data's auto-sharding), and the stream repeats: with a fixed number of steps per
 epoch (``steps_per_epoch``), a worker with fewer rows cannot leave the others waiting in
@@ -43,7 +46,9 @@ CYCLE_LENGTH = 4           # files read at once
 @dataclass(frozen=True)
 class StreamConfig:
     """``shuffle_buffer``: rows held for shuffling (0 = keep file order, for tests);
-    ``repeat``: an endless stream (training, with fixed steps) or one pass."""
+    ``repeat``: an endless stream (training, with fixed steps) or one pass; ``start_row``:
+    rows of this stream already consumed (a resumed run: global step × this pipeline's
+    batch), skipped."""
 
     batch_size: int
     seed: int = 0
@@ -51,6 +56,7 @@ class StreamConfig:
     repeat: bool = True
     read_rows: int = READ_ROWS
     cycle_length: int = CYCLE_LENGTH
+    start_row: int = 0
 
 
 def split_shards(manifest: PreparedManifest, splits: Sequence[str]) -> tuple[Shard, ...]:
@@ -88,9 +94,7 @@ def stream_examples(manifest: PreparedManifest, splits: Sequence[str], config: S
     spec = manifest.spec
     shards = worker_shards(split_shards(manifest, splits), role)
     check_columns(shards[0], spec)
-    files = tf.data.Dataset.from_tensor_slices([str(s.path) for s in shards])
-    if config.shuffle_buffer:
-        files = files.shuffle(len(shards), seed=config.seed, reshuffle_each_iteration=True)
+    paths = tf.constant([str(s.path) for s in shards])
     signature = _signature(spec)
     columns = tuple(f.name for f in spec.features)
 
@@ -99,15 +103,24 @@ def stream_examples(manifest: PreparedManifest, splits: Sequence[str], config: S
             _record_batches, args=(path, columns, _kinds(spec), config.read_rows),
             output_signature=signature)
 
-    data = files.interleave(read, cycle_length=min(config.cycle_length, len(shards)),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    data = data.map(lambda raw: _decode(raw, spec), num_parallel_calls=tf.data.AUTOTUNE)
-    data = data.unbatch()
-    if config.shuffle_buffer:
-        data = data.shuffle(config.shuffle_buffer, seed=config.seed,
-                            reshuffle_each_iteration=True)
-    if config.repeat:
-        data = data.repeat()
+    def one_pass(number):
+        seed = pass_seed(config.seed, number)
+        files = tf.data.Dataset.from_tensor_slices(paths)
+        if config.shuffle_buffer:
+            files = files.shuffle(len(shards), seed=seed, reshuffle_each_iteration=False)
+        rows = files.interleave(read, cycle_length=min(config.cycle_length, len(shards)),
+                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        rows = rows.map(lambda raw: _decode(raw, spec), num_parallel_calls=tf.data.AUTOTUNE)
+        rows = rows.unbatch()
+        if config.shuffle_buffer:
+            rows = rows.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        return rows
+
+    first, skipped = divmod(config.start_row, max(1, sum(s.rows for s in shards)))
+    passes = tf.data.Dataset.counter(first)
+    data = passes.flat_map(one_pass) if config.repeat else passes.take(1).flat_map(one_pass)
+    if skipped:
+        data = data.skip(skipped)
     data = data.batch(config.batch_size, drop_remainder=config.repeat)
     if item_q is not None:
         item_id = spec.columns.item_id
@@ -118,6 +131,11 @@ def stream_examples(manifest: PreparedManifest, splits: Sequence[str], config: S
     # (every worker reading every file) when it cannot shard by file.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return data.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def pass_seed(seed: int, number) -> tf.Tensor:
+    """The shuffle seed of pass ``number`` (int64 tensor) of a stream seeded ``seed``."""
+    return tf.constant(seed, tf.int64) * 1_000_003 + tf.cast(number, tf.int64)
 
 
 def candidate_q_table(item_ids: np.ndarray, counts: np.ndarray) -> tf.lookup.StaticHashTable:

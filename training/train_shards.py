@@ -22,6 +22,7 @@ from contracts.feature_spec import FeatureSpec, load_feature_spec
 from contracts.prepared import PreparedManifest, check_spec
 from training.distributed import WorkerRole, training_strategy
 from training.model import FeatureStats
+from training.resume import Position, StepCheckpoint, resume_position
 from training.shards import (
     SHUFFLE_BUFFER,
     StreamConfig,
@@ -46,7 +47,12 @@ def train_from_shards(manifest: PreparedManifest, catalogue: Dataset,
                       splits: tuple[str, ...] = ("train",)) -> TrainedModel:
     """Fit a two-tower model on the prepared ``splits``, streamed (all three: every
     interaction, as the in-memory path without evaluation); ``catalogue`` is
-    :func:`load_catalogue`'s. Validation and early stopping as training.train.train."""
+    :func:`load_catalogue`'s. Validation and early stopping as training.train.train.
+
+    With ``config.checkpoint_dir`` a checkpoint is saved every
+    ``config.checkpoint_every_steps`` steps and after each epoch (training.resume); a rerun
+    with the same directory restores the model and optimizer and goes on from the step it
+    stopped at, on the examples the interrupted run would have seen next."""
     keras.utils.set_random_seed(config.seed)
     spec = catalogue.spec  # the spec in hand: the manifest's has the same fingerprint, but
     stats = prepared_feature_stats(manifest)  # its features in sorted order
@@ -55,16 +61,22 @@ def train_from_shards(manifest: PreparedManifest, catalogue: Dataset,
     n = sum(manifest.splits[split].rows for split in splits)
     model = compiled_model(spec, stats, config, n, catalogue.items,
                            counts if config.loss.corpus_negatives else None)
-    strategy = training_strategy()
-    data = strategy.distribute_datasets_from_function(
+    steps = steps_per_epoch(n, config.batch_size)
+    start = resume_position(config.checkpoint_dir, steps)
+    checkpoint = None
+    if config.checkpoint_dir:
+        checkpoint = StepCheckpoint(config.checkpoint_dir, config.checkpoint_every_steps, steps)
+    data = training_strategy().distribute_datasets_from_function(
         lambda context: _worker_stream(manifest, splits, config, shuffle_buffer, item_ids,
-                                       counts, context))
-    trained = TrainedModel(model, stats, catalogue, {}, config)
-    return fit(trained, data, n, validate, steps_per_epoch(n, config.batch_size))
+                                       counts, context, start))
+    trained = fit(TrainedModel(model, stats, catalogue, {}, config), data, n, validate, steps,
+                  checkpoint)
+    trained.kept_epoch = max(trained.kept_epoch, start.epoch)  # a finished run, run again
+    return trained
 
 
 def _worker_stream(manifest, splits, config: TrainConfig, shuffle_buffer: int, item_ids,
-                   counts, context):
+                   counts, context, start: Position):
     """This worker's stream (called once per input pipeline by the strategy)."""
     role = WorkerRole(context.num_input_pipelines, context.input_pipeline_id)
     every = split_shards(manifest, splits)
@@ -72,8 +84,12 @@ def _worker_stream(manifest, splits, config: TrainConfig, shuffle_buffer: int, i
     log.info("worker %d/%d reads %d of %d shards (%d examples): %s", role.index,
              role.num_workers, len(shards), len(every), sum(s.rows for s in shards),
              " ".join(s.path.name for s in shards))
-    stream = StreamConfig(batch_size=context.get_per_replica_batch_size(config.batch_size),
-                          seed=config.seed, shuffle_buffer=shuffle_buffer)
+    batch = context.get_per_replica_batch_size(config.batch_size)
+    stream = StreamConfig(batch_size=batch, seed=config.seed, shuffle_buffer=shuffle_buffer,
+                          start_row=start.global_step * batch)
+    if stream.start_row:
+        log.info("worker %d/%d skips the %d rows of its stream trained on before", role.index,
+                 role.num_workers, stream.start_row)
     return stream_examples(manifest, splits, stream, role, candidate_q_table(item_ids, counts))
 
 
