@@ -17,9 +17,10 @@ latency). The variants:
   the ceiling of Python gRPC here;
 * ``naive``  benchmarks/naive_server.py: SavedModel user tower and Faiss once per request,
   no batching — the baseline, pinned so it survives changes to retrieval/;
-* ``server`` ``two-tower serve`` as it is now, plus ``--server-args``;
+* ``server`` ``two-tower serve`` as it is now, one process (``--workers 1``), plus
+  ``--server-args``;
 * every ``--variant NAME="ARGS"``: ``two-tower serve`` with ``--server-args`` and ARGS,
-  to compare serving options in the same run.
+  to compare serving options in the same run (``--variant workers2="--workers 2"``).
 
 Requests: one per user id of ``--users`` (round-robin), each with a varied context
 (hour_of_day, device) and k=100 — see deploy/ghz/. ghz gets ``--proto`` because Python
@@ -360,8 +361,11 @@ def _variants(args, pair: tuple[Path, Path, Path | None] | None) -> list[Variant
         if not sep or not name:
             raise ValueError(f'--variant: expected NAME="serve args" (got {spec!r})')
         serve.append((name, shlex.split(extra)))
+    # One serving process unless the variant's args say --workers (a later flag wins): the
+    # default with Redis would be every usable core (retrieval.workers).
     return out + [Variant(name, serve_command(model, index, features, args.redis_url,
-                                              [*base, *extra])) for name, extra in serve]
+                                              ["--workers", "1", *base, *extra]))
+                  for name, extra in serve]
 
 
 def wants_server(args) -> bool:

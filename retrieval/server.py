@@ -224,7 +224,7 @@ async def _refresh(metrics: ServiceMetrics, every_s: float = 1.0) -> None:
     while True:
         try:
             metrics.refresh()
-        except Exception:  # noqa: BLE001 - a gauge's bug must not end the refreshes
+        except Exception:  # a gauge's bug must not end the refreshes
             log.exception("refreshing the computed metrics failed; trying again")
         await asyncio.sleep(every_s)
 
