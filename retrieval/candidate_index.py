@@ -215,8 +215,10 @@ class CandidateIndex:
 
     def _rows(self, item_ids: frozenset[str]) -> np.ndarray:
         """int64 rows of the ids the index holds (others are ignored)."""
-        row_of = self._row_of
-        return np.fromiter((row_of[i] for i in item_ids if i in row_of), dtype=np.int64)
+        row_of = self._row_of  # one lookup an id: at 1M items most miss the CPU's caches
+        rows = np.fromiter((row_of.get(i, -1) for i in item_ids), dtype=np.int64,
+                           count=len(item_ids))
+        return rows[rows >= 0]
 
     def _keep(self, scores: np.ndarray, rows: np.ndarray, excluded: np.ndarray,
               k: int) -> Candidates:
