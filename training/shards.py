@@ -41,6 +41,7 @@ from training.tf_env import tf
 READ_ROWS = 4096           # rows per Arrow record batch (one generator step)
 SHUFFLE_BUFFER = 65_536    # rows; about 50 MB at the demo spec's row size
 CYCLE_LENGTH = 4           # files read at once
+PASS_GRAPH_SEED = 17       # the graph seed of one pass's tf.data function (see one_pass)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ def stream_examples(manifest: PreparedManifest, splits: Sequence[str], config: S
             output_signature=signature)
 
     def one_pass(number):
+        # tf.data checks (graph seed, op seed) == (0, 0) in Python, which fails for a tensor
+        # op seed when the graph seed is 0 (keras.utils.set_random_seed(0)): this function's
+        # graph gets a fixed seed of its own, so the pass seed alone decides the order
+        tf.random.set_seed(PASS_GRAPH_SEED)
         seed = pass_seed(config.seed, number)
         files = tf.data.Dataset.from_tensor_slices(paths)
         if config.shuffle_buffer:
