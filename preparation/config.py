@@ -17,6 +17,7 @@ class PrepareConfig:
     shard_multiple: int = 2         # shard counts are a multiple of this (training workers)
     min_count: int = 1              # vocabulary minimum count (non item-tower features)
     history_length: int = 20        # items per user in users/ (what load-features stores)
+    max_seen_items: int = 10_000    # hold-out rows' seen_items: the user's latest N items
     seed: int = 0                   # the training shuffle
     master: str = "local[*]"        # Spark master URL
     driver_memory: str = "4g"
@@ -24,7 +25,8 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("rows_per_shard", 1), ("shard_multiple", 1), ("min_count", 1),
-                          ("history_length", 1), ("seed", 0), ("shuffle_partitions", 0)):
+                          ("history_length", 1), ("max_seen_items", 1), ("seed", 0),
+                          ("shuffle_partitions", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low} (got {value!r})")

@@ -5,7 +5,9 @@ Per user, events are ordered by (timestamp, file, row). An event's history is th
 the user's events strictly before it, most recent first, at most ``max_length`` of them
 (a bounded window frame: a user with millions of events costs no more per row). The last
 event of a user with >= 2 events is test, the second-last of a user with >= 3 is valid,
-every other is train. Hold-out rows also carry SEEN_ITEMS: every item the user had before.
+every other is train. Hold-out rows also carry SEEN_ITEMS: the items the user had before,
+the latest ``max_seen`` of them (a user with millions of events would otherwise make one
+straggling task and one huge row).
 """
 
 from __future__ import annotations
@@ -65,11 +67,17 @@ def _feature(f: Feature, ts: str) -> Column:
     return F.coalesce(c.cast("string"), F.lit(PAD))
 
 
-def with_seen_items(holdout: DataFrame, examples: DataFrame, spec: FeatureSpec) -> DataFrame:
-    """Hold-out rows with SEEN_ITEMS: the user's items before the event, oldest first."""
+def with_seen_items(holdout: DataFrame, examples: DataFrame, spec: FeatureSpec,
+                    max_seen: int) -> DataFrame:
+    """Hold-out rows with SEEN_ITEMS: the user's items before the event, oldest first, the
+    latest ``max_seen`` of them. Hold-out events are a user's last two, so only the user's
+    last ``max_seen`` + 2 events are gathered: a list per user bounded whatever its size."""
     uid, iid = spec.columns.user_id, spec.columns.item_id
     held_users = holdout.select(uid).distinct()
-    events = (examples.join(held_users, uid, "left_semi").groupBy(uid)
+    recent = examples.where(F.col(POS) >= F.col(SIZE) - 2 - max_seen)
+    events = (recent.join(held_users, uid, "left_semi").groupBy(uid)
               .agg(F.sort_array(F.collect_list(F.struct(POS, iid))).alias("_events")))
-    seen = F.transform(F.filter("_events", lambda e: e[POS] < F.col(POS)), lambda e: e[iid])
+    before = F.filter("_events", lambda e: (e[POS] < F.col(POS))
+                      & (e[POS] >= F.col(POS) - max_seen))
+    seen = F.transform(before, lambda e: e[iid])
     return holdout.join(events, uid).withColumn(SEEN_ITEMS, seen).drop("_events")

@@ -87,7 +87,8 @@ def _run(spark: SparkSession, inputs: Inputs, config: PrepareConfig,
     columns = [f.name for f in spec.features] + [spec.columns.timestamp]
     splits = {"train": write_shards(train, columns, "train", stage, scratch, config)}
     clock("train shards")
-    holdout = with_seen_items(examples.where(F.col(PART) != "train"), examples, spec).persist()
+    holdout = with_seen_items(examples.where(F.col(PART) != "train"), examples, spec,
+                              config.max_seen_items).persist()
     for split in ("valid", "test"):
         part = holdout.where(F.col(PART) == split)
         splits[split] = write_shards(part, columns + [SEEN_ITEMS], split, stage, scratch,

@@ -2,7 +2,10 @@
 training.model.compute_feature_stats computes them: vocabularies sorted (np.unique's
 order), without ""; item-tower vocabularies also hold every catalogue value, derived
 context its full range; numeric mean and population variance over finite values (0 and 1
-when there are none). ``min_count`` drops rarer values of the other features."""
+when there are none). ``min_count`` drops rarer values of the other features. A hashed
+feature (``hash_buckets``) has no vocabulary: its values are neither counted nor listed
+(an id space too large to list costs nothing here), except the item id's counts, which
+logQ and corpus sampling need."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def compute_statistics(train: DataFrame, items: DataFrame, spec: FeatureSpec,
     catalogue = _catalogue(items, spec)
     vocab = {}
     for f in spec.features:
-        if f.kind in ("numeric", "history"):
+        if f.kind in ("numeric", "history") or f.hashed:
             continue
         if f.derive:
             vocab[f.name] = [str(v) for v in range(DERIVED_RANGE[f.derive])]
@@ -51,9 +54,11 @@ def compute_statistics(train: DataFrame, items: DataFrame, spec: FeatureSpec,
 def _counted(f: Feature, spec: FeatureSpec) -> bool:
     """Features whose train values are counted: the catalogue covers the other item
     features, derived context has a fixed range."""
-    if f.kind not in ("categorical", "bag") or f.derive:
+    if f.name == spec.columns.item_id:
+        return True  # item counts, hashed or not
+    if f.kind not in ("categorical", "bag") or f.derive or f.hashed:
         return False
-    return f.tower != "item" or f.name == spec.columns.item_id
+    return f.tower != "item"
 
 
 def _value_counts(train: DataFrame, spec: FeatureSpec) -> dict[str, dict[str, int]]:
@@ -81,6 +86,8 @@ def _catalogue(items: DataFrame, spec: FeatureSpec) -> dict[str, set[str]]:
     """Every value of every item-tower categorical or bag feature in the items table."""
     out = {}
     for f in spec.tower("item"):
+        if f.hashed:
+            continue
         if f.kind == "categorical":
             column = items.select(F.col(f.name).alias("v"))
         elif f.kind == "bag":

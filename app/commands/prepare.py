@@ -21,6 +21,9 @@ def add_prepare(sub) -> None:
                         "(item-tower features keep the whole catalogue)")
     p.add_argument("--history-length", type=int, default=20,
                    help="items per user in users/ (what load-features stores)")
+    p.add_argument("--max-seen-items", type=int, default=10_000,
+                   help="hold-out rows keep the user's latest N earlier items as seen_items "
+                        "(masked in evaluation); bounds a heavy user's row")
     p.add_argument("--seed", type=int, default=0, help="seed of the training shuffle")
     p.add_argument("--master", default="local[*]",
                    help="Spark master URL (local[*]: this machine, every core)")
@@ -32,6 +35,7 @@ def _prepare(args) -> None:
     from preparation import PrepareConfig, prepare
 
     config = PrepareConfig(rows_per_shard=args.rows_per_shard, min_count=args.min_count,
-                           history_length=args.history_length, seed=args.seed,
+                           history_length=args.history_length,
+                           max_seen_items=args.max_seen_items, seed=args.seed,
                            master=args.master, driver_memory=args.driver_memory)
     prepare(args.data, args.out, config)
