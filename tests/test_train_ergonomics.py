@@ -60,3 +60,27 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero_over_all_epochs(datase
 def test_unknown_learning_rate_schedule_is_refused():
     with pytest.raises(ValueError, match="learning_rate_schedule must be one of constant, cosine"):
         TrainConfig(learning_rate_schedule="step")
+
+
+def test_a_small_dataset_trains_in_memory_and_streamed_prepares_it(tmp_path, caplog):
+    """`train --data` on a small dataset needs no Spark: it trains on the examples in memory
+    (the same ones preparation writes); --streamed and --prepared-dir prepare instead."""
+    from app.cli import build_parser
+    from app.commands.train import _checked_source
+    from contracts.dataset import Dataset, write_dataset
+    from tests.conftest import TINY
+    from training.synthetic import SyntheticConfig, generate_synthetic
+
+    dataset, spec_toml = generate_synthetic(SyntheticConfig(**TINY))
+    data = write_dataset(dataset, tmp_path / "data", spec_toml)
+
+    def source(*flags):
+        return _checked_source(build_parser().parse_args(
+            ["train", "--data", str(data), "--out", str(tmp_path / "m"), *flags]))
+
+    with caplog.at_level("INFO", logger="two_tower"):
+        chosen = source()
+    assert isinstance(chosen, Dataset) and chosen.num_interactions == dataset.num_interactions
+    assert "trained in memory" in caplog.text and "--streamed" in caplog.text
+    assert source("--streamed") == data
+    assert source("--prepared-dir", str(tmp_path / "p")) == data

@@ -1,9 +1,12 @@
 """`train`: train the two towers and write a model artifact.
 
-From prepared shards (``--prepared``, streamed), or from a dataset (``--data``): prepared
-in-process first (preparation.prepare, into a temporary directory or ``--prepared-dir``),
-then streamed; ``--in-memory`` trains on arrays in memory instead (small data, the quality
-benchmarks), as do several workers given ``--data`` (each would prepare its own copy).
+From prepared shards (``--prepared``, streamed), or from a dataset (``--data``). A small
+dataset (single files up to 64 MiB, at most 1M interactions) is trained on arrays in memory:
+the examples are those preparation would write (tests/test_preparation.py pins it) without
+starting Spark. A larger one is prepared in-process first (preparation.prepare, into a
+temporary directory or ``--prepared-dir``), then streamed. ``--in-memory`` and
+``--streamed`` force either path; several workers given ``--data`` train in memory (each
+would prepare its own copy).
 
 By default training stops early on validation NDCG@10 (patience 2, at most 30 epochs) and
 keeps the best epoch; then a final fit trains again on every event, the held-out ones
@@ -23,18 +26,25 @@ log = logging.getLogger("two_tower")
 MAX_EPOCHS, PATIENCE = 30, 2  # early stopping on validation, the default
 NO_EVAL_EPOCHS = 5            # no validation to stop on: a fixed count
 PRECHECK_BYTES = 64 << 20     # --data tables up to this size are read whole before Spark
+IN_MEMORY_INTERACTIONS = 1_000_000  # --data up to this many is trained in memory (~2.5 GB)
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train the two towers and write a model artifact")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="dataset directory (prepared, then streamed)")
+    source.add_argument("--data", type=Path,
+                        help="dataset directory (small: trained in memory; large: prepared, "
+                             "then streamed)")
     source.add_argument("--prepared", type=Path,
                         help="prepared examples (two-tower prepare), streamed from the shards")
     p.add_argument("--prepared-dir", type=Path,
                    help="with --data: keep the prepared examples here (must not exist)")
-    p.add_argument("--in-memory", action="store_true",
-                   help="with --data: train on arrays in memory, without preparing")
+    path = p.add_mutually_exclusive_group()
+    path.add_argument("--in-memory", action="store_true",
+                      help="with --data: train on arrays in memory, without preparing")
+    path.add_argument("--streamed", action="store_true",
+                      help=f"with --data: prepare (Spark) and stream, even below "
+                           f"{IN_MEMORY_INTERACTIONS:,} interactions")
     p.add_argument("--eval-users", type=int, default=10_000,
                    help="streamed evaluation: users sampled (seeded by --seed) from each "
                         "hold-out split, every item ranked for each")
@@ -140,8 +150,9 @@ def _checked_source(args):
     if args.eval_users < 1:
         raise ValueError(f"--eval-users must be >= 1 (got {args.eval_users})")
     if args.prepared is not None:
-        if args.prepared_dir or args.in_memory:
-            raise ValueError("--prepared-dir and --in-memory go with --data, not --prepared")
+        if args.prepared_dir or args.in_memory or args.streamed:
+            raise ValueError("--prepared-dir, --in-memory and --streamed go with --data, "
+                             "not --prepared")
         from contracts.prepared import load_prepared
 
         return load_prepared(args.prepared)
@@ -149,7 +160,12 @@ def _checked_source(args):
 
     if args.in_memory or not _streams():
         return load_dataset(args.data)
-    _check_before_preparing(args.data)
+    small = _check_before_preparing(args.data)
+    if small is not None and not args.streamed and args.prepared_dir is None \
+            and small.num_interactions <= IN_MEMORY_INTERACTIONS:
+        log.info("train: %s interactions: trained in memory (the examples preparation would "
+                 "write; --streamed prepares and streams them)", f"{small.num_interactions:,}")
+        return small
     return args.data
 
 
@@ -176,19 +192,20 @@ def _run(args, config, source) -> Path:
         return streamed(prepare(args.data, Path(scratch) / "prepared"))
 
 
-def _check_before_preparing(data: Path) -> None:
+def _check_before_preparing(data: Path):
     """Tables of single files up to PRECHECK_BYTES in all are read and checked as the
     in-memory path reads them (about a second), so that a bad cell is named before Spark
-    starts; larger ones, or tables in folders, are checked by the preparation job (which
-    runs before TensorFlow loads, too)."""
+    starts, and returned; larger ones, or tables in folders, are checked by the preparation
+    job (which runs before TensorFlow loads, too): None."""
     from contracts.dataset import load_dataset
 
     entries = list(data.glob("*")) if data.is_dir() else []
     if any(p.is_dir() and p.name in ("interactions", "users", "items") for p in entries):
-        return
+        return None
     tables = [p for p in entries if p.suffix in (".csv", ".parquet") and p.is_file()]
     if sum(p.stat().st_size for p in tables) <= PRECHECK_BYTES:
-        load_dataset(data)
+        return load_dataset(data)
+    return None
 
 
 def _streams() -> bool:
