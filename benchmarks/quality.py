@@ -158,6 +158,9 @@ def variants(protocol: str, epochs: int | None = None,
     out = [
         Variant("plain TFRS (ids, in-batch softmax)", ("user_id", "item_id"), plain),
         Variant("ours", EVERYTHING, ours),
+        # the same model with the optimizer that updates only the embedding rows a batch
+        # touched (training/optimizers.py); the evidence for which one `train` defaults to
+        Variant("ours lazy-adam", EVERYTHING, dataclasses.replace(ours, optimizer="lazy-adam")),
         Variant("ours − logQ", EVERYTHING, dataclasses.replace(
             ablated, loss=dataclasses.replace(ours.loss, logq="none"))),
         Variant("ours − mixed negatives", EVERYTHING,

@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the dataset the shards were prepared from: also train in memory")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optimizer", choices=("adam", "lazy-adam"), default="adam")
+    p.add_argument("--optimizer", choices=("auto", "adam", "lazy-adam"), default="adam")
     p.add_argument("--out", type=Path, default=RESULTS / "train_scale.json",
                    help="where the JSON record goes")
     p.add_argument("--child", choices=("shards", "in-memory"), help=argparse.SUPPRESS)

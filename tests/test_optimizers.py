@@ -57,5 +57,18 @@ def test_an_unknown_optimizer_is_refused_naming_the_choices():
 
     with pytest.raises(ValueError, match="adam, lazy-adam"):
         make_optimizer("sgd", 0.1)
-    with pytest.raises(ValueError, match="optimizer must be one of adam, lazy-adam"):
+    with pytest.raises(ValueError, match="optimizer must be one of auto, adam, lazy-adam"):
         TrainConfig(optimizer="sgd")
+
+
+@pytest.mark.parametrize("items, chosen", [(1_000, "adam"), (100_000, "lazy-adam")])
+def test_auto_takes_lazy_adam_for_a_model_with_a_large_embedding_table(items, chosen, caplog):
+    """The default: dense Adam's per-step cost grows with the vocabulary, lazy-adam's not."""
+    from training.optimizers import LazyAdam, make_optimizer
+    from training.tf_env import keras
+
+    model = keras.Sequential([keras.layers.Embedding(items, 4), keras.layers.Dense(2)])
+    with caplog.at_level("INFO", logger="training.optimizers"):
+        optimizer = make_optimizer("auto", 0.1, model)
+    assert isinstance(optimizer, LazyAdam) == (chosen == "lazy-adam")
+    assert f"optimizer auto: {chosen} (largest embedding table {items:,} rows" in caplog.text

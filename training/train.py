@@ -40,8 +40,9 @@ class TrainConfig:
     early_stopping_patience: int = 0     # epochs without validation gain; 0 = off
     # constant, or cosine: decayed from learning_rate to 0 over all epochs' steps
     learning_rate_schedule: str = "constant"
-    # adam, or lazy-adam: sparse updates of the embedding rows a batch touched (optimizers.py)
-    optimizer: str = "adam"
+    # adam, lazy-adam (sparse updates of the embedding rows a batch touched), or auto:
+    # lazy-adam when an embedding table has 100k rows or more, else adam (optimizers.py)
+    optimizer: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every_steps"):
@@ -168,7 +169,8 @@ def _compiled_model(spec, stats, config: TrainConfig, n: int, corpus, corpus_pro
         towers = Towers(spec, stats, config.tower)
         model = TwoTowerModel(towers.user_tower(), towers.item_tower(), spec.columns.item_id,
                               config.loss, config.batch_size, corpus, corpus_probs)
-        model.compile(optimizer=make_optimizer(config.optimizer, _learning_rate(config, n)))
+        model.compile(optimizer=make_optimizer(config.optimizer, _learning_rate(config, n),
+                                               model))
     return model
 
 

@@ -59,9 +59,10 @@ def add_train(sub) -> None:
                              f"{NO_EVAL_EPOCHS} by default with --no-eval")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=0.01)
-    p.add_argument("--optimizer", choices=("adam", "lazy-adam"), default="adam",
+    p.add_argument("--optimizer", choices=("auto", "adam", "lazy-adam"), default="auto",
                    help="lazy-adam: update only the embedding rows a batch touched (much "
-                        "faster with large vocabularies; docs/training.md)")
+                        "faster with large vocabularies); auto: lazy-adam when an embedding "
+                        "table has 100,000 rows or more, else adam (docs/training.md)")
     p.add_argument("--learning-rate-schedule", choices=("constant", "cosine"),
                    default="constant", help="cosine: decay to 0 over all epochs")
     p.add_argument("--embedding-dim", type=int, default=32)
