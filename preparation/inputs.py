@@ -5,8 +5,11 @@ A table is one file (``interactions.parquet``, ``interactions.csv``) or a direct
 many (``interactions/``, any depth, e.g. ``date=2024-01-01/part-0.parquet``), sorted by
 path: a row's source ordinal is (index of its file in that order, row in the file), the
 row order of the single-file form. Values are read as contracts.dataset reads them: ids
-as strings (an integral float as an integer), timestamps as int64 seconds, numbers as
-finite float32, bags "|"-separated in CSV or list<string> in Parquet.
+as strings (an integral float as an integer), timestamps as int64 seconds (from a number
+in the spec's timestamp_unit, ISO-8601 text or a Parquet timestamp; 1970-2199), numbers as
+float32, bags "|"-separated in CSV or list<string> in Parquet. A missing value (empty
+cell, null, NaN) of a feature is null here (categorical, numeric) or an empty bag; the id
+and time columns may not be missing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,18 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from contracts.dataset import SPEC_FILE, csv_row_error, table_columns
+from contracts.dataset import (
+    ISO_8601,
+    LATEST_SECONDS,
+    SPEC_FILE,
+    UNIT_SECONDS,
+    csv_row_error,
+    implausible_timestamp,
+    missing_table,
+    parse_timestamp,
+    table_columns,
+    timestamp_message,
+)
 from contracts.errors import DataError
 from contracts.feature_spec import BAG_SEPARATOR, Feature, FeatureSpec, load_feature_spec
 
@@ -60,8 +74,8 @@ def _find(directory: Path, name: str, required: bool) -> tuple[Path, ...]:
             raise DataError(str(folder), "mixes .parquet and .csv files; use one format")
         return tuple(files)
     if required:
-        raise DataError(str(directory / f"{name}.parquet"), f"missing table {name!r} "
-                        f"(expected {name}.parquet, {name}.csv or a directory {name}/)")
+        raise missing_table(directory, name, f"{name}.parquet, {name}.csv or a directory "
+                            f"{name}/")
     return ()
 
 
@@ -124,11 +138,21 @@ def _line(table: DataFrame, row) -> int:
 
 
 def _message(col: Feature | str, spec: FeatureSpec, raw: str | None) -> str:
+    """Worded as contracts.dataset words the same value."""
     if col == spec.columns.timestamp:
-        return f"timestamp must be seconds since the epoch (got {raw!r})"
-    if isinstance(col, str) or col.kind == "categorical":
+        unit = spec.columns.timestamp_unit
+        seconds = parse_timestamp(raw, UNIT_SECONDS[unit])
+        if seconds is None:
+            return timestamp_message(unit, raw)
+        return implausible_timestamp(raw, seconds, unit)
+    if isinstance(col, str):
         return "empty value; every row needs one"
-    return f"expected a finite number (got {raw!r})"
+    try:
+        float(raw or "")
+    except ValueError:
+        return f"expected a number (got {raw!r})"
+    return (f"expected a finite number (got {raw!r}); leave the cell empty or NaN for a "
+            "missing value")
 
 
 def _typed(raw: DataFrame, col: Feature | str, spec: FeatureSpec) -> tuple[Column, Column]:
@@ -136,20 +160,42 @@ def _typed(raw: DataFrame, col: Feature | str, spec: FeatureSpec) -> tuple[Colum
     name = _name(col)
     c, kind = F.col(name), raw.schema[name].dataType
     if col == spec.columns.timestamp:
-        value = F.coalesce(c.try_cast("long"), c.try_cast("double").try_cast("long"))
-        return value, value.isNull()
-    if isinstance(col, str) or col.kind == "categorical":
+        value = _seconds(c, kind, UNIT_SECONDS[spec.columns.timestamp_unit])
+        return value, value.isNull() | (value < 0) | (value >= LATEST_SECONDS)
+    if isinstance(col, str):  # an id: every row needs one
         value = _as_id(c, kind)
         return value, value.isNull() | (value == "")
-    if col.kind == "numeric":
+    if col.kind == "categorical":  # missing ("", null, NaN) → null
+        value = _as_id(c, kind)
+        if isinstance(kind, T.FloatType | T.DoubleType):
+            value = F.when(~F.isnan(c), value)
+        return F.when(value != "", value), F.lit(False)
+    if col.kind == "numeric":  # missing ("", null) → null; NaN stays NaN; text, ±inf fail
         number = c.try_cast("double")
-        finite = number.isNotNull() & ~F.isnan(number) & (F.abs(number) != float("inf"))
-        return number.cast("float"), ~finite
+        empty = c.isNull() | (c.cast("string") == "")
+        bad = number.isNull() | (F.abs(number) == float("inf"))
+        return F.when(~empty, number.cast("float")), ~empty & bad
     if isinstance(kind, T.ArrayType):
         value = F.transform(c, lambda x: _as_id(x, kind.elementType))
     else:
         value = F.filter(F.split(c.cast("string"), "\\" + BAG_SEPARATOR, -1), lambda x: x != "")
     return F.coalesce(value, F.array().cast("array<string>")), F.lit(False)
+
+
+def _seconds(c: Column, kind: T.DataType, per_second: int) -> Column:
+    """Whole seconds since the epoch (floored), as contracts.dataset.parse_timestamp reads
+    the same value: a Parquet timestamp, a number in units of 1/per_second s, or ISO-8601
+    text (no offset: UTC, the session's time zone); null when it is none of those."""
+    if isinstance(kind, T.TimestampType | T.TimestampNTZType):
+        return F.unix_seconds(c.cast("timestamp"))
+    number = c.try_cast("double")
+    from_number = F.when(~F.isnan(number) & (F.abs(number) != float("inf")),
+                         F.floor(number / per_second))
+    if not isinstance(kind, T.StringType):
+        return from_number.cast("long")
+    text = F.trim(c)
+    from_text = F.when(text.rlike(ISO_8601), F.unix_seconds(text.try_cast("timestamp")))
+    return F.coalesce(from_number, from_text).cast("long")
 
 
 def _as_id(c: Column, kind: T.DataType) -> Column:

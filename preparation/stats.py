@@ -45,7 +45,7 @@ def compute_statistics(train: DataFrame, items: DataFrame, spec: FeatureSpec,
         seen = counts.get(f.name, {})
         floor = 1 if f.tower == "item" else min_count
         kept = {v for v, n in seen.items() if n >= floor} | catalogue.get(f.name, set())
-        kept.discard(PAD)
+        kept -= {PAD, None}  # a missing value ("" in examples, null in the catalogue)
         vocab[f.name] = sorted(kept)
     item_counts = counts.get(spec.columns.item_id, {})
     return Statistics(vocab, _moments(train, spec), item_counts)
@@ -68,8 +68,7 @@ def _value_counts(train: DataFrame, spec: FeatureSpec) -> dict[str, dict[str, in
         if not _counted(f, spec):
             continue
         if f.kind == "bag":
-            pairs.append(F.transform(f.name, lambda v, n=f.name: F.struct(
-                F.lit(n).alias("f"), v.alias("v"))))
+            pairs.append(F.transform(f.name, _tagged(f.name)))
         else:
             pairs.append(F.array(F.struct(F.lit(f.name).alias("f"),
                                           F.col(f.name).alias("v"))))
@@ -80,6 +79,13 @@ def _value_counts(train: DataFrame, spec: FeatureSpec) -> dict[str, dict[str, in
     for row in stacked.groupBy("f", "v").count().toLocalIterator():
         counts.setdefault(row["f"], {})[row["v"]] = row["count"]
     return counts
+
+
+def _tagged(name: str):
+    """element → (name, element). A one-argument function: F.transform passes a lambda of
+    two arguments the element's index as the second (``lambda v, n=name`` would tag each
+    element with its position)."""
+    return lambda v: F.struct(F.lit(name).alias("f"), v.alias("v"))
 
 
 def _catalogue(items: DataFrame, spec: FeatureSpec) -> dict[str, set[str]]:

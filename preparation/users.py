@@ -1,7 +1,8 @@
 """users/: what ``load-features`` writes to the feature store, one row per user.
 
 Columns: the user id, every users-table feature (null for a user seen only in the
-interactions: the store then keeps no features for it) and HISTORY, the user's last
+interactions, and for a missing value: the store then keeps no such feature, as
+retrieval.feature_store.users_from_dataset does not) and HISTORY, the user's last
 ``history_length`` items, most recent first (empty for a user with no interactions), in
 the order of retrieval.feature_store.users_from_dataset (timestamp, then source ordinal).
 """

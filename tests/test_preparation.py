@@ -311,3 +311,111 @@ def _copy_tables(source: Path, target: Path) -> Path:
     for name in ("features.toml", "users.parquet", "items.parquet"):
         (target / name).write_bytes((source / name).read_bytes())
     return target
+
+
+# --- missing values, time units, a missing table -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gappy_data(tmp_path_factory):
+    from tests.missing_data import gappy_dataset, write_gappy
+
+    dataset, spec_toml = gappy_dataset()
+    root = tmp_path_factory.mktemp("gappy")
+    return {form: write_gappy(dataset, spec_toml, root / form, form)
+            for form in ("csv", "parquet-nulls", "parquet-nan")}
+
+
+@pytest.mark.parametrize("form", ["csv", "parquet-nulls", "parquet-nan"])
+def test_tables_with_gaps_prepare_exactly_as_the_in_memory_path(spark, gappy_data, form,
+                                                                 tmp_path):
+    from retrieval.feature_store import users_from_dataset
+    from training.model import compute_feature_stats
+
+    data = gappy_data[form]
+    out = _prepare(spark, data, tmp_path / "out")
+    _assert_same_examples(out, data)
+    ds, examples, split = _in_memory(data)
+    stats = compute_feature_stats(ds.spec, {k: v[split.train] for k, v in examples.items()},
+                                  ds.items)
+    manifest = load_prepared(out)
+    for name, vocab in stats.vocabularies.items():
+        assert manifest.vocabulary(name) == list(vocab), name
+    assert "" not in manifest.vocabulary("category")
+    for name in ("age", "battery"):
+        assert manifest.statistics[name]["mean"] == pytest.approx(stats.means[name], rel=1e-5)
+        assert manifest.statistics[name]["count"] == \
+            np.isfinite(examples[name][split.train]).sum()
+    want = users_from_dataset(ds, history_length=20)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(manifest.users.glob("*"))])
+    got = {r["user_id"]: r for r in table.to_pylist()}
+    assert len(got) == len(want)
+    for user, stored in want.items():
+        row = got[user]
+        present = {n: v for n, v in row.items() if n not in ("user_id", "history")
+                   and v is not None and not (isinstance(v, float) and np.isnan(v))}
+        present = {n: tuple(v) if isinstance(v, list) else v for n, v in present.items()}
+        assert present.keys() == stored.features.keys(), user
+        for name, value in present.items():
+            want_value = stored.features[name]
+            assert value == (pytest.approx(want_value) if isinstance(value, float)
+                             else want_value), (user, name)
+
+
+def _times(data: Path, values: pa.Array) -> None:
+    path = data / "interactions.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.column_names.index("timestamp"), "timestamp",
+                                    values), path)
+
+
+def _copy_all(source: Path, target: Path, unit: str | None = None) -> Path:
+    _copy_tables(source, target)
+    (target / "interactions.parquet").write_bytes((source / "interactions.parquet").read_bytes())
+    if unit:
+        spec = (source / "features.toml").read_text().replace(
+            'timestamp = "timestamp"\n', f'timestamp = "timestamp"\ntimestamp_unit = "{unit}"\n', 1)
+        (target / "features.toml").write_text(spec)
+    return target
+
+
+def test_milliseconds_iso_text_and_parquet_timestamps_prepare_as_seconds(spark, tiny, tmp_path):
+    seconds = pq.read_table(tiny / "interactions.parquet").column("timestamp").to_numpy()
+    ms = _copy_all(tiny, tmp_path / "ms", unit="ms")
+    _times(ms, pa.array(seconds * 1000 + 999))
+    iso = _copy_all(tiny, tmp_path / "iso")
+    forms = ["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S.5+00:00"]
+    _times(iso, pa.array([dt.datetime.fromtimestamp(int(t), dt.UTC).strftime(forms[i % 3])
+                          for i, t in enumerate(seconds)]))
+    typed = _copy_all(tiny, tmp_path / "typed")
+    _times(typed, pa.array(seconds * 1000 + 1).cast(pa.timestamp("ms", tz="UTC")))
+    for data in (ms, iso, typed):
+        _assert_same_examples(_prepare(spark, data, tmp_path / f"out-{data.name}"), tiny)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_milliseconds_read_as_seconds_are_refused_as_in_memory(spark, tiny, tmp_path, fmt):
+    ds = load_dataset(tiny)
+    seconds = ds.interactions["timestamp"]
+    ds.interactions["timestamp"] = seconds * 1000
+    data = write_dataset(ds, tmp_path / "d", (tiny / "features.toml").read_text(), fmt)
+    ds.interactions["timestamp"] = seconds
+    with pytest.raises(DataError) as in_memory:
+        load_dataset(data)
+    with pytest.raises(DataError) as prepared:
+        _prepare(spark, data, tmp_path / "out")
+    assert str(prepared.value) == str(in_memory.value)
+    assert 'set timestamp_unit = "ms" under [columns]' in str(prepared.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_interactions_table_names_what_was_looked_for(spark, tiny, tmp_path):
+    data = _copy_tables(tiny, tmp_path / "d")
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    with pytest.raises(DataError) as caught:
+        _prepare(spark, data, tmp_path / "out")
+    message = str(caught.value)
+    assert "missing table 'interactions': looked for interactions.parquet, interactions.csv " \
+           "or a directory interactions/" in message
+    assert "the directory holds features.toml, items.parquet, ratings.csv, users.parquet" \
+        in message
