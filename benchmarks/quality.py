@@ -6,7 +6,10 @@
 For each protocol it trains, on the same split and with the same epoch budget, (a) the
 plain two-tower of the TFRS tutorials (user-id and item-id embeddings, in-batch softmax,
 nothing else) and (b) our model, then the ablations of (b) (logQ off, mixed negatives off,
-history off, context off). Every model is ranked against the full item corpus (no sampled
+history off, context off), beside popularity and EASE (training.ease; λ chosen on
+validation; two test rows: refit with that λ on train + valid, and fit on train only as
+the towers are, both scoring from the train + valid rows the towers' test inputs hold).
+Every model is ranked against the full item corpus (no sampled
 metrics) with the protocol's masking (training.protocols). Epochs are chosen by early
 stopping on validation NDCG@10; test metrics are computed once, at the end.
 
@@ -31,6 +34,7 @@ import numpy as np
 from contracts.dataset import Dataset
 from contracts.feature_spec import parse_feature_spec
 from contracts.inputs import histories_from_other_items, item_bags, training_examples
+from training.ease import choose_ease, fit_ease, interaction_matrix
 from training.metrics import RankingMetrics
 from training.model import LossConfig, TowerConfig
 from training.protocols import (
@@ -265,10 +269,43 @@ def run_protocol(protocol: Protocol, variant_list: list[Variant]) -> dict:
     out = {"protocol": protocol.name, "users": protocol.split.n_users,
            "items": protocol.split.n_items, "train": len(protocol.split.train),
            "popularity": {s: popularity_ranking(protocol.split, s).as_dict()
-                          for s in ("valid", "test")}, "variants": {}}
+                          for s in ("valid", "test")},
+           "ease": run_ease(protocol.split), "variants": {}}
     for variant in variant_list:
         out["variants"][variant.name] = run_variant(protocol, variant)
     return out
+
+
+def run_ease(split: ProtocolSplit) -> dict:
+    """EASE (training.ease) as the towers see the data: λ chosen on validation NDCG@10 with
+    the model fit on train; for test, refit with that λ on train + valid (the rows the
+    towers' test-stage user inputs are built from) and scored from those rows."""
+    start = time.perf_counter()
+    x_train = _matrix(split, split.train)
+
+    def validate(model) -> float:
+        return evaluate_protocol(split, lambda rows: model.scores(x_train[rows]),
+                                 "valid").ndcg[10]
+
+    chosen, tried = choose_ease(x_train, validate)
+    x_seen = _matrix(split, np.concatenate([split.train, split.valid]))
+    # the towers' case: weights from train, test inputs from train + valid
+    train_fit = evaluate_protocol(split, lambda rows: chosen.scores(x_seen[rows]), "test")
+    # the issue's first figure: train rows only, as input and as fit
+    train_only = evaluate_protocol(split, lambda rows: chosen.scores(x_train[rows]), "test")
+    refit = fit_ease(x_seen, chosen.l2)
+    test = evaluate_protocol(split, lambda rows: refit.scores(x_seen[rows]), "test")
+    log.info("%s / EASE: λ %g (validation NDCG@10 by λ %s)", split.name, chosen.l2, tried)
+    return {"test": test.as_dict(), "l2": chosen.l2,
+            "valid_ndcg@10_by_l2": {str(k): v for k, v in tried.items()},
+            "test_fit_on_train": train_fit.as_dict(),
+            "test_train_rows_only": train_only.as_dict(),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _matrix(split: ProtocolSplit, rows: np.ndarray) -> np.ndarray:
+    return interaction_matrix(split.users[rows], split.items[rows], split.n_users,
+                              split.n_items)
 
 
 def run_variant(protocol: Protocol, variant: Variant) -> dict:
@@ -322,6 +359,10 @@ def format_tables(name: str, result: dict) -> str:
     lines = [f"\n{name}: {result['users']} users, {result['items']} items, "
              f"{result['train']} training interactions; test, full corpus", head]
     rows = [("popularity", result["popularity"]["test"], None)]
+    if "ease" in result:
+        l2 = f"λ {result['ease']['l2']:g}"
+        rows.append((f"EASE ({l2}, refit train+valid)", result["ease"]["test"], None))
+        rows.append((f"EASE ({l2}, fit on train)", result["ease"]["test_fit_on_train"], None))
     rows += [(n, v["test"], v) for n, v in result["variants"].items()]
     for label, metrics, info in rows:
         line = f"{label:<38}" + "".join(f"{metrics[f'{m}@{k}']:>11.4f}" for m in ("recall", "ndcg")
