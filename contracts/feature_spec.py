@@ -246,10 +246,13 @@ def _check_history_hashing(spec: FeatureSpec, path: str) -> None:
 
 def _check_towers(spec: FeatureSpec, path: str) -> None:
     cols = spec.columns
-    if not any(f.name == cols.user_id for f in spec.tower("user")):
+    # the user id column always identifies the user; as a feature it is optional (a
+    # history-as-user tower has none), but the user tower needs some input
+    if not spec.user_input_features:
         raise FeatureSpecError(
-            path, f"features.{cols.user_id}",
-            f"the user tower needs the user id column {cols.user_id!r} as a categorical feature",
+            path, "features",
+            f"the user tower has no feature: add the user id {cols.user_id!r} as a categorical "
+            "feature, a history, or other user or context features",
         )
     if not any(f.name == cols.item_id for f in spec.tower("item")):
         raise FeatureSpecError(

@@ -45,6 +45,9 @@ MANIFEST = "manifest.json"
 SIMILARITY = "dot"
 # the NumPy user tower (written by training.numpy_export, run by retrieval.numpy_tower)
 NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/3"  # 2 + missing rows and indicators
+# 3 + a history's "pooling" (mean | normalized_sum) and "activation" (linear | tanh);
+# written only by a model whose history uses them (training.history)
+NUMPY_TOWER_FORMAT_4 = "two-tower-numpy-user-tower/4"
 NUMPY_TOWER_FORMAT_2 = "two-tower-numpy-user-tower/2"
 NUMPY_TOWER_FORMAT_1 = "two-tower-numpy-user-tower/1"  # vocabularies as JSON lists
 NUMPY_TOWER_ARRAYS = "user_tower_numpy.npz"

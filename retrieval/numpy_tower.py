@@ -17,7 +17,9 @@ inputs of contracts.inputs.user_inputs. Preprocessing is the training graph's:
   reads the table's last row, as training.model.MissingRow sends it (format 1 and 2: ""
   is an unknown id, an OOV bucket, as those models were trained);
 * bag, history: mean of the embeddings of the non-"" ids, zeros for an all-"" row ("" is
-  looked up as an extra all-zero row, so padding costs no hashing and no mask);
+  looked up as an extra all-zero row, so padding costs no hashing and no mask); a history
+  of format 4 may instead divide the sum by sqrt(count) ("pooling" normalized_sum) and
+  apply tanh ("activation"), as training.history does;
 * numeric: NaN/±inf → the training mean, then (x - mean) / sqrt(variance), in float32,
   followed by a 1.0/0.0 missing column when the entry has "missing_indicator";
 * concatenation in spec order, Dense layers (relu or linear), optional L2 normalisation.
@@ -40,6 +42,7 @@ from contracts.model_manifest import (
     NUMPY_TOWER_FORMAT,
     NUMPY_TOWER_FORMAT_1,
     NUMPY_TOWER_FORMAT_2,
+    NUMPY_TOWER_FORMAT_4,
     NUMPY_TOWER_GRAPH,
     ModelManifest,
     load_model_manifest,
@@ -140,6 +143,12 @@ class _Embedded:
     def __init__(self, entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
         self.name, self.pooled = entry["name"], entry["kind"] in ("bag", "history")
         self.max_length = int(entry["max_length"]) if self.pooled else None
+        # format 4 (training.history): sum / n or sum / sqrt(n), then linear or tanh
+        self.pooling, activation = entry.get("pooling", "mean"), entry.get("activation", "linear")
+        if self.pooling not in ("mean", "normalized_sum") or activation not in ("linear", "tanh"):
+            raise ValueError(f"{self.name}: unknown pooling {self.pooling!r} or activation "
+                             f"{activation!r}")
+        self.tanh = activation == "tanh"
         if "hash_buckets" in entry:  # no vocabulary: every id is an "OOV" bucket
             vocabulary, num_oov = np.zeros(0, dtype="<U1"), int(entry["hash_buckets"])
         else:
@@ -168,7 +177,9 @@ class _Embedded:
         if not self.pooled:
             return embedded
         total = embedded.sum(axis=1)
-        return total[:, :-1] / np.maximum(total[:, -1:], np.float32(1.0))
+        count = np.maximum(total[:, -1:], np.float32(1.0))
+        pooled = total[:, :-1] / (count if self.pooling == "mean" else np.sqrt(count))
+        return np.tanh(pooled) if self.tanh else pooled
 
 
 class _Numeric:
@@ -226,7 +237,8 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         graph = json.loads(graph_path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(str(graph_path), f"cannot read the NumPy user tower: {exc}") from exc
-    formats = (NUMPY_TOWER_FORMAT, NUMPY_TOWER_FORMAT_2, NUMPY_TOWER_FORMAT_1)
+    formats = (NUMPY_TOWER_FORMAT_4, NUMPY_TOWER_FORMAT, NUMPY_TOWER_FORMAT_2,
+               NUMPY_TOWER_FORMAT_1)
     if not isinstance(graph, dict) or graph.get("format") not in formats:
         got = graph.get("format") if isinstance(graph, dict) else type(graph).__name__
         raise ArtifactError(str(graph_path), f"format must be one of {', '.join(formats)} "

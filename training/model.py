@@ -45,12 +45,30 @@ class TowerConfig:
                                # TFRS tutorial's plain id-embedding towers)
     history_dropout: float = 0.0
     embedding_l2: float = 0.0
+    # the history encoder (training.history): mean | normalized_sum (sum / sqrt(n));
+    # shared (the item-id table) | own (a table of its own, Mult-DAE's encoder); linear | tanh
+    history_pooling: str = "mean"
+    history_table: str = "shared"
+    history_activation: str = "linear"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.history_dropout < 1.0:
             raise ValueError(f"history_dropout must be in [0, 1) (got {self.history_dropout})")
         if not self.embedding_l2 >= 0.0:
             raise ValueError(f"embedding_l2 must be >= 0 (got {self.embedding_l2})")
+        from training.history import HISTORY_ACTIVATIONS, HISTORY_TABLES, POOLINGS
+
+        for name, choices in (("history_pooling", POOLINGS), ("history_table", HISTORY_TABLES),
+                              ("history_activation", HISTORY_ACTIVATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)} "
+                                 f"(got {getattr(self, name)!r})")
+
+    @property
+    def plain_history(self) -> bool:
+        """Whether the history is the mean of shared item embeddings (MaskedMeanPool)."""
+        return (self.history_pooling, self.history_table, self.history_activation) == (
+            "mean", "shared", "linear")
 
 
 LOGQ_MODES = ("none", "exact", "streaming")
@@ -225,6 +243,8 @@ class Towers:
             mean, var = self.stats.means[f.name], max(self.stats.variances[f.name], 1e-12)
             x = tf.where(tf.math.is_finite(x), x, mean)  # unknown → the training mean
             return keras.layers.Reshape((1,))((x - mean) / np.sqrt(var))
+        if f.kind == "history" and not self.config.plain_history:
+            return self._encode_history(f, x)
         if f.kind == "history" or f.name == self.spec.columns.item_id:
             lookup, embedding = self._item_lookup, self._item_embedding
         else:
@@ -237,6 +257,18 @@ class Towers:
             return embedded
         dropout = self.config.history_dropout if f.kind == "history" else 0.0
         return MaskedMeanPool(dropout, name=f"{f.name}_pool")(embedded, x)
+
+    def _encode_history(self, f: Feature, x):
+        """training.history: the real ids only, pooled as the config says."""
+        from training.history import encode_history
+
+        c, embedding = self.config, self._item_embedding
+        if c.history_table == "own":  # the item-id vocabulary, a table of its own
+            embedding = keras.layers.Embedding(
+                embedding.input_dim, embedding.output_dim, name=f"{f.name}_embedding",
+                embeddings_regularizer=embedding.embeddings_regularizer)
+        return encode_history(f.name, x, self._item_lookup, embedding, c.history_pooling,
+                              c.history_activation, c.history_dropout)
 
     def _lookup_and_embedding(self, f: Feature):
         if f.hashed:  # FarmHash Fingerprint64 mod N (no salt), as StringLookup's OOV buckets

@@ -21,7 +21,10 @@ Format 1 held each vocabulary in the JSON as a list of strings. A server parses 
 in one C call holding the GIL (0.07-0.2 s for a 1M-id history vocabulary, stalling the
 calls it serves during a hot swap); an array is read from the .npz without building a
 Python object per id. Format 3 added "missing_row" and "missing_indicator" (a format-2
-reader would misread them). retrieval.numpy_tower reads all three formats.
+reader would misread them). Format 4, written only when a history uses them, adds a
+history's "pooling" (mean | normalized_sum) and "activation" (linear | tanh) from
+training.history; its own table ("history_table" own) is just another "embedding" name.
+retrieval.numpy_tower reads all four formats.
 
 Everything is read from the trained Keras layers by name (as training.model.Towers names
 them), except the numeric means and variances, which the model holds as constants of its
@@ -38,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from contracts.feature_spec import Feature, FeatureSpec
-from contracts.model_manifest import NUMPY_TOWER_ARRAYS, NUMPY_TOWER_FORMAT, NUMPY_TOWER_GRAPH
+from contracts.model_manifest import (NUMPY_TOWER_ARRAYS, NUMPY_TOWER_FORMAT,
+                                      NUMPY_TOWER_FORMAT_4, NUMPY_TOWER_GRAPH)
 
 if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must not
     from training.model import FeatureStats
@@ -50,6 +54,7 @@ _LAYER_TYPES = {"InputLayer", "TFOpLambda", "StringLookup", "Hashing", "Embeddin
                 "MissingRow", "MissingIndicator"}
 # the ops of the numeric encoder: where(is_finite(x), x, mean), then (x - mean) / std
 _NUMERIC_OPS = {"math.is_finite", "where", "math.subtract", "math.truediv"}
+_LAYER_TYPES |= {"HistoryKeep", "HistoryPool"}  # training.history's encoder
 
 
 def export_numpy_user_tower(user_tower, spec: FeatureSpec, stats: FeatureStats,
@@ -71,7 +76,9 @@ def export_numpy_user_tower(user_tower, spec: FeatureSpec, stats: FeatureStats,
                          f"{arrays[dense[0]['name'] + '.kernel'].shape[0]} inputs but the "
                          f"encodings are {width} wide")
     graph = {
-        "format": NUMPY_TOWER_FORMAT,
+        # format 4 only when a history has options a format-3 reader would not apply
+        "format": NUMPY_TOWER_FORMAT_4 if any("pooling" in e for e in features)
+        else NUMPY_TOWER_FORMAT,
         "embedding_dim": int(user_tower.output.shape[-1]),
         "normalize": _has_layer(user_tower, f"{user_tower.name}_l2"),
         "features": features,
@@ -92,7 +99,8 @@ def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
     # history shares the item-id lookup and embedding with the item tower
     owner = spec.columns.item_id if f.kind == "history" else f.name
     lookup = tower.get_layer(f"{owner}_lookup")
-    embedding = tower.get_layer(f"{owner}_embedding")
+    own = f.kind == "history" and _has_layer(tower, f"{f.name}_embedding")
+    embedding = tower.get_layer(f"{f.name if own else owner}_embedding")  # own: history_table
     missing = f.has_missing_row(spec)  # training.model.MissingRow: "" → the last row
     if type(lookup).__name__ == "Hashing":
         entry = _hashed_entry(f, lookup, embedding, arrays, missing)
@@ -100,6 +108,10 @@ def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
         entry = _vocabulary_entry(f, lookup, embedding, arrays, missing)
     if missing:
         entry["missing_row"] = True
+    if f.kind == "history" and _has_layer(tower, f"{f.name}_pool"):
+        pool = tower.get_layer(f"{f.name}_pool")
+        if type(pool).__name__ == "HistoryPool":  # training.history; MaskedMeanPool: mean
+            entry.update(pooling=pool.pooling, activation=pool.activation)
     return {**entry, "max_length": f.max_length} if f.is_sequence else entry
 
 
