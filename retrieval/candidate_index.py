@@ -24,7 +24,7 @@ from indexer.artifact import IndexArtifact, load_metadata_rows
 from indexer.build import search_parameters, tunable_parameter
 from contracts.errors import InvalidArgument
 from retrieval.query import ItemRules, rule_field
-from retrieval.row_lookup import rows_by_id
+from retrieval.row_lookup import IdRows
 from retrieval.wire import CandidateWire
 
 
@@ -59,16 +59,12 @@ class CandidateIndex:
         live = np.ones(len(artifact.item_ids), dtype=bool)
         live[artifact.tombstones] = False
         live_rows = np.flatnonzero(live)
-        self._row_of = rows_by_id(artifact.item_ids[live_rows], live_rows)
+        self._row_of = IdRows(artifact.item_ids[live_rows], live_rows)
         self._live = live
         self._selector = _without(artifact.tombstones)
         self._graph = tunable_parameter(artifact.index) == "ef_search"  # HNSW
         self._rows_by_value = load_metadata_rows(artifact)
         self.wire = CandidateWire(artifact.item_ids)
-
-    def id_tables(self) -> list[dict]:
-        """The large id → row dicts (retrieval.swap empties them when retiring the index)."""
-        return [self._row_of]
 
     @property
     def size(self) -> int:
@@ -215,9 +211,9 @@ class CandidateIndex:
 
     def _rows(self, item_ids: frozenset[str]) -> np.ndarray:
         """int64 rows of the ids the index holds (others are ignored)."""
-        row_of = self._row_of  # one lookup an id: at 1M items most miss the CPU's caches
-        rows = np.fromiter((row_of.get(i, -1) for i in item_ids), dtype=np.int64,
-                           count=len(item_ids))
+        if not item_ids:
+            return _NO_ROWS
+        rows = self._row_of.rows(list(item_ids))
         return rows[rows >= 0]
 
     def _keep(self, scores: np.ndarray, rows: np.ndarray, excluded: np.ndarray,

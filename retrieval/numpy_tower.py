@@ -48,7 +48,7 @@ from contracts.model_manifest import (
     load_model_manifest,
     verify_checksums,
 )
-from retrieval.row_lookup import rows_by_id
+from retrieval.row_lookup import MISSING, IdRows
 
 L2_EPSILON = 1e-12  # tf.math.l2_normalize's floor on the squared norm
 
@@ -64,10 +64,6 @@ class NumpyUserTower:
                         d["activation"] == "relu") for d in graph["dense"]]
         self.input_names = tuple(e.name for e in self._encoders)
         self._input_set = frozenset(self.input_names)
-
-    def id_tables(self) -> list[dict]:
-        """The vocabularies' id → row dicts (retrieval.swap empties them when retiring)."""
-        return [e.lookup.rows for e in self._encoders if isinstance(e, _Embedded)]
 
     @classmethod
     def load(cls, model_dir: str | Path) -> NumpyUserTower:
@@ -113,22 +109,20 @@ class _Lookup:
                  pad_row: int | None = None) -> None:
         if num_oov < 1:
             raise ValueError(f"num_oov must be >= 1 (got {num_oov})")
-        self.rows = rows_by_id(vocabulary, range(num_oov, num_oov + len(vocabulary)))
-        if pad_row is not None:
-            self.rows[PAD] = pad_row
-        self.num_oov = num_oov
+        self.rows = IdRows(vocabulary, np.arange(num_oov, num_oov + len(vocabulary)))
+        self.num_oov, self.pad_row = num_oov, pad_row
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids: object array of str, any shape → int64 rows of the same shape."""
-        flat = ids.ravel().tolist()
-        get = self.rows.get
-        if self.num_oov == 1:
-            return np.array([get(s, 0) for s in flat], np.int64).reshape(ids.shape)
-        rows = np.array([get(s, -1) for s in flat], np.int64)
-        unknown = np.flatnonzero(rows < 0)
+        rows = self.rows.rows(ids)
+        if self.pad_row is not None:
+            rows[ids == PAD] = self.pad_row
+        unknown = np.flatnonzero(rows == MISSING)
         if unknown.size:
-            rows[unknown] = oov_buckets([flat[i] for i in unknown], self.num_oov)
-        return rows.reshape(ids.shape)
+            flat = rows.reshape(-1)
+            flat[unknown] = (0 if self.num_oov == 1 else
+                             oov_buckets(ids.reshape(-1)[unknown].tolist(), self.num_oov))
+        return rows
 
 
 def oov_buckets(ids: list[str], num_oov: int) -> np.ndarray:

@@ -36,10 +36,6 @@ class ServingPair:
     def index_version(self) -> str:
         return self.index.artifact.index_version
 
-    def id_tables(self) -> list[dict]:
-        """The pair's large id → row dicts: the index's item ids, the tower's vocabularies."""
-        return self.index.id_tables() + self.user_tower.id_tables()
-
     def warm_up(self) -> None:
         """One cold-start request through tower and index: the first real call is not slow."""
         request = UserRequest(user_id="", features={}, history=(), context={}, event_time=0)

@@ -1,18 +1,19 @@
-"""id → row dictionaries of million-item tables, built beside a serving event loop.
+"""id → row of million-item tables without a Python object per id.
 
-Not one ``dict(zip(ids, rows))``: that holds the GIL about half a second per million ids,
-and in a 1M-item hot swap building in paced chunks keeps serving's p99 at 0.06-0.22 s
-against 0.7-1.2 s unpaced (measured as below).
+A server builds these when it loads a model and index pair, usually while it keeps serving
+the old pair (a hot swap). They used to be dicts: building one of 1M ids is about half a
+second of C under the GIL, freeing it 30 ms more, and serving at 300 calls/s needs about a
+quarter of the GIL, so a 1M-item swap had to build them in paced chunks (p99 0.06-0.22 s
+against 0.01-0.015 s steady, benchmarks/swap_load.py).
 
-A server builds these when it loads a model and index pair, usually while it keeps
-serving the old pair (a hot swap). Building a dict of 1M ids is about half a second of C
-under the GIL, and serving at 300 calls/s needs about a quarter of the GIL. Measured on a
-1M-item swap under that load (benchmarks/swap_load.py), with the two dicts of a pair (the
-history vocabulary and the index's item ids) built in 4,096-id chunks, p99 of the run was
-0.7-1.2 s (0.55 s with 0.2 ms pauses between chunks), the calls queueing while the dicts
-were built. ``rows_by_id`` builds a chunk at a time and, after each chunk, sleeps as long
-as the chunk took, so serving keeps at least half of the GIL (p99 0.06-0.22 s for the whole
-swap); the build takes twice as long, and the lookups on the hot path stay the dict's.
+``IdRows`` is a hash table made of NumPy arrays: the ids (one fixed-width unicode array)
+sorted by a 64-bit hash of their characters, and where each run of hashes begins. Built
+with whole-array operations that release the GIL (a 1M-id table: about 0.3 s, no pause of
+another thread longer than a few ms, where ``dict(zip(...))`` paused them 0.47 s), freed
+in microseconds, and looked up a batch at a time: hash the batch, find each hash in its
+run (one or two array reads an id), compare the id found. Measured on 1M ids: 180-270 ns
+an id in batches of 640-1,600 ids against a dict's 150-190, plus about 50 µs a call, so a
+table of at most ``SMALL`` ids (a categorical feature's) stays a dict.
 """
 
 from __future__ import annotations
@@ -22,47 +23,126 @@ from collections.abc import Sequence
 
 import numpy as np
 
-CHUNK = 1_024  # ids a step: about 0.25 ms of dict inserts
+MISSING = -1
+SMALL = 8_192  # ids: a smaller table is a dict (a few ms to build, ~100 ns a lookup)
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+_MIX, _S33 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(33)
 
 
-def rows_by_id(ids: Sequence[str] | np.ndarray,
-               rows: Sequence[int] | np.ndarray | None = None) -> dict[str, int]:
-    """{ids[i]: rows[i]} (rows default to 0, 1, ...); an id given twice keeps its last row,
-    as a comprehension does. ``ids`` and ``rows`` may be lists or NumPy arrays."""
-    if rows is not None and len(rows) != len(ids):
-        raise ValueError(f"{len(ids)} ids but {len(rows)} rows")
-    out: dict[str, int] = {}
+class IdRows:
+    """``rows(ids)``: the row of each id (``MISSING`` for an id the table does not hold).
 
-    def insert(start: int) -> None:
-        stop = min(start + CHUNK, len(ids))
-        chunk = range(start, stop) if rows is None else _listed(rows[start:stop])
-        out.update(zip(_listed(ids[start:stop]), chunk))
+    ``ids`` a 1-d NumPy unicode array (an object array or a list is converted once);
+    ``rows`` the row of each (default 0, 1, ...). An id given twice keeps its last row.
+    """
 
-    _paced(insert, range(0, len(ids), CHUNK))
+    def __init__(self, ids: Sequence[str] | np.ndarray,
+                 rows: Sequence[int] | np.ndarray | None = None) -> None:
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be 1-d (got shape {ids.shape})")
+        rows = np.arange(len(ids), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        if rows.shape != ids.shape:
+            raise ValueError(f"{len(ids)} ids but {len(rows)} rows")
+        self._small: dict[str, int] | None = None
+        if len(ids) <= SMALL:  # NumPy's fixed cost per call (~30 µs) would dominate
+            self._small = dict(zip(map(str, ids.tolist()), rows.tolist()))
+            return
+        width = ids.dtype.itemsize // 4 if ids.dtype.kind == "U" and ids.size else max(
+            (len(str(i)) for i in ids.tolist()), default=0)
+        self._dtype = np.dtype(f"<U{max(2, width + width % 2)}")  # whole 8-byte words
+        ids = _cast(ids, self._dtype)
+        hashes = _hash(ids)
+        order = np.argsort(hashes, kind="stable")  # by hash, then as given
+        hashes, ids, rows = hashes[order], ids[order], rows[order]
+        # an id given twice: keep the last of its run (equal ids hash equal, so adjacent)
+        last = np.ones(len(ids), dtype=bool)
+        last[:-1] = (hashes[1:] != hashes[:-1]) | (ids[1:] != ids[:-1])
+        if not last.all():  # (masking a string array holds the GIL: only when needed)
+            hashes, ids, rows = hashes[last], ids[last], rows[last]
+        self._hashes, self._ids, self._rows = hashes, ids, rows
+        # where the run of each top-`bits` hash prefix begins: about one id a run
+        self._bits = max(1, int(np.ceil(np.log2(max(len(self._ids), 2)))))
+        self._shift = np.uint64(64 - self._bits)
+        prefixes = np.arange(2 ** self._bits + 1, dtype=np.uint64)
+        prefixes[-1] = prefixes[-2]  # the end of the last run: searched below as "past it"
+        self._starts = np.searchsorted(self._hashes, prefixes << self._shift).astype(np.int64)
+        self._starts[-1] = len(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._small) if self._small is not None else len(self._ids)
+
+    def get(self, item_id: str, default: int | None = None) -> int | None:
+        row = int(self.rows([item_id])[0])
+        return default if row == MISSING else row
+
+    def rows(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """int64 rows, ``MISSING`` where the id is not held; same shape as ``ids``."""
+        query = np.asarray(ids)
+        shape = query.shape
+        if self._small is not None:
+            get = self._small.get
+            return np.fromiter((get(i, MISSING) for i in query.ravel().tolist()),
+                               dtype=np.int64, count=query.size).reshape(shape)
+        if query.size == 0 or len(self._ids) == 0:
+            return np.full(shape, MISSING, dtype=np.int64)
+        query = query.ravel()
+        if query.dtype.kind != "U":
+            query = query.astype(str)
+        too_long = None
+        if query.dtype.itemsize > self._dtype.itemsize:
+            # cast down, a longer id would be cut to a prefix that may be held: refuse it
+            too_long = np.char.str_len(query) > self._dtype.itemsize // 4
+            query = np.where(too_long, "", query)
+        query = query.astype(self._dtype)
+        wanted = _hash(query)
+        bucket = (wanted >> self._shift).astype(np.intp)
+        at, end = self._starts[bucket], self._starts[bucket + 1]
+        # walk each id's run to the first hash >= its own (runs are about one id long)
+        live = np.flatnonzero(at < end)
+        while live.size:
+            live = live[self._hashes[at[live]] < wanted[live]]
+            at[live] += 1
+            live = live[at[live] < end[live]]
+        at = np.minimum(at, len(self._ids) - 1)
+        found = (self._hashes[at] == wanted) & (self._ids[at] == query)
+        # two different ids with one hash (about 1 in 10^7 tables of 1M): look past
+        clash = np.flatnonzero(~found & (self._hashes[at] == wanted))
+        for i in clash:
+            j = at[i]
+            while j < len(self._ids) and self._hashes[j] == wanted[i]:
+                if self._ids[j] == query[i]:
+                    at[i], found[i] = j, True
+                    break
+                j += 1
+        if too_long is not None:
+            found &= ~too_long
+        return np.where(found, self._rows[at], MISSING).reshape(shape)
+
+
+def _cast(ids: np.ndarray, dtype: np.dtype, chunk: int = 32_768) -> np.ndarray:
+    """``ids.astype(dtype)``, a chunk at a time: NumPy holds the GIL while it converts
+    strings (25 ms for 1M ids at once), and a serving thread must not wait that long."""
+    if ids.dtype == dtype:
+        return ids
+    out = np.empty(len(ids), dtype=dtype)
+    for start in range(0, len(ids), chunk):
+        out[start : start + chunk] = ids[start : start + chunk]
+        time.sleep(0)  # let a waiting thread have the GIL
     return out
 
 
-def empty_politely(table: dict) -> None:
-    """Empty ``table`` a chunk at a time, paced as ``rows_by_id`` is: freeing 1M ids in
-    one go holds the GIL for about 30 ms (more on busy cores), which a server would spend
-    on the event loop's thread when the last call of a replaced pair finishes."""
-    def remove(_: int) -> None:
-        for _ in range(min(CHUNK, len(table))):
-            table.popitem()
-
-    _paced(remove, range(0, len(table), CHUNK))
-
-
-def _paced(step, starts: range) -> None:
-    """``step(start)`` for each start; after each but the last, sleep as long as it took
-    (the GIL is free meanwhile: serving keeps at least half of it)."""
-    for n, start in enumerate(starts):
-        began = time.perf_counter()
-        step(start)
-        if n < len(starts) - 1:
-            time.sleep(time.perf_counter() - began)
-
-
-def _listed(values):
-    """NumPy slices become lists of Python objects here, a chunk at a time."""
-    return values.tolist() if isinstance(values, np.ndarray) else values
+def _hash(ids: np.ndarray) -> np.ndarray:
+    """FNV-1a over the 8-byte words of fixed-width unicode ids, then a 64-bit mix: uint64
+    [n]. Whole-column NumPy operations (the GIL is released while each runs)."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    words = np.ascontiguousarray(ids).view(np.uint64).reshape(len(ids), -1)
+    h = np.full(len(ids), _FNV_OFFSET, dtype=np.uint64)
+    for column in words.T:
+        h ^= column
+        h *= _FNV_PRIME
+    h ^= h >> _S33
+    h *= _MIX
+    h ^= h >> _S33
+    return h

@@ -9,8 +9,9 @@ a new index built from a new model brings that model along.
 (checksums, model version, dimension and metric are checked by retrieval.pair.load_pair)
 and swaps one reference; in-flight requests finish on the pair they started with. A
 refused version is logged with the reason and not retried until the pointer moves again;
-the old pair keeps serving and health stays SERVING. Once the replaced pair's last call
-has finished, ``retire`` empties its large id tables in pieces, off the event loop.
+the old pair keeps serving and health stays SERVING. A replaced pair is freed when its last
+call finishes; its id tables are NumPy arrays (retrieval.row_lookup), so freeing it takes
+microseconds wherever that happens.
 
 No failure of one check ends the watcher: an unreadable CURRENT (not UTF-8, a directory, a
 FIFO), a manifest of the wrong shape, a path leading out of the store, an exception of any
@@ -27,7 +28,6 @@ import asyncio
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from contracts.index_store import POINTER, resolve_index_dir
 from contracts.model_manifest import MANIFEST, check_inside, read_json
 from retrieval.pair import ServingPair, load_pair
 from retrieval.retriever import Retriever
-from retrieval.row_lookup import empty_politely
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,6 @@ class PairWatcher:
         self.user_tower, self.interval_s = user_tower, interval_s
         self.serving: Path = serving  # the index version dir being served
         self.refused: Path | None = None
-        self.retiring: set[asyncio.Task] = set()
         self.unready_after_s, self.set_ready = unready_after_s, set_ready
         self.read_timeout_s, self.load_timeout_s = read_timeout_s, load_timeout_s
         self.metrics = retriever.metrics
@@ -173,9 +171,6 @@ class PairWatcher:
         log.info("swapped to model %s / index %s (was %s / %s)", pair.model_version,
                  pair.index_version, old.model_version if old else None,
                  old.index_version if old else None)
-        if old is not None:
-            self.retiring.add(task := asyncio.create_task(retire(old)))
-            task.add_done_callback(self.retiring.discard)
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any, timeout_s: float,
                         what: Path) -> Any:
@@ -270,19 +265,3 @@ def stop_watching(task: asyncio.Task) -> None:
         log.error("at shutdown: the version watcher had stopped earlier (%r); publishes "
                   "since then were not followed", task.exception())
     task.cancel()
-
-
-async def retire(pair: ServingPair, poll_s: float = 0.5) -> None:
-    """Free a replaced pair's large id tables off the event loop, a piece at a time.
-
-    Calls in flight keep the pair they started with, so the tables are held here and
-    emptied only once the pair itself is gone (its last call finished). Freed at once
-    wherever that last reference went, the 1M-entry dicts of a 1M-item pair held the GIL
-    for 30 ms or more, on the event loop's thread as often as not."""
-    tables = pair.id_tables()
-    gone = weakref.ref(pair)
-    del pair
-    while gone() is not None:
-        await asyncio.sleep(poll_s)
-    for table in tables:
-        await asyncio.to_thread(empty_politely, table)

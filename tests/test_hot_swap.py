@@ -85,28 +85,3 @@ def test_new_pair_is_swapped_in_under_load_and_a_bad_one_refused(pipeline, tmp_p
         assert "m-another-model" in running.log()
     finally:
         stop_server(running)
-
-
-def test_a_replaced_pair_keeps_its_tables_while_a_call_holds_it_then_frees_them(pipeline):
-    """retrieval.swap.retire: the id tables of a pair still in use are left alone; once
-    the last reference is dropped they are emptied (off the event loop, in pieces)."""
-    from retrieval.pair import load_pair
-    from retrieval.swap import retire
-
-    async def scenario():
-        pair = load_pair(pipeline.model_dir, pipeline.index_dir)
-        tables = pair.id_tables()
-        sizes = [len(t) for t in tables]
-        in_flight = [pair]  # a call that started on this pair and has not finished
-        retiring = asyncio.create_task(retire(pair, poll_s=0.01))
-        del pair
-        await asyncio.sleep(0.1)
-        held = [len(t) for t in tables]
-        in_flight.clear()
-        await asyncio.wait_for(retiring, timeout=10)
-        return sizes, held, [len(t) for t in tables]
-
-    sizes, held, after = asyncio.run(scenario())
-    assert len(sizes) >= 2 and min(sizes) > 0  # the index's item ids and the vocabularies
-    assert held == sizes
-    assert after == [0] * len(sizes)

@@ -1,39 +1,74 @@
-"""rows_by_id gives the dict a comprehension gives, a chunk at a time."""
+"""IdRows answers as the dict {id: row} would, for a whole batch of ids at once."""
 
 import numpy as np
 import pytest
 
 from retrieval import row_lookup
-from retrieval.row_lookup import rows_by_id
+from retrieval.row_lookup import MISSING, IdRows
 
-IDS = ["i10", "i2", "", "é-日本", "i2-long-suffix", "x" * 40, "i2"]  # "i2" twice
+@pytest.fixture(params=["dict", "hashed"], autouse=True)
+def table_kind(request, monkeypatch):
+    """Every spec holds for both forms: a small table is a dict, a large one hashed."""
+    if request.param == "hashed":
+        monkeypatch.setattr(row_lookup, "SMALL", 0)
+    return request.param
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(row_lookup, "CHUNK", 3)  # several chunks even for a few ids
+IDS = ["i10", "i2", "é-日本", "i2-long-suffix", "x" * 40, "i2"]  # "i2" twice
 
 
-@pytest.mark.parametrize("make", [list, np.array], ids=["list", "array"])
-def test_the_dict_is_the_comprehension_and_a_repeated_id_keeps_its_last_row(make):
-    assert rows_by_id(make(IDS)) == {item: row for row, item in enumerate(IDS)}
-    assert rows_by_id(make(IDS))["i2"] == 6
+def as_dict(ids, rows=None):
+    return dict(zip(ids, range(len(ids)) if rows is None else rows))
+
+
+@pytest.mark.parametrize("make", [list, np.array, lambda v: np.array(v, dtype=object)],
+                         ids=["list", "unicode-array", "object-array"])
+def test_rows_are_the_dicts_and_a_repeated_id_keeps_its_last_row(make):
+    table = IdRows(make(IDS))
+    expected = as_dict(IDS)
+    assert table.rows(list(expected)).tolist() == list(expected.values())
+    assert table.get("i2") == 5 and len(table) == len(expected)  # distinct ids
 
 
 def test_given_rows_go_with_their_ids():
-    rows = np.array([40, 41, 42, 43, 44, 45, 46])
-    assert rows_by_id(np.array(IDS), rows) == dict(zip(IDS, rows.tolist()))
-    assert all(type(r) is int for r in rows_by_id(np.array(IDS), rows).values())
-    assert rows_by_id(IDS, range(1, 8)) == dict(zip(IDS, range(1, 8)))
+    rows = np.array([40, 41, 42, 43, 44, 45])
+    table = IdRows(np.array(IDS), rows)
+    assert table.rows(IDS[:5]).tolist() == [40, 45, 42, 43, 44]  # "i2": its last row
 
 
-def test_empty_and_mismatched_input():
-    assert rows_by_id([]) == {}
+def test_unknown_ids_are_missing_even_when_a_prefix_or_an_extension_is_held():
+    table = IdRows(["item-1", "item-12", "b"])
+    queries = ["item-123", "item-", "item-1", "a", "", "c" * 100, "item-12" + "x" * 50]
+    assert table.rows(queries).tolist() == [MISSING, MISSING, 0, MISSING, MISSING, MISSING,
+                                            MISSING]
+    assert table.get("nope") is None and table.get("nope", -7) == -7
+
+
+def test_the_result_has_the_shape_of_the_query():
+    table = IdRows(["a", "b", "c"])
+    grid = np.array([["a", "z"], ["c", "b"]], dtype=object)
+    assert table.rows(grid).tolist() == [[0, MISSING], [2, 1]]
+
+
+def test_empty_tables_and_queries_and_mismatched_input():
+    assert IdRows([]).rows(["a", "b"]).tolist() == [MISSING, MISSING]
+    assert IdRows(["a"]).rows([]).tolist() == []
     with pytest.raises(ValueError, match="2 ids but 1 rows"):
-        rows_by_id(["a", "b"], [1])
+        IdRows(["a", "b"], [1])
 
 
-def test_a_table_is_emptied_a_chunk_at_a_time():
-    table = rows_by_id([f"i{n}" for n in range(10)])
-    row_lookup.empty_politely(table)
-    assert table == {}
+def test_a_million_ids_build_and_answer_as_a_dict_would():
+    rng = np.random.default_rng(0)
+    ids = np.array([f"item-{n}" for n in rng.permutation(1_000_000)])
+    table = IdRows(ids)
+    probe = rng.integers(0, 1_000_000, 2_000)
+    queries = [str(ids[i]) for i in probe] + [f"item-{n}" for n in range(1_000_000, 1_000_500)]
+    assert table.rows(queries).tolist() == probe.tolist() + [MISSING] * 500
+
+
+def test_ids_whose_hashes_collide_are_still_told_apart(monkeypatch):
+    weak = lambda ids: np.zeros(len(ids), dtype=np.uint64)  # noqa: E731 - every id collides
+    monkeypatch.setattr(row_lookup, "_hash", weak)
+    ids = [f"id{n}" for n in range(50)]
+    table = IdRows(ids)
+    assert table.rows(ids[::-1] + ["id50"]).tolist() == list(range(49, -1, -1)) + [MISSING]

@@ -25,7 +25,3 @@ class SavedModelUserTower:
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         tensors = {k: self._tf.constant(v) for k, v in inputs.items()}
         return self._fn(**tensors)["user_emb"].numpy()
-
-    def id_tables(self) -> list[dict]:
-        """None: the vocabularies live inside the SavedModel."""
-        return []
