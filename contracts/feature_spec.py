@@ -44,14 +44,18 @@ from typing import Any, Literal
 from contracts.errors import FeatureSpecError
 
 Tower = Literal["user", "item", "context"]
-Kind = Literal["categorical", "numeric", "bag", "history"]
+Kind = Literal["categorical", "numeric", "bag", "history", "sequence"]
 Derivation = Literal["hour_of_day", "day_of_week"]
 
 TOWERS: tuple[str, ...] = ("user", "item", "context")
-KINDS: tuple[str, ...] = ("categorical", "numeric", "bag", "history")
+KINDS: tuple[str, ...] = ("categorical", "numeric", "bag", "history", "sequence")
 DERIVATIONS: tuple[str, ...] = ("hour_of_day", "day_of_week")
 TIMESTAMP_UNITS: tuple[str, ...] = ("s", "ms", "us")
 BAG_SEPARATOR = "|"
+# a sequence feature's second input: the time-gap bucket of each item (contracts.inputs)
+GAPS_SUFFIX = "_gaps"
+# sequence options: (key, smallest, largest, default); None in Feature = not a sequence
+SEQUENCE_OPTIONS = (("blocks", 1, 4, 1), ("heads", 1, 16, 2), ("time_buckets", 2, 64, 32))
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class Feature:
     hash_buckets: int | None = None
     # numeric only: one more input, 1.0 where the value was missing (NaN), else 0.0
     missing_indicator: bool = False
+    # sequence only (SEQUENCE_OPTIONS; filled with their defaults for a sequence)
+    blocks: int | None = None
+    heads: int | None = None
+    time_buckets: int | None = None
 
     @property
     def uses_vocabulary(self) -> bool:
@@ -82,7 +90,12 @@ class Feature:
 
     @property
     def is_sequence(self) -> bool:
-        return self.kind in ("bag", "history")
+        return self.kind in ("bag", "history", "sequence")
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The tower inputs this feature takes: its ids, and for a sequence its time gaps."""
+        return (self.name, self.name + GAPS_SUFFIX) if self.kind == "sequence" else (self.name,)
 
     def has_missing_row(self, spec: FeatureSpec) -> bool:
         """Whether a missing value ("") has its own embedding row: every categorical
@@ -157,6 +170,7 @@ def parse_feature_spec(doc: dict[str, Any], path: str = "<spec>") -> FeatureSpec
     spec = FeatureSpec(columns=columns, features=features)
     _check_towers(spec, path)
     _check_history_hashing(spec, path)
+    _check_sequences(spec, path)
     return spec
 
 
@@ -169,7 +183,35 @@ def load_feature_spec(path: str | Path) -> FeatureSpec:
         raise FeatureSpecError(path, "(file)", "no such file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise FeatureSpecError(path, "(syntax)", str(exc)) from exc
-    return parse_feature_spec(doc, path)
+    try:
+        return parse_feature_spec(doc, path)
+    except FeatureSpecError as exc:
+        line = _line_of(Path(path).read_text(errors="replace"), exc.key)
+        if line is None:
+            raise
+        message = str(exc).removeprefix(f"{path}: {exc.key}: ")
+        raise FeatureSpecError(f"{path}:{line}", exc.key, message) from exc
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The 1-based line of a dotted key ("features.x.heads") in a TOML file: the key's
+    own line inside its table, else the table's header; None when neither is found."""
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    parts = key.split(".")
+    for cut in range(len(parts), 0, -1):
+        header = "[" + ".".join(parts[:cut]) + "]"
+        if header not in lines:
+            continue
+        start = lines.index(header)
+        if cut == len(parts):
+            return start + 1
+        for i in range(start + 1, len(lines)):
+            if lines[i].startswith("["):
+                break
+            if lines[i].split("=")[0].strip() == parts[cut]:
+                return i + 1
+        return start + 1
+    return None
 
 
 def _parse_feature(name: str, doc: Any, path: str) -> Feature:
@@ -191,12 +233,52 @@ def _parse_feature(name: str, doc: Any, path: str) -> Feature:
             )
     _check_hash_buckets(doc, path, key)
     _check_missing_indicator(doc, path, key)
+    doc = _sequence_options(doc, path, key)
     feature = Feature(name=name, **doc)
     if feature.derive is not None and feature.tower != "context":
         raise FeatureSpecError(path, f"{key}.derive", "only context features can be derived")
-    if feature.kind == "history" and feature.tower != "user":
-        raise FeatureSpecError(path, f"{key}.kind", "history is a user-tower feature")
+    if feature.kind in ("history", "sequence") and feature.tower != "user":
+        raise FeatureSpecError(path, f"{key}.kind", f"{feature.kind} is a user-tower feature")
     return feature
+
+
+def _sequence_options(doc: dict, path: str, key: str) -> dict:
+    """A sequence's blocks, heads and time_buckets, checked and defaulted; refused on any
+    other kind."""
+    doc = dict(doc)
+    for option, low, high, default in SEQUENCE_OPTIONS:
+        if doc.get("kind") != "sequence":
+            if option in doc:
+                raise FeatureSpecError(path, f"{key}.{option}",
+                                       f"only sequence features take {option} (got kind "
+                                       f"{doc.get('kind')!r})")
+            continue
+        value = doc.setdefault(option, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise FeatureSpecError(path, f"{key}.{option}",
+                                   f"must be an integer in [{low}, {high}] (got {value!r})")
+    return doc
+
+
+def _check_sequences(spec: FeatureSpec, path: str) -> None:
+    """A sequence attends over item embeddings split into ``heads`` parts, and its gap
+    input's name must be free."""
+    width = spec.feature(spec.columns.item_id).embedding_dim
+    names = {f.name for f in spec.features}
+    for f in spec.features:
+        if f.kind != "sequence":
+            continue
+        if width % f.heads:
+            raise FeatureSpecError(
+                path, f"features.{f.name}.heads",
+                f"must divide the item embedding width (features.{spec.columns.item_id}."
+                f"embedding_dim = {width}; got heads = {f.heads}): each head attends over "
+                f"width / heads of it")
+        if f.name + GAPS_SUFFIX in names:
+            raise FeatureSpecError(
+                path, f"features.{f.name + GAPS_SUFFIX}",
+                f"the name is taken by the time-gap input of sequence features.{f.name}; "
+                "rename one of the two")
 
 
 def _check_hash_buckets(doc: dict, path: str, key: str) -> None:
@@ -235,7 +317,7 @@ def _check_history_hashing(spec: FeatureSpec, path: str) -> None:
     """History shares the item id's lookup and embedding: hashed in both or neither."""
     item_id = spec.feature(spec.columns.item_id)
     for f in spec.features:
-        if f.kind == "history" and f.hash_buckets != item_id.hash_buckets:
+        if f.kind in ("history", "sequence") and f.hash_buckets != item_id.hash_buckets:
             raise FeatureSpecError(
                 path, f"features.{f.name}.hash_buckets",
                 f"a history shares the item id's lookup and embedding, so it must be hashed "

@@ -8,6 +8,8 @@ Both towers take a dict of NumPy arrays keyed by feature name:
                 missing indicator when the spec asks for one)
 * bag/history → object array of str, shape [n, max_length], padded with "" (missing =
                 empty)
+* sequence    → the ids as a history, and under ``<name>_gaps`` int32 [n, max_length]:
+                each item's age bucket (``gap_buckets``; 0 = padding or unknown time)
 
 A missing value is the same in training (an empty cell, a null or NaN in a table; a user
 absent from the users table) and at serving (a feature the store does not hold for the
@@ -24,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from contracts.dataset import Dataset
-from contracts.feature_spec import Feature, FeatureSpec
+from contracts.feature_spec import GAPS_SUFFIX, Feature, FeatureSpec
 
 PAD = ""
 SECONDS_PER_HOUR = 3600
@@ -69,7 +71,10 @@ def training_examples(dataset: Dataset) -> dict[str, np.ndarray]:
     item_rows = _join_rows(inter[cols.item_id], dataset.items[cols.item_id])
     for f in spec.features:
         if f.kind == "history":
-            examples[f.name] = _histories(inter, cols, f.max_length)
+            examples[f.name] = _histories(inter, cols, f.max_length)[0]
+        elif f.kind == "sequence":
+            examples[f.name], gaps = _histories(inter, cols, f.max_length)
+            examples[f.name + GAPS_SUFFIX] = gap_buckets(gaps, f.time_buckets)
         elif f.name in (cols.user_id, cols.item_id) or (f.tower == "context" and not f.derive):
             examples[f.name] = _column(f, inter[f.name])
         elif f.derive:
@@ -114,19 +119,35 @@ def _take(values: np.ndarray, rows: np.ndarray, f: Feature) -> np.ndarray:
     return taken
 
 
-def _histories(inter: Mapping[str, np.ndarray], cols, max_length: int) -> np.ndarray:
+def _histories(inter: Mapping[str, np.ndarray], cols, max_length: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Each event's earlier items [n, max_length] (most recent first, "" padded) and their
+    ages at the event in seconds, float64 [n, max_length] (NaN for padding)."""
     users = inter[cols.user_id].astype(str)
-    order = np.lexsort((np.arange(len(users)), inter[cols.timestamp], users))
-    items_sorted = inter[cols.item_id][order]
-    users_sorted = users[order]
+    times = np.asarray(inter[cols.timestamp], dtype=np.int64)
+    order = np.lexsort((np.arange(len(users)), times, users))
+    items_sorted, users_sorted, times_sorted = inter[cols.item_id][order], users[order], times[order]
     history_sorted = np.full((len(users), max_length), PAD, dtype=object)
+    gaps_sorted = np.full((len(users), max_length), np.nan)
     for lag in range(1, max_length + 1):
         same_user = np.zeros(len(users), dtype=bool)
         same_user[lag:] = users_sorted[lag:] == users_sorted[:-lag]
         history_sorted[lag:, lag - 1][same_user[lag:]] = items_sorted[:-lag][same_user[lag:]]
-    history = np.empty_like(history_sorted)
-    history[order] = history_sorted
-    return history
+        gap = (times_sorted[lag:] - times_sorted[:-lag]).astype(np.float64)
+        gaps_sorted[lag:, lag - 1][same_user[lag:]] = gap[same_user[lag:]]
+    history, gaps = np.empty_like(history_sorted), np.empty_like(gaps_sorted)
+    history[order], gaps[order] = history_sorted, gaps_sorted
+    return history, gaps
+
+
+def gap_buckets(gaps: np.ndarray, time_buckets: int) -> np.ndarray:
+    """Ages in seconds (float, NaN = padding or unknown) → int32 buckets of the same shape:
+    0 for NaN, else 1 + min(floor(log2(1 + max(age, 0))), time_buckets - 1). Computed here
+    only, for training and serving alike."""
+    gaps = np.asarray(gaps, dtype=np.float64)
+    known = np.isfinite(gaps)
+    octave = np.floor(np.log2(1.0 + np.maximum(np.where(known, gaps, 0.0), 0.0)))
+    return np.where(known, 1 + np.minimum(octave, time_buckets - 1), 0).astype(np.int32)
 
 
 def user_inputs(spec: FeatureSpec, requests: Sequence[UserRequest]) -> dict[str, np.ndarray]:
@@ -142,6 +163,10 @@ def user_inputs(spec: FeatureSpec, requests: Sequence[UserRequest]) -> dict[str,
             out[f.name] = np.array([r.user_id for r in requests], dtype=object)
         elif f.kind == "history":
             out[f.name] = pad_sequences([r.history for r in requests], f.max_length)
+        elif f.kind == "sequence":
+            out[f.name] = pad_sequences([r.history for r in requests], f.max_length)
+            out[f.name + GAPS_SUFFIX] = gap_buckets(_ages(requests, f.max_length),
+                                                    f.time_buckets)
         elif f.derive:
             out[f.name] = _derived(f, requests)
         else:
@@ -154,14 +179,28 @@ def user_inputs(spec: FeatureSpec, requests: Sequence[UserRequest]) -> dict[str,
 
 
 class UserRequest:
-    """What one request knows about its user: stored features, history and context."""
+    """What one request knows about its user: stored features, history and context.
+    ``history_times``: each history item's time in seconds since the epoch, None where
+    unknown (an empty tuple: every time unknown), for sequence features' gaps."""
 
-    __slots__ = ("user_id", "features", "history", "context", "event_time")
+    __slots__ = ("context", "event_time", "features", "history", "history_times", "user_id")
 
     def __init__(self, user_id: str, features: Mapping[str, object], history: Sequence[str],
-                 context: Mapping[str, object], event_time: int) -> None:
+                 context: Mapping[str, object], event_time: int,
+                 history_times: Sequence[int | None] = ()) -> None:
         self.user_id, self.features, self.history = user_id, features, tuple(history)
         self.context, self.event_time = context, event_time
+        self.history_times = tuple(history_times)
+
+
+def _ages(requests: Sequence[UserRequest], max_length: int) -> np.ndarray:
+    """[n, max_length] float64: event_time minus each history item's time, NaN unknown."""
+    out = np.full((len(requests), max_length), np.nan)
+    for i, r in enumerate(requests):
+        for j, t in enumerate(r.history_times[: min(max_length, len(r.history))]):
+            if t is not None:
+                out[i, j] = r.event_time - t
+    return out
 
 
 def _derived(f: Feature, requests: Sequence[UserRequest]) -> np.ndarray:

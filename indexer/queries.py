@@ -47,7 +47,7 @@ def user_queries(model: ModelManifest, data_dir: str | Path, config: GateConfig,
     rng = np.random.default_rng(seed)
     events = rng.permutation(events)[: config.tune_queries + config.gate_queries]
     examples = training_examples(dataset)
-    names = [f.name for f in model.feature_spec.user_input_features]
+    names = [n for f in model.feature_spec.user_input_features for n in f.input_names]
     inputs = {name: examples[name][events] for name in names}
     tower = SavedModelUserTower(model)
     user_emb = np.concatenate([

@@ -22,6 +22,8 @@ inputs of contracts.inputs.user_inputs. Preprocessing is the training graph's:
   apply tanh ("activation"), as training.history does;
 * numeric: NaN/±inf → the training mean, then (x - mean) / sqrt(variance), in float32,
   followed by a 1.0/0.0 missing column when the entry has "missing_indicator";
+* sequence: the item lookup and table as a history's, then self-attention over the items,
+  their positions and age buckets (input ``<name>_gaps``): retrieval.sequence_tower;
 * concatenation in spec order, Dense layers (relu or linear), optional L2 normalisation.
 """
 
@@ -49,6 +51,7 @@ from contracts.model_manifest import (
     verify_checksums,
 )
 from retrieval.row_lookup import MISSING, IdRows
+from retrieval.sequence_tower import SequenceEncoder
 
 L2_EPSILON = 1e-12  # tf.math.l2_normalize's floor on the squared norm
 
@@ -62,7 +65,9 @@ class NumpyUserTower:
         self._encoders = [_encoder(entry, arrays) for entry in graph["features"]]
         self._dense = [(arrays[f"{d['name']}.kernel"], arrays[f"{d['name']}.bias"],
                         d["activation"] == "relu") for d in graph["dense"]]
-        self.input_names = tuple(e.name for e in self._encoders)
+        # a sequence encoder takes two inputs (ids, gaps); every other, its feature's name
+        self._takes = [getattr(e, "input_names", (e.name,)) for e in self._encoders]
+        self.input_names = tuple(name for names in self._takes for name in names)
         self._input_set = frozenset(self.input_names)
 
     @classmethod
@@ -91,7 +96,9 @@ class NumpyUserTower:
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         if inputs.keys() != self._input_set:
             _refuse_names(inputs, self.input_names)
-        x = np.concatenate([encode(inputs[encode.name]) for encode in self._encoders], axis=1)
+        x = np.concatenate([encode(*(inputs[name] for name in takes))
+                            for encode, takes in zip(self._encoders, self._takes, strict=True)],
+                           axis=1)
         for kernel, bias, relu in self._dense:
             x = x @ kernel + bias
             if relu:
@@ -213,9 +220,24 @@ def _vocabulary(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 def _encoder(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]):
     if entry["kind"] == "numeric":
         return _Numeric(entry)
+    if entry["kind"] == "sequence":
+        return _sequence(entry, arrays)
     if entry["kind"] in ("categorical", "bag", "history"):
         return _Embedded(entry, arrays)
     raise ValueError(f"feature {entry['name']!r}: unknown kind {entry['kind']!r}")
+
+
+def _sequence(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SequenceEncoder:
+    """The item lookup (no padding row: the encoder masks "" itself) and the item table."""
+    if "hash_buckets" in entry:
+        vocabulary, num_oov = np.zeros(0, dtype="<U1"), int(entry["hash_buckets"])
+    else:
+        vocabulary, num_oov = _vocabulary(entry, arrays), int(entry["num_oov"])
+    table = arrays[entry["embedding"]]
+    if table.ndim != 2 or table.shape[0] != len(vocabulary) + num_oov:
+        raise ValueError(f"{entry['embedding']}: {table.shape[0]} rows for "
+                         f"{len(vocabulary)} ids + {num_oov} OOV")
+    return SequenceEncoder(entry, arrays, _Lookup(vocabulary, num_oov), table)
 
 
 def _refuse_names(inputs: Mapping[str, np.ndarray], names: tuple[str, ...]) -> None:
@@ -253,7 +275,8 @@ def _weights_or_ids(array: np.ndarray) -> np.ndarray:
 def _check_against_manifest(tower: NumpyUserTower, manifest: ModelManifest) -> None:
     where = str(manifest.path / NUMPY_TOWER_GRAPH)
     # by name: the manifest's JSON has its features sorted, not in concatenation order
-    expected = sorted(f.name for f in manifest.feature_spec.user_input_features)
+    expected = sorted(name for f in manifest.feature_spec.user_input_features
+                      for name in f.input_names)
     if sorted(tower.input_names) != expected:
         raise ArtifactError(where, f"features {sorted(tower.input_names)} do not match the "
                             f"manifest's user inputs {expected}")

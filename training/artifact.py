@@ -61,6 +61,9 @@ def export_model(trained, store: str | Path, training_summary: dict[str, Any]) -
 
 def _save_tower(tf, tower, features: tuple[Feature, ...], output: str, path: Path) -> None:
     signature = {f.name: _tensor_spec(tf, f) for f in features}
+    signature.update({f.input_names[1]: tf.TensorSpec([None, f.max_length], tf.int32,
+                                                      name=f.input_names[1])
+                      for f in features if f.kind == "sequence"})  # its age buckets
 
     @tf.function(input_signature=[signature])
     def serve(inputs):

@@ -26,14 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contracts.feature_spec import Feature, FeatureSpec
+from contracts.feature_spec import GAPS_SUFFIX, Feature, FeatureSpec
 from training.tf_env import keras, tf, tfrs
 
 
 @dataclass(frozen=True)
 class TowerConfig:
     """``history_dropout``: share of history items dropped from each bag at training time
-    only (the user tower then cannot lean on the user-id embedding alone); ``embedding_l2``:
+    only (the user tower then cannot lean on the user-id embedding alone; for a sequence
+    feature, the dropout rate inside its attention encoder); ``embedding_l2``:
     L2 penalty on every embedding table, ``embedding_l2 · Σ w²``, added to the loss."""
 
     embedding_dim: int = 32
@@ -134,7 +135,7 @@ def compute_feature_stats(spec: FeatureSpec, examples: Mapping[str, np.ndarray],
             values = values[np.isfinite(values)]
             means[f.name] = float(values.mean()) if len(values) else 0.0
             variances[f.name] = float(values.var()) if len(values) else 1.0
-        elif f.kind != "history" and not f.hashed:  # hashed: no vocabulary to compute
+        elif f.kind not in ("history", "sequence") and not f.hashed:  # hashed: none to compute
             source = examples[f.name]
             if f.tower == "item":
                 source = np.concatenate([np.ravel(source), np.ravel(_item_column(f, items))])
@@ -222,7 +223,10 @@ class Towers:
 
     def _tower(self, name: str, features: tuple[Feature, ...]) -> keras.Model:
         inputs = {f.name: _input(f) for f in features}
-        encoded = [self._encode(f, inputs[f.name]) for f in features]
+        inputs.update({f.name + GAPS_SUFFIX: _gaps_input(f) for f in features
+                       if f.kind == "sequence"})
+        encoded = [self._encode_sequence(f, inputs) if f.kind == "sequence"
+                   else self._encode(f, inputs[f.name]) for f in features]
         indicators = {f.name: MissingIndicator(name=f"{f.name}_missing_indicator")(inputs[f.name])
                       for f in features if f.missing_indicator}
         # each indicator right after its value: the concatenation order is spec order
@@ -258,6 +262,17 @@ class Towers:
         dropout = self.config.history_dropout if f.kind == "history" else 0.0
         return MaskedMeanPool(dropout, name=f"{f.name}_pool")(embedded, x)
 
+    def _encode_sequence(self, f: Feature, inputs):
+        """training.sequence: attention over the item embeddings, their order and ages."""
+        from training.sequence import SequenceEncoder
+
+        ids = inputs[f.name]
+        embedded = self._item_embedding(self._item_lookup(ids))
+        encoder = SequenceEncoder(f.max_length, self._item_embedding.output_dim, f.blocks,
+                                  f.heads, f.time_buckets, self.config.history_dropout,
+                                  name=f"{f.name}_sequence")
+        return encoder(embedded, ids, inputs[f.name + GAPS_SUFFIX])
+
     def _encode_history(self, f: Feature, x):
         """training.history: the real ids only, pooled as the config says."""
         from training.history import encode_history
@@ -287,6 +302,10 @@ class Towers:
             embeddings_regularizer=keras.regularizers.L2(l2) if l2 else None,
         )
         return lookup, embedding
+
+
+def _gaps_input(f: Feature):
+    return keras.Input(shape=(f.max_length,), dtype=tf.int32, name=f.name + GAPS_SUFFIX)
 
 
 def _input(f: Feature):

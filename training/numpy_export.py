@@ -51,7 +51,7 @@ ACTIVATIONS = ("linear", "relu")
 MIN_VARIANCE = 1e-12  # training.model.Towers floors the variance at this before sqrt
 _LAYER_TYPES = {"InputLayer", "TFOpLambda", "StringLookup", "Hashing", "Embedding",
                 "Reshape", "MaskedMeanPool", "Concatenate", "Dense", "L2Normalize",
-                "MissingRow", "MissingIndicator"}
+                "MissingRow", "MissingIndicator", "SequenceEncoder"}
 # the ops of the numeric encoder: where(is_finite(x), x, mean), then (x - mean) / std
 _NUMERIC_OPS = {"math.is_finite", "where", "math.subtract", "math.truediv"}
 _LAYER_TYPES |= {"HistoryKeep", "HistoryPool"}  # training.history's encoder
@@ -96,8 +96,8 @@ def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
         entry = {"name": f.name, "kind": f.kind, "mean": float(stats.means[f.name]),
                  "variance": max(float(stats.variances[f.name]), MIN_VARIANCE)}
         return {**entry, "missing_indicator": True} if f.missing_indicator else entry
-    # history shares the item-id lookup and embedding with the item tower
-    owner = spec.columns.item_id if f.kind == "history" else f.name
+    # history and sequence share the item-id lookup and embedding with the item tower
+    owner = spec.columns.item_id if f.kind in ("history", "sequence") else f.name
     lookup = tower.get_layer(f"{owner}_lookup")
     own = f.kind == "history" and _has_layer(tower, f"{f.name}_embedding")
     embedding = tower.get_layer(f"{f.name if own else owner}_embedding")  # own: history_table
@@ -112,7 +112,23 @@ def _feature_entry(tower, spec: FeatureSpec, stats: FeatureStats, f: Feature,
         pool = tower.get_layer(f"{f.name}_pool")
         if type(pool).__name__ == "HistoryPool":  # training.history; MaskedMeanPool: mean
             entry.update(pooling=pool.pooling, activation=pool.activation)
+    if f.kind == "sequence":
+        entry.update(_sequence_entry(tower, f, arrays))
     return {**entry, "max_length": f.max_length} if f.is_sequence else entry
+
+
+def _sequence_entry(tower, f: Feature, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """training.sequence.SequenceEncoder's weights (retrieval.sequence_tower's layout)."""
+    from training.sequence import BLOCK_WEIGHTS
+
+    layer = tower.get_layer(f"{f.name}_sequence")
+    weights = layer.weights_in_order()
+    arrays[f"{layer.name}.position"], arrays[f"{layer.name}.age"] = weights[:2]
+    for i, array in enumerate(weights[2:]):
+        arrays[f"{layer.name}.block{i // len(BLOCK_WEIGHTS)}."
+               f"{BLOCK_WEIGHTS[i % len(BLOCK_WEIGHTS)]}"] = array
+    return {"encoder": layer.name, "gaps": f.input_names[1], "blocks": layer.blocks,
+            "heads": layer.heads, "time_buckets": layer.time_buckets}
 
 
 def _vocabulary_entry(f: Feature, lookup, embedding, arrays: dict[str, np.ndarray],
@@ -207,7 +223,7 @@ def _check_layer_types(tower) -> None:
 def _check_concat_order(tower, features: tuple[Feature, ...]) -> None:
     """Each input of the Concatenate must depend on exactly the feature at its position."""
     concats = [layer for layer in tower.layers if type(layer).__name__ == "Concatenate"]
-    expected = [{f.name} for f in features for _ in range(1 + f.missing_indicator)]
+    expected = [set(f.input_names) for f in features for _ in range(1 + f.missing_indicator)]
     if len(expected) == 1 and not concats:
         return
     if len(concats) != 1:
