@@ -53,20 +53,37 @@ def run_training(dataset: Dataset, store: str | Path, config: TrainConfig = Trai
     train_rows = split.train if split is not None else slice(None)
     validate = _validator(examples, split) if split is not None else None
     _warn_without_validation(config, validate, evaluate)
-    trained = train(dataset, config, {k: v[train_rows] for k, v in examples.items()}, validate)
+    fit_examples = _fit_examples(dataset, config, examples, train_rows)
+    trained = train(dataset, config, fit_examples, validate)
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(config),
-        "examples": int(len(examples[dataset.spec.columns.user_id][train_rows])),
+        "examples": _count(fit_examples),
         "history": trained.history,
     }
     if split is not None:
         _log_kept(trained)
         summary["evaluation"] = _test(trained, examples, split)
         if final_fit:
-            trained = _final_fit(trained, summary, len(examples[dataset.spec.columns.user_id]),
-                                 lambda again: train(dataset, again, examples))
+            every = _fit_examples(dataset, config, examples, slice(None))
+            trained = _final_fit(trained, summary, _count(every),
+                                 lambda again: train(dataset, again, every))
     _record_fit(trained, summary, held_out=split is not None, start=start)
     return _export(trained, store, summary)
+
+
+def _fit_examples(dataset: Dataset, config: TrainConfig, examples: dict[str, np.ndarray],
+                  rows) -> dict[str, np.ndarray]:
+    """The events' ``rows`` as the examples ``config.examples`` trains on: per event, or
+    per user (training.user_level) from the same interactions."""
+    if config.examples == "users":
+        from training.user_level import user_examples
+
+        return user_examples(dataset, np.arange(_count(examples))[rows])
+    return {k: v[rows] for k, v in examples.items()}
+
+
+def _count(examples: dict[str, np.ndarray]) -> int:
+    return int(len(next(iter(examples.values()))))
 
 
 def run_training_from_prepared(prepared: str | Path, store: str | Path,

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
+EXAMPLE_KINDS = ("events", "users")
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,14 @@ class TrainConfig:
     # adam, lazy-adam (sparse updates of the embedding rows a batch touched), or auto:
     # lazy-adam when an embedding table has 100k rows or more, else adam (optimizers.py)
     optimizer: str = "auto"
+    # events: one example per interaction (sampled softmax, training.model); users: one per
+    # user, their history in, their items out (multinomial likelihood, training.user_level)
+    examples: str = "events"
 
     def __post_init__(self) -> None:
+        if self.examples not in EXAMPLE_KINDS:
+            raise ValueError(f"examples must be one of {', '.join(EXAMPLE_KINDS)} "
+                             f"(got {self.examples!r})")
         for name in ("epochs", "batch_size", "checkpoint_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -97,7 +104,11 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
 
     ``validate`` (optional) is called after every epoch with the model so far and returns
     validation metrics; with early stopping the weights of the best epoch by ndcg@10 are kept.
+    With ``config.examples`` "users", ``examples`` are per-user rows
+    (training.user_level.user_examples; default: every user of ``dataset``).
     """
+    if config.examples == "users":
+        return train_users(dataset, config, examples, validate)
     keras.utils.set_random_seed(config.seed)
     if examples is None:
         examples = training_examples(dataset)
@@ -116,6 +127,30 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
         .batch(config.batch_size, drop_remainder=n >= config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
+    return fit(TrainedModel(model, stats, dataset, {}, config), data, n, validate)
+
+
+def train_users(dataset: Dataset, config: TrainConfig,
+                examples: dict[str, np.ndarray] | None = None,
+                validate: Validator | None = None) -> TrainedModel:
+    """:func:`train` for ``config.examples`` "users" (training.user_level): ``examples`` per
+    user (default: every user of ``dataset``), the same callbacks."""
+    from training import user_level
+
+    keras.utils.set_random_seed(config.seed)
+    spec = dataset.spec
+    user_level.check_user_level_spec(spec)
+    if examples is None:
+        examples = user_level.user_examples(dataset)
+    stats = compute_feature_stats(
+        spec, user_level.stats_examples(spec, examples, dataset.items), dataset.items)
+    n = len(examples[user_level.TARGETS])
+    model = user_level.compiled_user_level_model(spec, stats, config,
+                                                 _learning_rate(config, n), dataset.items)
+    data = (tf.data.Dataset.from_tensor_slices(dict(examples))
+            .shuffle(n, seed=config.seed, reshuffle_each_iteration=True)
+            .batch(config.batch_size, drop_remainder=n >= config.batch_size)
+            .prefetch(tf.data.AUTOTUNE))
     return fit(TrainedModel(model, stats, dataset, {}, config), data, n, validate)
 
 

@@ -72,6 +72,19 @@ def add_train(sub) -> None:
                         "--no-normalize trains raw inner products")
     p.add_argument("--history-dropout", type=float, default=0.0,
                    help="share of history items dropped per example, in training only")
+    p.add_argument("--history-pooling", choices=("mean", "normalized_sum"), default="mean",
+                   help="history bag: mean, or sum / sqrt(n) (L2-normalised multi-hot)")
+    p.add_argument("--history-table", choices=("shared", "own"), default="shared",
+                   help="history embeddings: the item-id table, or one of its own")
+    p.add_argument("--history-activation", choices=("linear", "tanh"), default="linear",
+                   help="applied to the pooled history")
+    p.add_argument("--output-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="a Dense layer to --embedding-dim on top of the towers; without it "
+                        "(and --hidden-dims '') the encodings are the embedding")
+    p.add_argument("--examples", choices=("events", "users"), default="events",
+                   help="events: one example per interaction (sampled softmax); users: one "
+                        "per user, their items as a multi-label softmax target (no context "
+                        "features)")
     p.add_argument("--embedding-l2", type=float, default=0.0,
                    help="L2 penalty on the embedding tables")
     p.add_argument("--logq", choices=("none", "exact", "streaming"), default="exact",
@@ -115,7 +128,10 @@ def _train(args) -> None:
     config = TrainConfig(
         tower=TowerConfig(embedding_dim=args.embedding_dim, hidden_dims=hidden,
                           normalize=args.normalize, history_dropout=args.history_dropout,
-                          embedding_l2=args.embedding_l2),
+                          embedding_l2=args.embedding_l2, output_layer=args.output_layer,
+                          history_pooling=args.history_pooling,
+                          history_table=args.history_table,
+                          history_activation=args.history_activation),
         loss=LossConfig(logq=args.logq, corpus_negatives=args.corpus_negatives,
                         corpus_distribution=args.corpus_distribution,
                         temperature=args.temperature, hard_negatives=args.hard_negatives,
@@ -124,7 +140,7 @@ def _train(args) -> None:
         learning_rate_schedule=args.learning_rate_schedule, optimizer=args.optimizer,
         seed=args.seed, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every_steps=args.checkpoint_every_steps, tensorboard_dir=args.tensorboard_dir,
-        early_stopping_patience=patience)
+        early_stopping_patience=patience, examples=args.examples)
     path = _run(args, config, source)
     print(path)
 
