@@ -15,7 +15,8 @@ manifest written last, then renamed)::
 
 Example rows: one column per spec feature (categorical string, "" = missing; numeric
 float32, NaN = missing; bag and history list<string>, history most recent first, not
-padded) and the timestamp (int64 seconds). The full description is docs/preparation.md.
+padded), the user id (a string, also when no feature uses it) and the timestamp (int64
+seconds). The full description is docs/preparation.md.
 
 This module reads and checks the manifest with no engine and no TensorFlow.
 """

@@ -42,6 +42,8 @@ def build_examples(events: DataFrame, users: DataFrame | None, items: DataFrame,
         df = df.join(F.broadcast(users), uid, "left")
     df = df.join(F.broadcast(items.withColumn(KNOWN, F.lit(True))), iid, "left")
     features = [_feature(f, ts).alias(f.name) for f in spec.features]
+    if uid not in {f.name for f in spec.features}:  # a history-as-user spec: the id is no
+        features.append(F.col(uid).cast("string").alias(uid))  # feature, still the user's key
     key = F.xxhash64(F.lit(seed), F.col(uid), F.col(POS)).alias(KEY)
     return df.select(*features, F.col(ts), PART, POS, SIZE, FILE, ROW, KNOWN, key)
 

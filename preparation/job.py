@@ -84,7 +84,10 @@ def _run(spark: SparkSession, inputs: Inputs, config: PrepareConfig,
     train = examples.where(F.col(PART) == "train")
     stats = compute_statistics(train, items, spec, config.min_count)
     clock("examples (histories, hold-out, joins) and statistics")
-    columns = [f.name for f in spec.features] + [spec.columns.timestamp]
+    # the user id even when no feature uses it: hold-out sampling and user-level training
+    # (training.user_level) key rows by it
+    columns = list(dict.fromkeys([*(f.name for f in spec.features), spec.columns.user_id,
+                                  spec.columns.timestamp]))
     splits = {"train": write_shards(train, columns, "train", stage, scratch, config)}
     clock("train shards")
     holdout = with_seen_items(examples.where(F.col(PART) != "train"), examples, spec,

@@ -94,7 +94,8 @@ def _sampled_rows(manifest: PreparedManifest, stage: str, users: int, seed: int,
                   read_rows: int) -> pa.Table:
     """The rows of the ``users`` smallest seeded user-id hashes, in hash order."""
     spec = manifest.spec
-    columns = [f.name for f in spec.user_input_features] + [spec.columns.item_id, SEEN_ITEMS]
+    columns = [f.name for f in spec.user_input_features] + [spec.columns.user_id,
+                                                             spec.columns.item_id, SEEN_ITEMS]
     columns = list(dict.fromkeys(columns))
     kept, kept_hash = None, np.empty(0, np.int64)
     for shard in manifest.splits[stage].shards:

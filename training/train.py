@@ -132,9 +132,11 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(),
 
 def train_users(dataset: Dataset, config: TrainConfig,
                 examples: dict[str, np.ndarray] | None = None,
-                validate: Validator | None = None) -> TrainedModel:
+                validate: Validator | None = None,
+                stats: FeatureStats | None = None) -> TrainedModel:
     """:func:`train` for ``config.examples`` "users" (training.user_level): ``examples`` per
-    user (default: every user of ``dataset``), the same callbacks."""
+    user (default: every user of ``dataset``), the same callbacks; ``stats`` (default:
+    computed from the examples and the catalogue) as prepared shards give them."""
     from training import user_level
 
     keras.utils.set_random_seed(config.seed)
@@ -142,8 +144,9 @@ def train_users(dataset: Dataset, config: TrainConfig,
     user_level.check_user_level_spec(spec)
     if examples is None:
         examples = user_level.user_examples(dataset)
-    stats = compute_feature_stats(
-        spec, user_level.stats_examples(spec, examples, dataset.items), dataset.items)
+    if stats is None:
+        stats = compute_feature_stats(
+            spec, user_level.stats_examples(spec, examples, dataset.items), dataset.items)
     n = len(examples[user_level.TARGETS])
     model = user_level.compiled_user_level_model(spec, stats, config,
                                                  _learning_rate(config, n), dataset.items)

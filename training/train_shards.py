@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from contracts.dataset import SPEC_FILE, Dataset, read_table, table_columns
 from contracts.errors import ArtifactError
 from contracts.feature_spec import FeatureSpec, load_feature_spec
-from contracts.prepared import PreparedManifest, check_spec
+from contracts.prepared import SPLITS, PreparedManifest, check_spec
 from training.distributed import WorkerRole, training_strategy
 from training.model import FeatureStats
 from training.resume import Position, StepCheckpoint, resume_position
@@ -33,7 +33,9 @@ from training.shards import (
     worker_shards,
 )
 from training.tf_env import keras
-from training.train import TrainConfig, TrainedModel, Validator, compiled_model, fit
+from training.train import (TrainConfig, TrainedModel, Validator, compiled_model, fit,
+                            train_users)
+from training.user_level import TARGETS, prepared_user_examples
 
 log = logging.getLogger(__name__)
 # derived context: its full range, in the order training.model.compute_feature_stats gives
@@ -57,6 +59,12 @@ def train_from_shards(manifest: PreparedManifest, catalogue: Dataset,
     spec = catalogue.spec  # the spec in hand: the manifest's has the same fingerprint, but
     stats = prepared_feature_stats(manifest)  # its features in sorted order
     item_ids = np.asarray(catalogue.items[spec.columns.item_id], dtype=object)
+    if config.examples == "users":  # one row per user, held in memory (training.user_level)
+        examples = prepared_user_examples(manifest, spec, item_ids,
+                                          every=set(splits) == set(SPLITS))
+        log.info("user-level examples from the hold-out rows: %d users of %d",
+                 len(examples[TARGETS]), manifest.users_rows)
+        return train_users(catalogue, config, examples, validate, stats)
     counts = prepared_item_counts(manifest, item_ids)
     n = sum(manifest.splits[split].rows for split in splits)
     model = compiled_model(spec, stats, config, n, catalogue.items,

@@ -161,3 +161,56 @@ def stats_examples(spec: FeatureSpec, examples: Mapping[str, np.ndarray],
     out.update({f.name: item_inputs(spec, items)[f.name] for f in spec.tower("item")})
     return out
 
+
+
+def prepared_user_examples(manifest, spec: FeatureSpec, item_ids: np.ndarray,
+                           every: bool) -> dict[str, np.ndarray]:
+    """Per-user examples from prepared shards (contracts.prepared), for ``every`` event or
+    the train split only. The hold-out rows already hold what a user-level example needs: a
+    valid row (users with 3+ events) has the user's features, their history before it
+    (every train item, most recent first, up to the cap) and SEEN_ITEMS (the train items,
+    the latest ``max_seen``); so has the test row of a user with 2 events (one seen item).
+    With ``every``, each test row plus its own item is the user's whole record. A user with
+    a single event has no hold-out row and no example (one item: nothing to reconstruct)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from contracts.prepared import SEEN_ITEMS
+
+    check_user_level_spec(spec)
+    features = spec.tower("user")
+    columns = list(dict.fromkeys([f.name for f in features] + [spec.columns.item_id,
+                                                               SEEN_ITEMS]))
+
+    def read(split: str) -> pa.Table:
+        tables = [pq.read_table(s.path, columns=columns) for s in manifest.splits[split].shards]
+        return pa.concat_tables(tables) if tables else None
+
+    test = read("test")
+    if test is None or not len(test):
+        raise ValueError(f"{manifest.path}: no test rows, so no user with 2 or more events: "
+                         "user-level training needs users with an item to reconstruct")
+    seen_count = pc.list_value_length(test.column(SEEN_ITEMS)).to_numpy(
+        zero_copy_only=False)
+    if every:
+        return _examples_of(test, spec, features, item_ids, with_own_item=True)
+    parts = [t for t in (read("valid"), test.filter(pa.array(seen_count == 1))) if t is not None]
+    return _examples_of(pa.concat_tables(parts), spec, features, item_ids, with_own_item=False)
+
+
+def _examples_of(table, spec: FeatureSpec, features, item_ids: np.ndarray,
+                 with_own_item: bool) -> dict[str, np.ndarray]:
+    from contracts.prepared import SEEN_ITEMS
+    from training.shards import arrow_inputs
+
+    out = arrow_inputs(table, spec, features)
+    targets = [list(s or ()) for s in table.column(SEEN_ITEMS).to_pylist()]
+    if with_own_item:
+        own = np.asarray(table.column(spec.columns.item_id).to_pylist(), dtype=object)
+        for f in features:
+            if f.kind == "history":  # the event's item is the most recent of the record
+                out[f.name] = np.concatenate([own[:, None], out[f.name][:, :-1]], axis=1)
+        targets = [t + [i] for t, i in zip(targets, own.tolist(), strict=True)]
+    out[TARGETS] = target_rows(np.asarray(item_ids).astype(str), targets)
+    return out
