@@ -69,7 +69,8 @@ def table_columns(spec: FeatureSpec) -> dict[str, list[Feature | str]]:
     """Which spec features live in which table (strings are the id/time columns)."""
     cols = spec.columns
     context = [f for f in spec.tower("context") if f.derive is None]
-    users = [f for f in spec.tower("user") if f.kind != "history" and f.name != cols.user_id]
+    users = [f for f in spec.tower("user")
+             if f.kind not in ("history", "sequence") and f.name != cols.user_id]
     items = [f for f in spec.tower("item") if f.name != cols.item_id]
     return {
         "interactions": [cols.user_id, cols.item_id, cols.timestamp, *context],

@@ -21,7 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from contracts.dataset import table_columns
-from contracts.errors import DataError
+from contracts.errors import ConfigError, DataError
 from contracts.prepared import SEEN_ITEMS, SPLITS, spec_fingerprint
 from preparation.config import PrepareConfig
 from preparation.examples import KNOWN, PART, build_examples, with_seen_items
@@ -45,6 +45,7 @@ def prepare(data: str | Path, out: str | Path, config: PrepareConfig | None = No
     """
     out, config = Path(out), config or PrepareConfig()
     inputs = find_inputs(data)
+    _refuse_sequences(inputs)
     stage = new_stage(out)
     try:
         with _session(config, stage / "_spark", inputs, spark) as session:
@@ -57,6 +58,16 @@ def prepare(data: str | Path, out: str | Path, config: PrepareConfig | None = No
     log.info("prepare: published %s (%d train, %d valid, %d test examples)", published,
              *(manifest["splits"][s]["rows"] for s in SPLITS))
     return published
+
+
+def _refuse_sequences(inputs: Inputs) -> None:
+    """The shards hold no item ages yet, so a sequence feature trains in memory only."""
+    names = [f.name for f in inputs.spec.features if f.kind == "sequence"]
+    if names:
+        raise ConfigError(f"features {', '.join(names)}: prepare does not build sequence "
+                          "features (their item ages) yet; train them in memory with "
+                          "`two-tower train --data DIR --in-memory` (up to about 1M "
+                          "interactions), or use kind = \"history\"")
 
 
 @contextlib.contextmanager

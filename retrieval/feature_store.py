@@ -21,6 +21,14 @@ and every reader; change it only together with the prefix version (default ``tt:
                                        LTRIM 0 history_length-1.
     {prefix}:seen:{user_id}      ZSET  every item the user interacted with, for exclude_seen,
                                        at most seen_items_cap: retrieval.seen_items.
+    {prefix}:history_time:{user_id}
+                                 LIST  beside the history, written and trimmed with it in the
+                                       same MULTI/EXEC: "<unix seconds> <item id>" per history
+                                       entry, in the same order, for the ages a sequence
+                                       feature reads. An entry counts only where its item is
+                                       the history's at that position; any other (a history
+                                       written by an older writer, or none at all) reads as
+                                       an unknown time, so older data stays readable.
 
 A user is unknown (``get_user`` returns None) when both keys are missing; Redis keeps no empty
 hashes or lists, so a user with no features and no history is unknown too. ``read_users``
@@ -42,6 +50,7 @@ Errors (redis exceptions are translated in one place, ``RedisFeatureStore._trans
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -105,26 +114,45 @@ class StoredUser:
     # Read only (read_users with seen): the user's seen set; written by add_seen and
     # record_interactions with the times that order it (retrieval.seen_items).
     seen: frozenset[str] = frozenset()
+    # each history item's time, whole seconds since the epoch, None where unknown; empty:
+    # all unknown (a sequence feature's ages, contracts.inputs.UserRequest.history_times).
+    # Not part of equality: two records of the same items are the same user's record.
+    history_times: tuple[int | None, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         features = {str(name): _feature_value(name, v) for name, v in self.features.items()}
         object.__setattr__(self, "features", MappingProxyType(features))
         object.__setattr__(self, "history", tuple(_item_id(i) for i in self.history))
+        times = tuple(None if t is None else int(t) for t in self.history_times)
+        if times and len(times) != len(self.history):
+            raise ValueError(f"history_times must be empty or one per history item (got "
+                             f"{len(times)} for {len(self.history)})")
+        object.__setattr__(self, "history_times", times if any(
+            t is not None for t in times) else ())
+
+    def cut(self, history_length: int) -> StoredUser:
+        """The same user with the history (and its times) cut to ``history_length``."""
+        return dataclasses.replace(self, history=self.history[:history_length],
+                                   history_times=self.history_times[:history_length])
 
 
 UserRead = StoredUser | None | FeatureStoreError  # one user of read_users
 
 
 class FeatureStore(Protocol):
-    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = ()) -> list[UserRead]:
+    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = (),
+                   times: bool = False) -> list[UserRead]:
         """Blocking, for a worker thread (never the event loop): each user's stored record,
         None for an unknown user, or a FeatureStoreError in the place of a user whose record
-        cannot be read; ``seen[i]`` also reads user i's seen set into ``StoredUser.seen``.
+        cannot be read; ``seen[i]`` also reads user i's seen set into ``StoredUser.seen``;
+        ``times`` also reads the history's times (for a model with a sequence feature;
+        Redis reads them only then, one more LRANGE a user).
         Raises FeatureStoreUnavailable when the store cannot answer in time."""
         ...
 
     async def get_user(self, user_id: str) -> StoredUser | None:
-        """The stored user, or None when the user is unknown (read_users of one user)."""
+        """The stored user, or None when the user is unknown (read_users of one user, with
+        times)."""
         ...
 
     async def put_users(self, users: Mapping[str, StoredUser]) -> None:
@@ -191,7 +219,9 @@ class InMemoryFeatureStore:
     def preloaded(self) -> int:
         return len(self._preloaded)
 
-    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = ()) -> list[UserRead]:
+    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = (),
+                   times: bool = False) -> list[UserRead]:
+        """``times`` costs nothing here: the history's times are always returned."""
         now, expired = self._clock(), 0
         found: list[UserRead] = []
         with self._lock:
@@ -206,7 +236,7 @@ class InMemoryFeatureStore:
                         self._recorded.move_to_end(user_id)
                         user = entry[0]
                 if user is not None and i < len(seen) and seen[i]:
-                    user = StoredUser(user.features, user.history, self._seen.items_of(user_id))
+                    user = dataclasses.replace(user, seen=self._seen.items_of(user_id))
                 found.append(user)
         self._count("ttl", expired)
         return found
@@ -218,7 +248,7 @@ class InMemoryFeatureStore:
     async def put_users(self, users: Mapping[str, StoredUser]) -> None:
         """Preload: these users are kept until the process ends. Raises ValueError, storing
         nothing, when the preloaded users would outnumber ``max_users``."""
-        kept = {user_id: StoredUser(user.features, user.history[: self._history_length])
+        kept = {user_id: dataclasses.replace(user.cut(self._history_length), seen=frozenset())
                 for user_id, user in users.items()}
         with self._lock:
             after = self._preloaded.keys() | {u for u, user in kept.items() if user.features
@@ -246,7 +276,7 @@ class InMemoryFeatureStore:
             expired = 0
             for user_id, item_id, at in seen_items.recorded_events(events):
                 if (user := self._preloaded.get(user_id)) is not None:
-                    self._preloaded[user_id] = _prepend(user, item_id, self._history_length)
+                    self._preloaded[user_id] = _prepend(user, item_id, at, self._history_length)
                     self._seen.add(user_id, {item_id: at})
                     continue
                 entry = self._recorded.pop(user_id, None)
@@ -255,7 +285,7 @@ class InMemoryFeatureStore:
                     self._seen.drop(user_id)
                 self._seen.add(user_id, {item_id: at})
                 user = _NO_USER if entry is None else entry[0]
-                self._recorded[user_id] = (_prepend(user, item_id, self._history_length),
+                self._recorded[user_id] = (_prepend(user, item_id, at, self._history_length),
                                            deadline)
             expired += self._expire_oldest(now)
             evicted = self._evict_over_cap()
@@ -301,8 +331,10 @@ class InMemoryFeatureStore:
 _NO_USER = StoredUser({}, ())
 
 
-def _prepend(user: StoredUser, item_id: str, history_length: int) -> StoredUser:
-    return StoredUser(user.features, ((item_id,) + user.history)[:history_length])
+def _prepend(user: StoredUser, item_id: str, at: float, history_length: int) -> StoredUser:
+    times = user.history_times or (None,) * len(user.history)
+    return StoredUser(user.features, ((item_id,) + user.history)[:history_length],
+                      history_times=((int(at),) + times)[:history_length])
 
 
 class RedisFeatureStore:
@@ -364,10 +396,11 @@ class RedisFeatureStore:
         return cls(client, reader, history_length=history_length, key_prefix=key_prefix,
                    batch_size=batch_size, seen_items_cap=seen_items_cap)
 
-    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = ()) -> list[UserRead]:
-        """Both keys of every user, and the seen set of those ``seen`` asks for, in one
-        pipeline: one round trip, bounded by the socket timeouts. A key of the wrong type
-        fails its own user, not the batch."""
+    def read_users(self, user_ids: Sequence[str], seen: Sequence[bool] = (),
+                   times: bool = False) -> list[UserRead]:
+        """Both keys of every user, and the seen set of those ``seen`` asks for (and with
+        ``times`` the history's times), in one pipeline: one round trip, bounded by the
+        socket timeouts. A key of the wrong type fails its own user, not the batch."""
         keys = [self._keys(user_id) for user_id in user_ids]
         with_seen = [i < len(seen) and bool(seen[i]) for i in range(len(user_ids))]
         what = f"user {user_ids[0]!r}" if len(user_ids) == 1 else f"{len(user_ids)} users"
@@ -377,22 +410,24 @@ class RedisFeatureStore:
                                                                  strict=True):
                 pipe.hgetall(user_key)
                 pipe.lrange(history_key, 0, self._history_length - 1)
+                if times:
+                    pipe.lrange(self._times_key(user_id), 0, self._history_length - 1)
                 if wanted:
                     seen_items.queue_read(pipe, self._seen_key(user_id), self._seen_cap)
             replies = iter(pipe.execute(raise_on_error=False))
         return [self._user_of(user_id, user_key, next(replies), next(replies),
-                              next(replies) if wanted else [])
+                              next(replies) if times else [], next(replies) if wanted else [])
                 for user_id, (user_key, _), wanted in zip(user_ids, keys, with_seen, strict=True)]
 
     async def get_user(self, user_id: str) -> StoredUser | None:
-        found = (await asyncio.to_thread(self.read_users, [user_id]))[0]
+        found = (await asyncio.to_thread(self.read_users, [user_id], (), True))[0]
         if isinstance(found, FeatureStoreError):
             raise found
         return found
 
-    def _user_of(self, user_id: str, user_key: str, fields: Any, history: Any,
+    def _user_of(self, user_id: str, user_key: str, fields: Any, history: Any, times: Any,
                  seen: Any) -> UserRead:
-        for reply in (fields, history, seen):
+        for reply in (fields, history, times, seen):
             if isinstance(reply, RedisError):
                 error = FeatureStoreError(f"Redis at {self._where} failed while reading user "
                                           f"{user_id!r}: {reply}")
@@ -401,10 +436,10 @@ class RedisFeatureStore:
         if not fields and not history and not seen:
             return None
         try:
-            user = _decode_user(user_key, fields, history)
+            user = _decode_user(user_key, fields, history, times)
         except FeatureStoreError as exc:
             return exc
-        return StoredUser(user.features, user.history, seen_items.decode(seen)) if seen else user
+        return dataclasses.replace(user, seen=seen_items.decode(seen)) if seen else user
 
     async def put_users(self, users: Mapping[str, StoredUser]) -> None:
         pending = list(users.items())
@@ -433,18 +468,22 @@ class RedisFeatureStore:
         """One round trip: LPUSH, LTRIM (and EXPIRE) of the history and ZADD,
         ZREMRANGEBYRANK (and EXPIRE) of the seen set per user, in a MULTI/EXEC so a reader
         never sees a history longer than history_length nor a seen set over its cap."""
-        by_user: dict[str, list[str]] = {}
-        for user_id, item_id in events:
-            by_user.setdefault(user_id, []).append(item_id)
-        seen = seen_items.by_user(seen_items.recorded_events(events))
+        recorded = seen_items.recorded_events(events)
+        by_user: dict[str, list[tuple[str, float]]] = {}
+        for user_id, item_id, at in recorded:
+            by_user.setdefault(user_id, []).append((item_id, at))
+        seen = seen_items.by_user(recorded)
         with self._translate(f"recording {len(events)} interactions"):
             async with self._client.pipeline(transaction=True) as pipe:
                 for user_id, items in by_user.items():
                     _, history_key = self._keys(user_id)
-                    pipe.lpush(history_key, *items)
-                    pipe.ltrim(history_key, 0, self._history_length - 1)
-                    if ttl_s:
-                        pipe.expire(history_key, ttl_s)
+                    pipe.lpush(history_key, *(item for item, _ in items))
+                    pipe.lpush(self._times_key(user_id), *(_time_entry(item, at)
+                                                           for item, at in items))
+                    for key in (history_key, self._times_key(user_id)):
+                        pipe.ltrim(key, 0, self._history_length - 1)
+                        if ttl_s:
+                            pipe.expire(key, ttl_s)
                     seen_items.queue_add(pipe, self._seen_key(user_id), seen[user_id],
                                          self._seen_cap, ttl_s)
                 await pipe.execute()
@@ -484,13 +523,21 @@ class RedisFeatureStore:
     def _seen_key(self, user_id: str) -> str:
         return seen_items.seen_key(self._prefix, user_id)
 
+    def _times_key(self, user_id: str) -> str:
+        return f"{self._prefix}:history_time:{user_id}"
+
     def _queue_replace(self, pipe: Any, user_id: str, user: StoredUser) -> None:
         user_key, history_key = self._keys(user_id)
-        pipe.delete(user_key, history_key, self._seen_key(user_id))
+        pipe.delete(user_key, history_key, self._seen_key(user_id), self._times_key(user_id))
         if user.features:
             pipe.hset(user_key, mapping={n: _encode(v) for n, v in user.features.items()})
         if user.history:
             pipe.rpush(history_key, *user.history[: self._history_length])
+        if user.history_times:
+            pipe.rpush(self._times_key(user_id), *(
+                _time_entry(item, at) for item, at in zip(
+                    user.history[: self._history_length],
+                    user.history_times[: self._history_length], strict=True)))
 
     @contextmanager
     def _translate(self, action: str) -> Iterator[None]:
@@ -525,7 +572,9 @@ def users_from_dataset(
     features = _user_features(dataset)
     histories = _latest_items(dataset, history_length)
     user_ids = dict.fromkeys([*features, *histories])
-    return {u: StoredUser(features.get(u, {}), histories.get(u, ())) for u in user_ids}
+    none: tuple[tuple[str, ...], tuple[int, ...]] = ((), ())
+    return {u: StoredUser(features.get(u, {}), histories.get(u, none)[0],
+                          history_times=histories.get(u, none)[1]) for u in user_ids}
 
 
 def _user_features(dataset: Dataset) -> dict[str, dict[str, Any]]:
@@ -542,7 +591,9 @@ def _user_features(dataset: Dataset) -> dict[str, dict[str, Any]]:
             for i, u in enumerate(user_ids)}
 
 
-def _latest_items(dataset: Dataset, history_length: int) -> dict[str, tuple[str, ...]]:
+def _latest_items(dataset: Dataset, history_length: int
+                  ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """user → (latest item ids, their timestamps), most recent first."""
     cols = dataset.spec.columns
     user_ids = np.asarray(dataset.interactions[cols.user_id]).astype(str)
     if len(user_ids) == 0:
@@ -557,8 +608,11 @@ def _latest_items(dataset: Dataset, history_length: int) -> dict[str, tuple[str,
     first = np.searchsorted(sorted_codes, np.arange(len(users)))
     keep = order[rows - first[sorted_codes] < history_length]
     counts = np.bincount(user_codes[keep], minlength=len(users))
-    chunks = np.split(item_ids[keep], np.cumsum(counts)[:-1])
-    return {u: tuple(c.tolist()) for u, c in zip(users.tolist(), chunks, strict=True)}
+    bounds = np.cumsum(counts)[:-1]
+    chunks = np.split(item_ids[keep], bounds)
+    times = np.split(timestamps[keep], bounds)
+    return {u: (tuple(c.tolist()), tuple(t.tolist()))
+            for u, c, t in zip(users.tolist(), chunks, times, strict=True)}
 
 
 def _check_history_length(history_length: int) -> int:
@@ -595,7 +649,24 @@ def _encode(value: FeatureValue) -> str:
     return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
 
 
-def _decode_user(user_key: str, fields: Mapping[Any, Any], history: list[Any]) -> StoredUser:
+def _time_entry(item_id: str, at: float | None) -> str:
+    """An entry of the history_time list: "<unix seconds> <item id>" ("- <item>": unknown)."""
+    return f"{'-' if at is None else int(at)} {item_id}"
+
+
+def _decode_times(history: tuple[str, ...], entries: list[Any]) -> tuple[int | None, ...]:
+    """Each history item's time from the history_time entries: where the entry at the same
+    position names the same item; anything else (no list, an older writer's history that
+    moved ahead of it, a malformed entry) is an unknown time, never an error."""
+    times: list[int | None] = []
+    for j, item in enumerate(history):
+        seconds, _, named = _text(entries[j]).partition(" ") if j < len(entries) else ("", "", "")
+        times.append(int(seconds) if named == item and seconds.isdigit() else None)
+    return tuple(times)
+
+
+def _decode_user(user_key: str, fields: Mapping[Any, Any], history: list[Any],
+                 times: list[Any] = ()) -> StoredUser:
     features = {}
     for name, raw in fields.items():
         try:
@@ -605,7 +676,8 @@ def _decode_user(user_key: str, fields: Mapping[Any, Any], history: list[Any]) -
                 f"{user_key} field {_text(name)!r} holds {raw!r}, which is not a feature value "
                 f"({exc}); expected JSON text: a number, a string or a list of strings"
             ) from exc
-    return StoredUser(features, tuple(_text(i) for i in history))
+    items = tuple(_text(i) for i in history)
+    return StoredUser(features, items, history_times=_decode_times(items, list(times)))
 
 
 def _text(value: str | bytes) -> str:

@@ -13,6 +13,12 @@ The generative story:
 * Demographics follow the day cluster: ``age`` and ``country`` lean by cluster, so a
   cold-start user with features is better than a coin; ``device`` leans to "tv" at night.
 * A user never interacts twice with the same item; timestamps span ``days`` days.
+* Optionally (``order_strength`` > 0) users have order: with that probability an event
+  after a user's first is drawn, by popularity, from the cluster that follows the cluster
+  of the user's previous item in a fixed cycle over all clusters (a Markov chain over
+  clusters, ``next_clusters``); otherwise as above. A bag of the user's items cannot tell
+  which one came last; a sequence model can. Drawn from the same stream, so a dataset
+  with ``order_strength`` 0 is the one without the option.
 * Optionally (``content_dims`` > 0) every item also has a dense content vector, numeric
   features ``content0`` … ``content{d-1}`` (what a text or image encoder would give a real
   catalogue): its cluster's centre plus noise ``CONTENT_NOISE`` times the spread of the
@@ -115,8 +121,11 @@ class SyntheticConfig:
     days: int = 60
     seed: int = 0
     content_dims: int = 0  # dense content features per item (content0 …); 0 = none
+    order_strength: float = 0.0  # share of events that follow the previous item's cluster
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.order_strength <= 1.0:
+            raise ValueError(f"order_strength must be in [0, 1] (got {self.order_strength})")
         if not 0 <= self.content_dims <= 256:
             raise ValueError(f"content_dims must be in [0, 256] (got {self.content_dims})")
         if self.num_clusters < 2 or self.num_items < self.num_clusters:
@@ -198,14 +207,19 @@ def _interactions(config, rng, item_cluster, day_cluster, night_cluster) -> dict
     by_cluster = [_Sampler(m, popularity[m]) for m in members]
     ts = np.sort(START_TIME + rng.integers(0, config.days * 86400, (n_users, per_user)), axis=1)
     hours = (ts // 3600) % 24
+    follow = next_clusters(config)
     users, items, times, devices = [], [], [], []
     for u in range(n_users):
         seen: set[int] = set()
+        last = None
         for t, hour in zip(ts[u], hours[u], strict=True):
             night = int(hour) in NIGHT_HOURS
             cluster = night_cluster[u] if night else day_cluster[u]
             pool = by_cluster[cluster] if rng.random() < config.taste_strength else catalogue
-            item = _draw_unseen(rng, pool, popularity, seen)
+            if config.order_strength and last is not None and (
+                    rng.random() < config.order_strength):
+                pool = by_cluster[follow[item_cluster[last]]]
+            item = last = _draw_unseen(rng, pool, popularity, seen)
             seen.add(item)
             users.append(u)
             items.append(item)
@@ -217,6 +231,15 @@ def _interactions(config, rng, item_cluster, day_cluster, night_cluster) -> dict
         "timestamp": np.array(times, dtype=np.int64),
         "device": np.array(devices, dtype=object),
     }
+
+
+def next_clusters(config: SyntheticConfig) -> np.ndarray:
+    """[num_clusters] int: the cluster that follows each one (one cycle through all of
+    them, from a stream of its own)."""
+    cycle = np.random.default_rng([config.seed, 2]).permutation(config.num_clusters)
+    follow = np.empty(config.num_clusters, dtype=np.int64)
+    follow[cycle] = np.roll(cycle, -1)
+    return follow
 
 
 def _popularity(config, rng, item_cluster) -> np.ndarray:
