@@ -42,6 +42,7 @@ from training.protocols import (
     recbole_ml1m_general,
 )
 from training.train import TrainConfig, TrainedModel, train
+from training.user_level import TARGET_WEIGHTS, TARGETS
 
 log = logging.getLogger("benchmarks.quality")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 HISTORY = "history"
 ML1M_L2, ML1M_TEMPERATURE = 0.02, 0.03  # see ours_config
 ML1M_HISTORY = 200  # items in an ml-1m history bag (random ones when the user has more)
+ML1M_WHOLE_HISTORY = 2048  # over any user's train + valid items (at most 1,694)
+ML1M_USER_LEVEL_DIM = 256
 PUBLISHED_ML1M = {  # RecBole ml-1m general leaderboard, test Recall@10 / NDCG@10
     "Pop": (0.0699, 0.1006), "BPR": (0.1725, 0.2407), "NeuMF": (0.1717, 0.2393),
     "LightGCN": (0.1823, 0.2478), "MultiVAE": (0.1995, 0.2523), "SimpleX": (0.1997, 0.2700),
@@ -62,6 +65,11 @@ class Variant:
     name: str
     features: tuple[str, ...]  # feature names kept from the protocol's full spec
     config: TrainConfig
+    # per feature, spec keys replaced: (("history", (("max_length", 2048),)),)
+    spec_changes: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    # examples="users" only: (k, share): add each user's k best unseen items by EASE (fit
+    # on train, λ chosen on validation) as soft targets weighing share × their item count
+    distill: tuple[int, float] = ()
 
 
 @dataclass
@@ -73,7 +81,9 @@ class Protocol:
     spec_doc: dict                 # the full feature spec; variants keep a subset
     dataset: Dataset               # users and items tables (items in split item order)
     examples: dict[str, np.ndarray]  # one per train interaction, every feature of spec_doc
-    user_inputs: Callable[[str], dict[str, np.ndarray]]  # stage → inputs per split user row
+    user_inputs: Callable[..., dict[str, np.ndarray]]  # stage → inputs per split user row
+    # history length → one example per user (training.user_level), for examples="users"
+    user_examples: Callable[[int], dict[str, np.ndarray]] | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         protocol = PROTOCOLS[name](args.data)
         chosen = [v for v in variants(name, args.epochs, args.ablation_epochs)
                   if not wanted or _selected(v, wanted)]
-        fresh = run_protocol(protocol, chosen)
+        fresh = run_protocol(protocol, chosen, range(args.seeds))
         # read again just before writing: another process may have written its protocol
         results = json.loads(path.read_text()) if path.exists() else {}
         earlier = results.get(name, {}).get("variants", {}) if wanted else {}
@@ -111,6 +121,9 @@ def _args(argv):
     parser.add_argument("--ablation-epochs", type=int, default=None,
                         help="the budget of the ablations (default: --epochs)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each variant with seeds 0..N-1; tables show the mean "
+                             "and, for N > 1, ± the standard deviation")
     parser.add_argument("--variants", default="",
                         help="comma-separated name prefixes to run (default: all), e.g. plain,ours")
     return parser.parse_args(argv)
@@ -171,10 +184,29 @@ def variants(protocol: str, epochs: int | None = None,
                 dataclasses.replace(ablated, loss=no_corpus)),
         Variant("ours − history", tuple(f for f in EVERYTHING if f != HISTORY), ablated),
     ]
+    if protocol == "recbole-ml1m":
+        out.append(user_level_variant(epochs))
     if protocol == "ml100k-temporal":
         out.append(Variant("ours − context", tuple(
             f for f in EVERYTHING if f not in ("hour_of_day", "day_of_week")), ablated))
     return out
+
+
+def user_level_variant(epochs: int | None = None) -> Variant:
+    """A history-as-user tower trained per user (training.user_level), Mult-DAE's recipe
+    as two towers: the whole train history, L2-normalised multi-hot (sum / sqrt n) through
+    a table of its own, input dropout, tanh; no user id; cosine scores at temperature 0.1;
+    d = 256. Settings chosen on validation NDCG@10 (docs/quality.md)."""
+    config = TrainConfig(
+        tower=TowerConfig(embedding_dim=ML1M_USER_LEVEL_DIM, hidden_dims=(), output_layer=False,
+                          normalize=True, history_dropout=0.5,
+                          history_pooling="normalized_sum", history_table="own",
+                          history_activation="tanh"),
+        loss=LossConfig(temperature=0.1), examples="users", epochs=epochs or 40,
+        batch_size=256, learning_rate=0.001, early_stopping_patience=5)
+    return Variant("ours user-level", (HISTORY, "item_id"), config, (
+        (HISTORY, (("max_length", ML1M_WHOLE_HISTORY),)),
+        ("item_id", (("embedding_dim", ML1M_USER_LEVEL_DIM),))))
 
 
 # --- protocols -----------------------------------------------------------------------------
@@ -200,15 +232,26 @@ def recbole_ml1m(data: Path, history: int = ML1M_HISTORY) -> Protocol:
                 HISTORY: histories_from_other_items(user_ids, item_ids, history)}
     examples.update(_joined(users, "user_id", user_ids, ("gender", "age", "occupation", "zip_prefix")))
 
-    def user_inputs(stage: str) -> dict[str, np.ndarray]:
+    def user_inputs(stage: str, length: int = history) -> dict[str, np.ndarray]:
         seen = tr if stage == "valid" else np.concatenate([tr, split.valid])
         bags = item_bags(_ids(split.user_ids[split.users[seen]]),
                          _ids(split.item_ids[split.items[seen]]), _ids(split.user_ids),
-                         history)
+                         length)
         return {"user_id": _ids(split.user_ids), HISTORY: bags,
                 **{k: users[k] for k in ("gender", "age", "occupation", "zip_prefix")}}
 
-    return Protocol("recbole-ml1m", split, spec_doc, dataset, examples, user_inputs)
+    def user_examples(length: int) -> dict[str, np.ndarray]:
+        """Every user: train items as history (all of them up to ``length``) and target."""
+        lists = [[] for _ in range(split.n_users)]
+        for u, i in zip(split.users[tr].tolist(), split.items[tr].tolist(), strict=True):
+            lists[u].append(i)
+        targets = np.full((split.n_users, max(map(len, lists))), -1, np.int32)
+        for u, rows in enumerate(lists):  # item rows are catalogue rows (split order)
+            targets[u, :len(rows)] = rows
+        return {**user_inputs("valid", length), TARGETS: targets}
+
+    return Protocol("recbole-ml1m", split, spec_doc, dataset, examples, user_inputs,
+                    user_examples)
 
 
 def ml100k_temporal(data: Path) -> Protocol:
@@ -265,14 +308,31 @@ def _joined(table: dict, key: str, ids: np.ndarray, columns) -> dict:
 
 # --- running -------------------------------------------------------------------------------
 
-def run_protocol(protocol: Protocol, variant_list: list[Variant]) -> dict:
+def run_protocol(protocol: Protocol, variant_list: list[Variant], seeds=(0,)) -> dict:
     out = {"protocol": protocol.name, "users": protocol.split.n_users,
            "items": protocol.split.n_items, "train": len(protocol.split.train),
            "popularity": {s: popularity_ranking(protocol.split, s).as_dict()
                           for s in ("valid", "test")},
            "ease": run_ease(protocol.split), "variants": {}}
     for variant in variant_list:
-        out["variants"][variant.name] = run_variant(protocol, variant)
+        out["variants"][variant.name] = over_seeds([run_variant(protocol, dataclasses.replace(
+            variant, config=dataclasses.replace(variant.config, seed=s))) for s in seeds])
+    return out
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """One run as it is; several: the first's record with ``test`` the mean of each metric,
+    ``test_std`` the standard deviation (ddof 0), ``test_by_seed``, mean epochs and time."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    keys = runs[0]["test"].keys()
+    out["test"] = {k: float(np.mean([r["test"][k] for r in runs])) for k in keys}
+    out["test_std"] = {k: float(np.std([r["test"][k] for r in runs])) for k in keys}
+    out["test_by_seed"] = [r["test"] for r in runs]
+    out["seeds"] = [r["config"]["seed"] for r in runs]
+    for k in ("epochs", "seconds"):
+        out[k] = round(float(np.mean([r[k] for r in runs])), 1)
     return out
 
 
@@ -288,6 +348,7 @@ def run_ease(split: ProtocolSplit) -> dict:
                                  "valid").ndcg[10]
 
     chosen, tried = choose_ease(x_train, validate)
+    _EASE_FITS[split.name] = chosen
     x_seen = _matrix(split, np.concatenate([split.train, split.valid]))
     # the towers' case: weights from train, test inputs from train + valid
     train_fit = evaluate_protocol(split, lambda rows: chosen.scores(x_seen[rows]), "test")
@@ -303,6 +364,25 @@ def run_ease(split: ProtocolSplit) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def with_ease_targets(split: ProtocolSplit, examples: dict[str, np.ndarray], k: int,
+                      share: float) -> dict[str, np.ndarray]:
+    """Per-user examples (one per split user row) with EASE's k best items the user has not
+    seen in train added to TARGETS, each weighing ``share`` × (the user's train items) / k,
+    the train items 1 (TARGET_WEIGHTS): distillation of the linear model into the towers."""
+    x = _matrix(split, split.train)
+    scores = _EASE_FITS[split.name].scores(x)
+    scores[x > 0] = -np.inf
+    best = np.argpartition(-scores, k, axis=1)[:, :k].astype(np.int32)
+    held = examples[TARGETS]
+    weights = np.where(held >= 0, 1.0, 0.0).astype(np.float32)
+    teacher = np.repeat((share * x.sum(axis=1) / k)[:, None], k, axis=1).astype(np.float32)
+    return {**examples, TARGETS: np.concatenate([held, best], axis=1),
+            TARGET_WEIGHTS: np.concatenate([weights, teacher], axis=1)}
+
+
+_EASE_FITS: dict[str, object] = {}  # split name → EASE fit on train (run_ease), a teacher
+
+
 def _matrix(split: ProtocolSplit, rows: np.ndarray) -> np.ndarray:
     return interaction_matrix(split.users[rows], split.items[rows], split.n_users,
                               split.n_items)
@@ -310,7 +390,7 @@ def _matrix(split: ProtocolSplit, rows: np.ndarray) -> np.ndarray:
 
 def run_variant(protocol: Protocol, variant: Variant) -> dict:
     trained, seconds, examples = train_variant(protocol, variant)
-    test = _evaluate(trained, protocol.split, protocol.user_inputs("test"), "test")
+    test = _evaluate(trained, protocol.split, _user_inputs(protocol, variant, "test"), "test")
     epochs = len(trained.history.get("loss", []))
     return {"test": test.as_dict(), "epochs": epochs, "seconds": round(seconds, 1),
             "examples_per_s": round(epochs * examples / seconds),
@@ -322,16 +402,20 @@ def run_variant(protocol: Protocol, variant: Variant) -> dict:
 def train_variant(protocol: Protocol, variant: Variant) -> tuple[TrainedModel, float, int]:
     """Trains ``variant`` on the protocol's train split with early stopping on validation
     NDCG@10 (test is not touched) → (model, seconds, training examples)."""
-    doc = {"columns": protocol.spec_doc["columns"],
-           "features": {k: v for k, v in protocol.spec_doc["features"].items()
-                        if k in variant.features}}
-    spec = parse_feature_spec(doc)
+    spec = parse_feature_spec(_variant_spec_doc(protocol, variant))
     dataset = Dataset(spec, protocol.dataset.interactions, protocol.dataset.users,
                       protocol.dataset.items)
     keep = {f.name for f in spec.features}
-    examples = {k: v for k, v in protocol.examples.items() if k in keep}
-    valid_inputs = protocol.user_inputs("valid")
-    log.info("%s / %s: %d examples", protocol.name, variant.name, len(examples["item_id"]))
+    if variant.config.examples == "users":
+        examples = protocol.user_examples(_history_length(protocol, variant))
+        examples = {k: v for k, v in examples.items() if k in keep or k == TARGETS}
+        if variant.distill:
+            examples = with_ease_targets(protocol.split, examples, *variant.distill)
+    else:
+        examples = {k: v for k, v in protocol.examples.items() if k in keep}
+    valid_inputs = _user_inputs(protocol, variant, "valid")
+    n = len(next(iter(examples.values())))
+    log.info("%s / %s: %d examples", protocol.name, variant.name, n)
 
     def validate(trained: TrainedModel) -> dict[str, float]:
         metrics = _evaluate(trained, protocol.split, valid_inputs, "valid")
@@ -339,7 +423,26 @@ def train_variant(protocol: Protocol, variant: Variant) -> tuple[TrainedModel, f
 
     start = time.perf_counter()
     trained = train(dataset, variant.config, examples, validate)
-    return trained, time.perf_counter() - start, len(examples["item_id"])
+    return trained, time.perf_counter() - start, n
+
+
+def _variant_spec_doc(protocol: Protocol, variant: Variant) -> dict:
+    changes = {name: dict(keys) for name, keys in variant.spec_changes}
+    return {"columns": protocol.spec_doc["columns"],
+            "features": {k: {**v, **changes.get(k, {})}
+                         for k, v in protocol.spec_doc["features"].items()
+                         if k in variant.features}}
+
+
+def _history_length(protocol: Protocol, variant: Variant) -> int:
+    return _variant_spec_doc(protocol, variant)["features"][HISTORY]["max_length"]
+
+
+def _user_inputs(protocol: Protocol, variant: Variant, stage: str) -> dict[str, np.ndarray]:
+    """The protocol's user inputs, with the variant's history length when it changes it."""
+    if HISTORY in dict(variant.spec_changes):
+        return protocol.user_inputs(stage, _history_length(protocol, variant))
+    return protocol.user_inputs(stage)
 
 
 def _evaluate(trained: TrainedModel, split: ProtocolSplit, inputs: dict, stage: str
@@ -369,8 +472,12 @@ def format_tables(name: str, result: dict) -> str:
                                         for k in ks)
         line += f"{metrics['hit@10']:>9.4f}{metrics['mrr@10']:>9.4f}"
         if info:
-            line += f"{info['epochs']:>8}{info['seconds']:>9.0f}{info['examples_per_s']:>9}"
+            line += f"{info['epochs']:>8g}{info['seconds']:>9.0f}{info['examples_per_s']:>9}"
         lines.append(line)
+        if info and "test_std" in info:
+            std = info["test_std"]
+            lines.append(f"{'  ± std over seeds ' + str(info['seeds']):<38}" + "".join(
+                f"{std[f'{m}@{k}']:>11.4f}" for m in ("recall", "ndcg") for k in ks))
     if name == "recbole-ml1m":
         lines.append("published (RecBole leaderboard, their split): " + ", ".join(
             f"{m} {r:.4f}/{n:.4f}" for m, (r, n) in PUBLISHED_ML1M.items()))

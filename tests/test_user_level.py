@@ -120,3 +120,26 @@ def test_unknown_examples_kind_is_refused():
 
     with pytest.raises(ValueError, match="examples must be one of events, users"):
         TrainConfig(examples="sessions")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_is_the_multinomial_log_likelihood_of_the_targets(weighted):
+    from training.tf_env import keras, tf
+    from training.user_level import TARGET_WEIGHTS, TARGETS, UserLevelModel
+
+    rng = np.random.default_rng(0)
+    user_emb, item_emb = rng.normal(size=(2, 3)), rng.normal(size=(5, 3))
+    u, v = keras.Input(shape=(3,), name="u"), keras.Input(shape=(3,), name="v")
+    model = UserLevelModel(keras.Model({"u": u}, u), keras.Model({"v": v}, v),
+                           {"v": item_emb.astype(np.float32)}, temperature=0.5)
+    targets = np.array([[0, 2, -1], [4, -1, -1]], np.int32)
+    weights = np.array([[1.0, 0.5, 7.0], [2.0, 0.0, 0.0]], np.float32)
+    features = {"u": tf.constant(user_emb, tf.float32), TARGETS: tf.constant(targets)}
+    if weighted:
+        features[TARGET_WEIGHTS] = tf.constant(weights)
+    logits = user_emb @ item_emb.T / 0.5
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    w = weights if weighted else np.ones_like(weights)
+    expected = np.mean([-(w[0, 0] * log_p[0, 0] + w[0, 1] * log_p[0, 2]),
+                        -w[1, 0] * log_p[1, 4]])
+    np.testing.assert_allclose(float(model.compute_loss(features)), expected, rtol=1e-5)

@@ -28,6 +28,9 @@ from contracts.inputs import PAD, item_inputs, pad_sequences
 from training.tf_env import tf, tfrs
 
 TARGETS = "_targets"  # per-user example: the catalogue rows of their training items
+# optional, float32 like TARGETS' shape: each target's weight in the loss (default 1), for
+# soft targets such as a teacher's scores (benchmarks.quality's EASE distillation)
+TARGET_WEIGHTS = "_target_weights"
 
 
 def check_user_level_spec(spec: FeatureSpec) -> None:
@@ -132,6 +135,8 @@ class UserLevelModel(tfrs.Model):
         log_p = tf.nn.log_softmax(logits, axis=-1)
         targets = tf.cast(features[TARGETS], tf.int32)
         picked = tf.gather(log_p, tf.maximum(targets, 0), batch_dims=1)
+        if TARGET_WEIGHTS in features:
+            picked = picked * features[TARGET_WEIGHTS]
         per_user = -tf.reduce_sum(tf.where(targets >= 0, picked, 0.0), axis=1)
         return tf.reduce_mean(per_user)
 
