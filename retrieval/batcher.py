@@ -1,30 +1,45 @@
 """Micro-batching for grpc.aio handlers: concurrent requests share one call of a batch
-function (the user tower, the index search) run in a thread pool.
+function (the user tower, the index search) run in a thread of its own, never on the
+event loop.
 
-    batcher = MicroBatcher(embed_batch, max_batch=32, max_wait_us=500, executor=pool)
-    user_emb = await batcher.submit(request)      # in each handler
-    await batcher.close()                         # at shutdown: drains what is queued
+    batcher = MicroBatcher(embed_batch, max_batch=32, max_wait_us=0,
+                           prepare=read_users)          # optional I/O stage
+    user_emb = await batcher.submit(request)           # in each handler
+    await batcher.close()                              # at shutdown: drains what is queued
 
-A batch is dispatched when ``max_batch`` requests are queued, or ``max_wait_us`` after its
-first request was queued, whichever comes first; while ``max_in_flight`` batches are
-running, requests keep queueing and go in the next batch, so batches grow with the load.
-``fn(items) -> results`` runs once per batch in ``executor``, never on the event loop.
+Two stages, each a thread, one batch in each at a time:
+
+* the **read** stage takes every request queued (up to ``max_batch``) as soon as it is
+  free, and runs ``prepare(items)`` (the batch's I/O: the feature-store read);
+* the **compute** stage runs ``fn(items, prepared)`` (or ``fn(items)`` without
+  ``prepare``) on the batch the read stage handed over, while the read stage already
+  reads the next one.
+
+So a batch's round trip to the store never holds the compute stage, and the hand-offs cost
+no event-loop turn: ``submit`` queues the request for the read thread directly, and the
+compute thread hands a whole batch's results back with one ``call_soon_threadsafe``
+(an asyncio collector task and ``run_in_executor`` cost two loop turns each way, and at
+half load a loop turn waits behind other calls' gRPC work). ``max_wait_us`` > 0 holds a
+batch that long after its first request for more to arrive; at 0 a batch is whatever
+arrived while the one before it was being read.
+
 A result that is an exception instance is raised to that request alone; an exception
-raised by ``fn`` reaches every request of the batch. A request whose caller went away
-(its ``submit`` was cancelled: deadline exceeded, client gone) is dropped from its batch
-if the batch has not started, and its result is discarded if it has.
+raised by ``prepare`` or ``fn`` reaches every request of the batch. A request whose caller
+went away (its ``submit`` was cancelled: deadline exceeded, client gone) is dropped from
+its batch if the batch has not started, and its result is discarded if it has.
 
     Overloaded       a ResourceExhausted (contracts.errors): ``max_queue`` requests wait
-    BatcherClosed    an Unavailable: submitted after ``close()``
+    BatcherClosed    an Unavailable: submitted after ``close()``, or a stage's thread died
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -48,152 +63,205 @@ class BatcherClosed(Unavailable):
 class _Waiter:
     item: Any
     future: asyncio.Future
-    deadline: float  # loop time at which the batch this request starts must be dispatched
+    deadline: float  # time.monotonic() by which the batch it starts must be taken
 
 
 class MicroBatcher(Generic[Item, Result]):
     """``await submit(item) -> result``, with ``fn`` called once per batch of items."""
 
-    def __init__(self, fn: Callable[[list[Item]], Sequence[Result | BaseException]],
-                 max_batch: int, max_wait_us: int, executor: Executor, *,
-                 max_queue: int = 1024, max_in_flight: int = 1) -> None:
-        for name, value, low in (("max_batch", max_batch, 1), ("max_wait_us", max_wait_us, 0),
-                                 ("max_queue", max_queue, 1), ("max_in_flight", max_in_flight, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low} (got {value!r})")
-        self._fn, self._executor = fn, executor
-        self.max_batch, self.max_queue, self.max_in_flight = max_batch, max_queue, max_in_flight
+    def __init__(self, fn: Callable[..., Sequence[Result | BaseException]],
+                 max_batch: int, max_wait_us: int, *, max_queue: int = 1024,
+                 prepare: Callable[[list[Item]], Sequence[Any]] | None = None,
+                 on_compute_thread: Callable[[], None] | None = None,
+                 name: str = "batcher") -> None:
+        for label, value, low in (("max_batch", max_batch, 1), ("max_wait_us", max_wait_us, 0),
+                                  ("max_queue", max_queue, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{label} must be an integer >= {low} (got {value!r})")
+        self._fn, self._prepare, self._on_compute_thread = fn, prepare, on_compute_thread
+        self.max_batch, self.max_queue, self.name = max_batch, max_queue, name
         self._max_wait_s = max_wait_us / 1e6
-        self._queue: deque[_Waiter] = deque()
-        self._running: set[asyncio.Task] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._collector: asyncio.Task | None = None
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._lock = threading.Condition()
+        self._queue: deque[_Waiter] = deque()          # submitted, not yet taken
+        self._handed: list[tuple[list[_Waiter], Sequence[Any] | None]] = []  # read → compute
         self._closed = False
+        self._dead: BaseException | None = None        # a stage's thread stopped on a bug
+        self._read_done = False                        # closed, and every batch taken
+        self._working: dict[str, list[_Waiter]] = {}   # stage → the batch it works on
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a batch (not yet handed to ``fn``)."""
+        """Requests waiting for a batch (not yet taken by the read stage)."""
         return len(self._queue)
 
     async def submit(self, item: Item) -> Result:
         """The result of ``item``; raises Overloaded at once when the queue is full."""
-        if self._closed:
-            raise BatcherClosed("the server is shutting down; retry on another replica")
-        if self._collector is not None and self._collector.done():
-            raise BatcherClosed("the micro-batcher stopped (see the server log)")
-        if len(self._queue) >= self.max_queue:
-            self._drop_cancelled()
-            if len(self._queue) >= self.max_queue:
-                raise Overloaded(f"overloaded: {self.max_queue} requests already wait for "
-                                 "the user tower; retry with backoff")
         loop = self._bind_loop()
-        waiter = _Waiter(item, loop.create_future(), loop.time() + self._max_wait_s)
-        self._queue.append(waiter)
-        if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
-            self._wakeup.set()
-        return await waiter.future  # cancelling the caller cancels the future
+        future = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise BatcherClosed("the server is shutting down; retry on another replica")
+            if self._dead is not None:
+                raise BatcherClosed("the micro-batcher stopped (see the server log)")
+            if len(self._queue) >= self.max_queue:
+                self._drop_cancelled()
+                if len(self._queue) >= self.max_queue:
+                    raise Overloaded(f"overloaded: {self.max_queue} requests already wait for "
+                                     "the user tower; retry with backoff")
+            self._queue.append(_Waiter(item, future, time.monotonic() + self._max_wait_s))
+            if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
+                self._lock.notify_all()
+        return await future  # cancelling the caller cancels the future
 
     async def close(self) -> None:
         """Refuse new requests, dispatch what is queued without waiting, wait for it all."""
-        self._closed = True
-        self._wakeup.set()
-        if self._collector is not None:
-            await self._collector
-        while self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        threads = list(self._threads)
+        if threads:
+            await asyncio.to_thread(lambda: [t.join() for t in threads])
+
+    # --- the event loop's side -------------------------------------------------------
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            self._collector = loop.create_task(self._collect(), name="micro-batcher")
+            stages = [("read", self._read_stage, False), ("compute", self._compute_stage, True)]
+            if self._prepare is None:  # one stage: take, compute, deliver
+                stages = [("compute", self._read_stage, True)]
+            for stage, target, computes in stages:
+                thread = threading.Thread(target=self._guarded, args=(target, computes),
+                                          daemon=True, name=f"{self.name}-{stage}")
+                self._threads.append(thread)
+                thread.start()
         elif self._loop is not loop:
             raise RuntimeError("a MicroBatcher serves one event loop; create one per loop")
         return loop
 
-    async def _collect(self) -> None:
+    def _deliver(self, batch: list[_Waiter], results: Sequence[Any] | BaseException) -> None:
+        """On the loop: each caller gets its result (or the batch's exception)."""
+        for i, w in enumerate(batch):
+            if w.future.done():  # the caller went away
+                continue
+            result = results if isinstance(results, BaseException) else results[i]
+            if isinstance(result, BaseException):
+                w.future.set_exception(result)
+            else:
+                w.future.set_result(result)
+
+    def _send(self, batch: list[_Waiter], results: Sequence[Any] | BaseException) -> None:
         try:
-            while not (self._closed and not self._queue):
-                await self._until_batch_due()
-                await self._slots.acquire()
-                batch = self._take_batch()
-                if not batch:
-                    self._slots.release()
-                    continue
-                task = asyncio.create_task(self._run(batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-        except asyncio.CancelledError:  # the loop is shutting down
-            for w in self._queue:
-                w.future.cancel()
-            self._queue.clear()
-            raise
-        except Exception as exc:  # a bug here must not leave callers waiting forever
-            log.exception("micro-batcher stopped")
-            self._fail(list(self._queue), exc)
-            self._queue.clear()
-            raise
+            self._loop.call_soon_threadsafe(self._deliver, batch, results)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
-    async def _until_batch_due(self) -> None:
-        """Until max_batch requests wait, the first one's max_wait is over, or closing."""
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            self._drop_cancelled_head()
-            if len(self._queue) >= self.max_batch:
-                return
-            timeout = None
-            if self._queue:
-                timeout = self._queue[0].deadline - loop.time()
-                if timeout <= 0:
-                    return
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                return
+    # --- the stages' threads ----------------------------------------------------------
 
-    def _take_batch(self) -> list[_Waiter]:
-        batch: list[_Waiter] = []
-        while self._queue and len(batch) < self.max_batch:
-            waiter = self._queue.popleft()
-            if not waiter.future.done():
-                batch.append(waiter)
-        return batch
-
-    async def _run(self, batch: list[_Waiter]) -> None:
+    def _guarded(self, stage: Callable[[], None], computes: bool) -> None:
+        """A bug in a stage must not leave callers waiting forever: fail them, refuse
+        new calls, log it."""
         try:
+            if computes and self._on_compute_thread is not None:
+                self._on_compute_thread()
+            stage()
+        except BaseException as exc:
+            log.exception("micro-batcher %s stopped", threading.current_thread().name)
+            with self._lock:
+                self._dead = exc
+                stranded = (list(self._queue) + [w for b, _ in self._handed for w in b]
+                            + [w for b in self._working.values() for w in b])
+                self._queue.clear()
+                self._handed.clear()
+                self._lock.notify_all()
+            self._send(stranded, BatcherClosed("the micro-batcher stopped (see the server log)"))
+
+    def _read_stage(self) -> None:
+        """Take batches; prepare them (two stages) or compute them (one stage)."""
+        while True:
+            batch = self._take_batch()
+            self._working["read"] = batch or []
+            if batch is None:
+                with self._lock:  # closed and drained: the compute stage ends after its last
+                    self._read_done = True
+                    self._lock.notify_all()
+                return
             items = [w.item for w in batch]
-            loop = asyncio.get_running_loop()
-            try:
-                results = await loop.run_in_executor(self._executor, self._fn, items)
-                if len(results) != len(items):
-                    raise RuntimeError(f"the batch function returned {len(results)} results "
-                                       f"for {len(items)} items")
-            except asyncio.CancelledError:
-                for w in batch:
-                    w.future.cancel()
-                raise
-            except Exception as exc:
-                self._fail(batch, exc)
-                return
-            for w, result in zip(batch, results, strict=True):
-                if w.future.done():  # the caller went away
-                    continue
-                if isinstance(result, BaseException):
-                    w.future.set_exception(result)
+            if self._prepare is None:
+                self._send(batch, self._call(self._fn, items, len(items)))
+                continue
+            prepared = self._call(self._prepare, items, len(items))
+            with self._lock:
+                # one batch waits for the compute stage at most: the next is read only
+                # once that one is taken, so it holds everything that arrived meanwhile
+                while self._handed and self._dead is None:
+                    self._lock.wait()
+                if self._dead is not None:
+                    raise RuntimeError("the compute stage stopped")
+                self._handed.append((batch, prepared))
+                self._lock.notify_all()
+
+    def _compute_stage(self) -> None:
+        while True:
+            with self._lock:
+                while not self._handed:
+                    if self._read_done or self._dead is not None:
+                        return
+                    self._lock.wait()
+                batch, prepared = self._handed.pop()
+                self._working["compute"] = batch
+                self._lock.notify_all()
+            if isinstance(prepared, BaseException):
+                self._send(batch, prepared)
+                continue
+            items = [w.item for w in batch]
+            live = [i for i, w in enumerate(batch) if not w.future.done()]
+            if not live:
+                continue
+            if len(live) < len(batch):  # callers gone while their users were read
+                batch = [batch[i] for i in live]
+                items = [items[i] for i in live]
+                prepared = [prepared[i] for i in live]
+            self._send(batch, self._call(self._fn, items, len(items), prepared))
+
+    def _take_batch(self) -> list[_Waiter] | None:
+        """Up to max_batch live requests, once max_batch wait, the first one's max_wait is
+        over, or the batcher is closing; None once closed and drained."""
+        with self._lock:
+            while True:
+                self._drop_cancelled_head()
+                if self._queue:
+                    wait = self._queue[0].deadline - time.monotonic()
+                    if self._closed or len(self._queue) >= self.max_batch or wait <= 0:
+                        batch: list[_Waiter] = []
+                        while self._queue and len(batch) < self.max_batch:
+                            waiter = self._queue.popleft()
+                            if not waiter.future.done():
+                                batch.append(waiter)
+                        if batch:
+                            return batch
+                        continue
+                    self._lock.wait(wait)
+                elif self._closed:
+                    return None
                 else:
-                    w.future.set_result(result)
-        finally:
-            self._slots.release()
+                    self._lock.wait()
 
     @staticmethod
-    def _fail(waiters: list[_Waiter], exc: BaseException) -> None:
-        for w in waiters:
-            if not w.future.done():
-                w.future.set_exception(exc)
+    def _call(fn: Callable[..., Sequence[Any]], items: list, n: int, *extra: Any
+              ) -> Sequence[Any] | BaseException:
+        """fn's results, checked to be one per item; or the exception for every caller."""
+        try:
+            results = fn(items, *extra)
+            if len(results) != n:
+                raise RuntimeError(f"the batch function returned {len(results)} results "
+                                   f"for {n} items")
+            return results
+        except Exception as exc:
+            return exc
 
     def _drop_cancelled_head(self) -> None:
         while self._queue and self._queue[0].future.done():

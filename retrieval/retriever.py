@@ -95,12 +95,25 @@ class _Job:
     pair: ServingPair
     query: RetrieveQuery
     deadline: float | None  # time.monotonic() after which the answer is of no use
+    # time.perf_counter() when the call was handed to the batcher
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+_Read = tuple[StoredUser | None, bool]  # the stored user (None: cold), degraded
+_LATE = object()  # in place of a _Read: the deadline passed before the user was read
+
+
+class _ReadBatch(list):
+    """The read stage's output for a batch: one _Read (or _LATE) a job, and when it ended."""
+
+    done_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class _Answer:
     candidates: Candidates
     degraded: bool
+    finished_at: float  # time.perf_counter() when the batch's work for it was done
 
 
 class Retriever:
@@ -116,17 +129,22 @@ class Retriever:
         self.breaker = CircuitBreaker("feature store", breaker,
                                       on_change=self.metrics.breaker_state.set)
         self._pair: ServingPair | None = None
-        # One compute thread: the user read, the tower and Faiss run there once per batch,
-        # so the event loop thread only decodes, validates and encodes (2 cores: one each).
+        # Two stages a batch, each a thread of the batcher: the read stage reads the batch's
+        # users from the store (a network round trip, waiting without the GIL) while the
+        # compute stage runs the tower and Faiss on the batch before it. The event loop
+        # thread only decodes, validates and encodes.
         # OpenMP's thread count is per calling thread: set it in the compute thread itself,
         # or Faiss there forks a team of one per core whose spinning workers eat the core
         # the event loop needs (measured: 2 ms of CPU per call instead of ~0.5).
-        self._executor = ThreadPoolExecutor(batching.threads, thread_name_prefix="compute",
+        self._batcher = MicroBatcher(self._compute_batch, batching.max_batch,
+                                     batching.max_wait_us, max_queue=batching.max_queue,
+                                     prepare=self._read_batch, name="retrieve",
+                                     on_compute_thread=lambda: _set_faiss_threads(
+                                         batching.faiss_threads))
+        # SimilarItems: no user to read, one search a call, on a thread of its own
+        self._executor = ThreadPoolExecutor(batching.threads, thread_name_prefix="similar",
                                             initializer=_set_faiss_threads,
                                             initargs=(batching.faiss_threads,))
-        self._batcher = MicroBatcher(self._embed_and_search_batch, batching.max_batch,
-                                     batching.max_wait_us, self._executor,
-                                     max_queue=batching.max_queue)
 
     @property
     def pair(self) -> ServingPair | None:
@@ -146,6 +164,8 @@ class Retriever:
         pair.index.check_rules(query.rules)
         _check_deadline(deadline, "before the request was queued")
         answer = await self._batcher.submit(_Job(pair, query, deadline))
+        # the hand-back: from the compute thread's end of the batch to this call resuming
+        self.metrics.observe_stage("Retrieve", "return", time.perf_counter() - answer.finished_at)
         return RetrieveResult(answer.candidates, pair.model_version, pair.index_version,
                               answer.degraded)
 
@@ -190,37 +210,60 @@ class Retriever:
         await self._batcher.close()
         self._executor.shutdown(wait=True)
 
-    def _embed_and_search_batch(self, jobs: list[_Job]) -> list[_Answer | DeadlineExceeded]:
-        """One user read, one tower call and one ANN search per serving pair in the batch (a
-        hot swap can put requests of two pairs in one batch; each is answered by the pair it
-        started with). A request whose deadline passed meanwhile is not worked on."""
+    def _read_batch(self, jobs: list[_Job]) -> _ReadBatch:
+        """The read stage: every live user of the batch in one read of the store. A
+        request whose deadline passed while it queued is not worked on."""
         self.metrics.batch_size.observe(len(jobs))
+        started = time.perf_counter()
+        for job in jobs:  # the wait: from the handler's submit to this batch starting
+            self.metrics.observe_stage("Retrieve", "queue", started - job.queued_at)
+        now = time.monotonic()
+        live = [r for r, job in enumerate(jobs) if job.deadline is None or now < job.deadline]
+        out = _ReadBatch([_LATE] * len(jobs))
+        if live:
+            with self.metrics.stage("Retrieve", "features"):
+                users = self._read_users([jobs[r].query.user_id for r in live],
+                                         [jobs[r].query.exclude_seen for r in live],
+                                         any(_reads_times(jobs[r].pair) for r in live))
+            for r, user in zip(live, users, strict=True):
+                out[r] = user
+        out.done_at = time.perf_counter()
+        return out
+
+    def _compute_batch(self, jobs: list[_Job], read: list
+                       ) -> list[_Answer | DeadlineExceeded]:
+        """The compute stage: one tower call and one ANN search per serving pair in the
+        batch (a hot swap can put requests of two pairs in one batch; each is answered by
+        the pair it started with)."""
+        # the hand-off: from the read's end to this stage starting (the batch before it ran);
+        # a batch the batcher cut (callers gone) comes as a plain list
+        if isinstance(read, _ReadBatch):
+            self.metrics.observe_stage("Retrieve", "handoff", time.perf_counter() - read.done_at)
         results: list[_Answer | DeadlineExceeded | None] = [None] * len(jobs)
-        now, live = time.monotonic(), []
-        for row, job in enumerate(jobs):
-            if job.deadline is not None and now >= job.deadline:
+        live = []
+        for row, user in enumerate(read):
+            if user is _LATE:
                 results[row] = DeadlineExceeded("deadline passed before the user was read; "
                                                 "the work was not done")
             else:
                 live.append(row)
-        if not live:
-            return results
-        with self.metrics.stage("Retrieve", "features"):
-            users = dict(zip(live, self._read_users(
-                [jobs[r].query.user_id for r in live], [jobs[r].query.exclude_seen for r in live],
-                any(_reads_times(jobs[r].pair) for r in live)), strict=True))
         for pair, rows in _group_by_pair(jobs, live):
-            requests = [_user_request(jobs[r].query, users[r][0]) for r in rows]
+            requests = [_user_request(jobs[r].query, read[r][0]) for r in rows]
             with self.metrics.stage("Retrieve", "tower"):
                 user_emb = pair.user_tower(user_inputs(pair.model.feature_spec, requests))
             k = max(jobs[r].query.k for r in rows)
-            exclude = [_excluded(jobs[r].query, request, users[r][0])
+            exclude = [_excluded(jobs[r].query, request, read[r][0])
                        for r, request in zip(rows, requests, strict=True)]
             with self.metrics.stage("Retrieve", "ann"):
                 found = pair.index.search(user_emb, k, exclude, [jobs[r].query.rules for r in rows])
+            finished = time.perf_counter()
             for r, candidates in zip(rows, found, strict=True):
-                results[r] = _Answer(candidates.top(jobs[r].query.k), users[r][1])
+                results[r] = _Answer(candidates.top(jobs[r].query.k), read[r][1], finished)
         return results
+
+    def _embed_and_search_batch(self, jobs: list[_Job]) -> list[_Answer | DeadlineExceeded]:
+        """Both stages in a row, in the calling thread (tests drive a batch with it)."""
+        return self._compute_batch(jobs, self._read_batch(jobs))
 
     def _read_users(self, user_ids: list[str], seen: list[bool], times: bool = False
                     ) -> list[tuple[StoredUser | None, bool]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -35,15 +34,14 @@ class Recorder:
 
 
 def run(main):
-    with ThreadPoolExecutor(max_workers=2) as executor:
-        return asyncio.run(main(executor))
+    return asyncio.run(main())
 
 
 def test_concurrent_submits_share_a_few_calls_with_each_result_in_its_place():
     fn = Recorder()
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=20_000, executor=executor)
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=20_000)
         results = await asyncio.gather(*(batcher.submit(i) for i in range(50)))
         await batcher.close()
         return results
@@ -56,8 +54,8 @@ def test_concurrent_submits_share_a_few_calls_with_each_result_in_its_place():
 def test_a_lone_request_is_dispatched_after_max_wait():
     fn = Recorder()
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=50_000, executor=executor)
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=50_000)
         start = time.monotonic()
         result = await batcher.submit(3)
         elapsed = time.monotonic() - start
@@ -72,8 +70,8 @@ def test_a_lone_request_is_dispatched_after_max_wait():
 def test_an_exception_of_fn_reaches_every_caller_of_its_batch_and_the_next_batch_works():
     fn = Recorder(fail_on=2)
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=4, max_wait_us=10_000, executor=executor)
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=4, max_wait_us=10_000)
         failed = await asyncio.gather(*(batcher.submit(i) for i in range(4)),
                                       return_exceptions=True)
         after = await asyncio.gather(*(batcher.submit(i) for i in (5, 6)))
@@ -89,8 +87,8 @@ def test_an_exception_returned_for_one_item_reaches_that_caller_alone():
     def fn(items):
         return [KeyError(x) if x == 1 else x for x in items]
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=3, max_wait_us=10_000, executor=executor)
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=3, max_wait_us=10_000)
         results = await asyncio.gather(*(batcher.submit(i) for i in range(3)),
                                        return_exceptions=True)
         await batcher.close()
@@ -101,9 +99,8 @@ def test_an_exception_returned_for_one_item_reaches_that_caller_alone():
 
 
 def test_a_wrong_number_of_results_fails_the_batch_clearly():
-    async def main(executor):
-        batcher = MicroBatcher(lambda items: items[:-1], max_batch=2, max_wait_us=10_000,
-                               executor=executor)
+    async def main():
+        batcher = MicroBatcher(lambda items: items[:-1], max_batch=2, max_wait_us=10_000)
         results = await asyncio.gather(batcher.submit(1), batcher.submit(2),
                                        return_exceptions=True)
         await batcher.close()
@@ -116,8 +113,8 @@ def test_a_wrong_number_of_results_fails_the_batch_clearly():
 def test_a_caller_gone_before_dispatch_is_dropped_and_the_others_are_served():
     fn = Recorder()
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=50_000, executor=executor)
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=50_000)
         tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
         await asyncio.sleep(0)  # all three are queued
         tasks[1].cancel()
@@ -133,8 +130,8 @@ def test_a_caller_gone_before_dispatch_is_dropped_and_the_others_are_served():
 def test_a_caller_gone_while_its_batch_runs_does_not_break_it():
     fn = Recorder(sleep_s=0.2)
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=3, max_wait_us=1_000, executor=executor)
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=3, max_wait_us=1_000)
         tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
         await asyncio.to_thread(fn.started.wait, 5)
         with pytest.raises(TimeoutError):  # a caller's deadline runs out
@@ -151,8 +148,8 @@ def test_a_caller_gone_while_its_batch_runs_does_not_break_it():
 def test_a_full_queue_refuses_at_once_with_resource_exhausted_and_close_drains():
     fn = Recorder()
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=100, max_wait_us=10_000_000, executor=executor,
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=100, max_wait_us=10_000_000,
                                max_queue=4)
         tasks = [asyncio.create_task(batcher.submit(i)) for i in range(4)]
         await asyncio.sleep(0)
@@ -181,8 +178,8 @@ def test_the_event_loop_keeps_running_while_fn_blocks():
             ticks.append(time.monotonic())
             await asyncio.sleep(0.01)
 
-    async def main(executor):
-        batcher = MicroBatcher(fn, max_batch=1, max_wait_us=0, executor=executor)
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=1, max_wait_us=0)
         tick_task = asyncio.create_task(ticker())
         start = time.monotonic()
         await batcher.submit(1)
@@ -198,4 +195,69 @@ def test_the_event_loop_keeps_running_while_fn_blocks():
 
 def test_options_are_validated():
     with pytest.raises(ValueError, match=r"max_batch must be an integer >= 1 \(got 0\)"):
-        MicroBatcher(lambda items: items, max_batch=0, max_wait_us=0, executor=None)
+        MicroBatcher(lambda items: items, max_batch=0, max_wait_us=0)
+
+
+def test_the_next_batch_is_read_while_the_one_before_it_computes():
+    """Two stages: prepare (the store read) of a batch overlaps fn of the batch before it,
+    fn gets each item's prepared value, and the next read holds everything that arrived."""
+    events: list[tuple[str, list, float]] = []
+    computing = threading.Event()
+
+    def prepare(items):
+        events.append(("read", list(items), time.monotonic()))
+        return [f"user-{i}" for i in items]
+
+    def fn(items, prepared):
+        events.append(("compute", list(items), time.monotonic()))
+        computing.set()
+        time.sleep(0.2)
+        events.append(("computed", list(items), time.monotonic()))
+        return [f"{p}:{i * i}" for i, p in zip(items, prepared)]
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.to_thread(computing.wait, 5)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 6)]
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return results
+
+    assert run(main) == [f"user-{i}:{i * i}" for i in range(1, 6)]
+    reads = [e for e in events if e[0] == "read"]
+    first_done = next(t for kind, items, t in events if kind == "computed" and items == [1])
+    assert [items for _, items, _ in reads] == [[1], [2, 3, 4, 5]]
+    assert reads[1][2] < first_done  # read while batch [1] was still computing
+
+
+def test_an_exception_of_prepare_reaches_every_caller_of_its_batch_only():
+    def prepare(items):
+        if 13 in items:
+            raise ConnectionError("store down")
+        return items
+
+    async def main():
+        batcher = MicroBatcher(lambda items, prepared: [p * 2 for p in prepared],
+                               max_batch=4, max_wait_us=20_000, prepare=prepare)
+        bad = await asyncio.gather(*(batcher.submit(i) for i in (12, 13)),
+                                   return_exceptions=True)
+        good = await batcher.submit(7)
+        await batcher.close()
+        return bad, good
+
+    bad, good = run(main)
+    assert all(isinstance(e, ConnectionError) for e in bad) and good == 14
+
+
+def test_a_bug_that_stops_a_stage_fails_its_callers_and_refuses_new_ones(monkeypatch):
+    async def main():
+        batcher = MicroBatcher(lambda items: items, max_batch=4, max_wait_us=0)
+        monkeypatch.setattr(batcher, "_call", lambda *a: 1 / 0)  # a bug outside fn
+        with pytest.raises(BatcherClosed, match="stopped"):
+            await asyncio.wait_for(batcher.submit(1), 5)
+        with pytest.raises(BatcherClosed, match="stopped"):
+            await batcher.submit(2)
+        await batcher.close()
+
+    run(main)
