@@ -65,6 +65,10 @@ class Row:
     p99_ms: float
     p999_ms: float
     errors: dict[str, int] = field(default_factory=dict)  # status name → count, non-OK only
+    # measured around the run where the variant's process is ours (benchmarks.loadtest):
+    cpu_ms_per_call: float = math.nan  # CPU of all its processes (/proc) / completed calls
+    pss_mib: float = math.nan          # proportional memory of its processes, after the run
+    stages: dict[str, float] = field(default_factory=dict)  # mean ms a stage (/metrics)
 
     @property
     def error_text(self) -> str:
@@ -191,12 +195,31 @@ def summary(rows: Sequence[Row]) -> list[str]:
 
 def format_table(rows: Sequence[Row]) -> str:
     head = (f"{'variant':<10} {'load':<12} {'requests':>8} {'RPS':>8} {'p50 ms':>8} "
-            f"{'p90 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}  errors")
+            f"{'p90 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU ms/call':>11} {'PSS MiB':>8}"
+            f"  errors")
     lines = [head, "-" * len(head)]
     for r in rows:
         label = f"open@{r.target_rps}/s" if r.mode == "open" else f"c={r.concurrency}"
         lines.append(f"{r.variant:<10} {label:<12} {r.count:>8} {r.rps:>8.1f} {r.p50_ms:>8.2f} "
-                     f"{r.p90_ms:>8.2f} {r.p99_ms:>8.2f} {r.p999_ms:>9.2f}  {r.error_text}")
+                     f"{r.p90_ms:>8.2f} {r.p99_ms:>8.2f} {r.p999_ms:>9.2f} "
+                     f"{r.cpu_ms_per_call:>11.3f} {r.pss_mib:>8.0f}  {r.error_text}")
+    return "\n".join(lines)
+
+
+def format_stages(rows: Sequence[Row]) -> str:
+    """Where a call's time goes, per run of a variant with /metrics: mean ms a stage
+    (queue, features, handoff, tower, ann: once a batch but felt by each call; return,
+    total: per call) and the mean batch size."""
+    names = ("queue", "features", "handoff", "tower", "ann", "return", "total")
+    head = (f"{'variant':<10} {'load':<12} {'batch':>6} "
+            + " ".join(f"{n:>9}" for n in names))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if not r.stages:
+            continue
+        label = f"open@{r.target_rps}/s" if r.mode == "open" else f"c={r.concurrency}"
+        lines.append(f"{r.variant:<10} {label:<12} {r.stages.get('batch', math.nan):>6.1f} "
+                     + " ".join(f"{r.stages.get(f'{n}_ms', math.nan):>9.3f}" for n in names))
     return "\n".join(lines)
 
 

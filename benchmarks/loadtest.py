@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -60,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.cpu_parts import measure_parts, scrape, stage_means_ms
 from benchmarks.ghz import (
     HALF_MAX,
     Load,
@@ -69,6 +71,7 @@ from benchmarks.ghz import (
     parse_duration,
     call_data,
     find_ghz,
+    format_stages,
     format_table,
     ok_latencies_ms,
     parse_rates,
@@ -110,12 +113,12 @@ def serve_command(model: Path, index: Path, features: Path | None, redis_url: st
 
 
 @contextmanager
-def running(variant: Variant, workdir: Path) -> Iterator[str]:
-    """Starts the variant on 127.0.0.1 and a free port; yields HOST:PORT; always stops it."""
+def running(variant: Variant, workdir: Path) -> Iterator[ServeProcess]:
+    """Starts the variant on 127.0.0.1 and a free port; yields it; always stops it."""
     server = ServeProcess.start([], workdir, SERVER_START_TIMEOUT_S, command=variant.command,
                                 cwd=REPO, name=variant.name)
     try:
-        yield server.address
+        yield server
     finally:
         server.stop()
 
@@ -123,26 +126,37 @@ def running(variant: Variant, workdir: Path) -> Iterator[str]:
 # --- the run --------------------------------------------------------------------------------
 
 def measure(ghz: Path, variant: Variant, plan: Plan, data_file: Path,
-            workdir: Path, warmup: int) -> tuple[list[Row], dict[str, np.ndarray]]:
-    """Every load of the plan against one fresh server of the variant."""
+            workdir: Path, warmup: int, opens: Sequence[Load] | None = None
+            ) -> tuple[list[Row], dict[str, np.ndarray]]:
+    """Every load of the plan against one fresh server of the variant (``opens``: these
+    open-loop loads instead of the plan's)."""
     rows: list[Row] = []
     latencies: dict[str, np.ndarray] = {}
-    with running(variant, workdir) as address:
+    with running(variant, workdir) as server:
         if warmup > 0:
-            run_ghz(ghz, address, Load("closed", 4, total=warmup), data_file,
+            run_ghz(ghz, server.address, Load("closed", 4, total=warmup), data_file,
                     workdir / f"{variant.name}-warmup.json")
-        for load in plan.closed():
-            _measure_one(ghz, address, variant, load, data_file, workdir, rows, latencies)
-        for open_load in plan.opens(rows):
-            _measure_one(ghz, address, variant, open_load, data_file, workdir, rows, latencies)
+        for load in plan.closed() if opens is None else []:
+            _measure_one(ghz, server, variant, load, data_file, workdir, rows, latencies)
+        for open_load in plan.opens(rows) if opens is None else opens:
+            _measure_one(ghz, server, variant, open_load, data_file, workdir, rows, latencies)
     return rows, latencies
 
 
-def _measure_one(ghz: Path, address: str, variant: Variant, load: Load, data_file: Path,
-                 workdir: Path, rows: list[Row], latencies: dict[str, np.ndarray]) -> None:
+def _measure_one(ghz: Path, server: ServeProcess, variant: Variant, load: Load,
+                 data_file: Path, workdir: Path, rows: list[Row],
+                 latencies: dict[str, np.ndarray]) -> None:
+    """One ghz run; around it, the server's CPU time (all its processes, /proc), its
+    memory after it (PSS), and its stage timings (/metrics, when it has them)."""
     raw = workdir / f"{variant.name}-{load.label.replace('/', '_')}.json"
-    report = run_ghz(ghz, address, load, data_file, raw)
-    rows.append(parse_report(report, variant.name, load))
+    metrics_before, cpu_before = scrape(server.metrics_port), server.cpu_seconds()
+    report = run_ghz(ghz, server.address, load, data_file, raw)
+    cpu = server.cpu_seconds() - cpu_before
+    row = parse_report(report, variant.name, load)
+    rows.append(dataclasses.replace(
+        row, cpu_ms_per_call=1e3 * cpu / row.count if row.count else math.nan,
+        pss_mib=server.pss_kib() / 1024,
+        stages=stage_means_ms(metrics_before, scrape(server.metrics_port))))
     latencies[load.label] = ok_latencies_ms(report)
 
 
@@ -156,11 +170,13 @@ def write_results(rows: Sequence[Row], latencies: dict[str, dict[str, np.ndarray
     with open(paths[1], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "mode", "concurrency", "target_rps", "count", "ok", "rps",
-                         "p50_ms", "p90_ms", "p99_ms", "p999_ms", "errors"])
+                         "p50_ms", "p90_ms", "p99_ms", "p999_ms", "cpu_ms_per_call", "pss_mib",
+                         "errors"])
         for r in rows:
             writer.writerow([r.variant, r.mode, r.concurrency, r.target_rps, r.count, r.ok,
                              f"{r.rps:.2f}", f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
-                             f"{r.p99_ms:.3f}", f"{r.p999_ms:.3f}", r.error_text])
+                             f"{r.p99_ms:.3f}", f"{r.p999_ms:.3f}", f"{r.cpu_ms_per_call:.4f}",
+                             f"{r.pss_mib:.1f}", r.error_text])
     return [*paths, *save_plots(rows, latencies, meta, out)]
 
 
@@ -270,6 +286,56 @@ def ensure_artifacts(workdir: Path, quick: bool, items: int = 50_000, content_di
     return model, index, data
 
 
+def _best(rows: Sequence[Row], variant: str) -> float:
+    return max((r.rps for r in rows if r.variant == variant and r.mode == "closed"),
+               default=0.0)
+
+
+def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> list[str]:
+    """The service's targets (issue: serving at its own limit), each with the figures it
+    is computed from in this run and whether it holds."""
+    def row(variant: str, mode: str, c: int | None = None) -> Row | None:
+        return next((r for r in rows if r.variant == variant and r.mode == mode
+                     and (c is None or r.concurrency == c)), None)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    out = ["", "targets:"]
+    server, echo = row("server", "closed", top_c), row("echo", "closed", top_c)
+    if server and echo and parts:
+        unavoidable = (echo.cpu_ms_per_call + parts["ann_ms_per_query"]
+                       + parts["tower_ms_per_user"] + parts["redis_parse_ms_per_user"])
+        ratio = server.cpu_ms_per_call / unavoidable
+        out.append(f"  CPU per call at c={top_c}: server {server.cpu_ms_per_call:.3f} ms against "
+                   f"the parts' {unavoidable:.3f} (echo {echo.cpu_ms_per_call:.3f} + ANN "
+                   f"{parts['ann_ms_per_query']:.3f} + tower {parts['tower_ms_per_user']:.3f} + "
+                   f"Redis parse {parts['redis_parse_ms_per_user']:.3f}, batch "
+                   f"{parts['batch']}): {ratio:.2f}x (<= 1.2: {verdict(ratio <= 1.2)})")
+    for variant in sorted({r.variant for r in rows if r.variant.startswith("workers")}):
+        many = row(variant, "closed", top_c)
+        if server and many:
+            cpu, pss = many.cpu_ms_per_call / server.cpu_ms_per_call, many.pss_mib / server.pss_mib
+            out.append(f"  {variant} against 1 worker at c={top_c}: CPU per call {cpu:.2f}x "
+                       f"(<= 1.10: {verdict(cpu <= 1.10)}), PSS {many.pss_mib:.0f} against "
+                       f"{server.pss_mib:.0f} MiB, {pss:.2f}x (<= 1.3: {verdict(pss <= 1.3)}), "
+                       f"{many.rps:,.0f} against {server.rps:,.0f} calls/s")
+    half = max(1, round(_best(rows, "server") * 0.5))
+    echo_half, one = row("echo@srv", "open"), row("server", "closed", 1)
+    at_half = next((r for r in rows if r.variant == "server" and r.mode == "open"
+                    and r.target_rps == half), None)
+    if at_half and echo_half and one:
+        p99, p50 = at_half.p99_ms / echo_half.p99_ms, at_half.p50_ms / one.p50_ms
+        out.append(f"  half load ({half}/s): p99 {at_half.p99_ms:.2f} ms against echo's "
+                   f"{echo_half.p99_ms:.2f} at that rate, {p99:.2f}x (<= 2: {verdict(p99 <= 2)}); "
+                   f"p50 {at_half.p50_ms:.2f} against {one.p50_ms:.2f} at c=1, {p50:.2f}x "
+                   f"(<= 1.5: {verdict(p50 <= 1.5)}); errors {at_half.error_text}")
+    if _best(rows, "server") and _best(rows, "naive"):
+        x = _best(rows, "server") / _best(rows, "naive")
+        out.append(f"  server against naive (best closed loop): {x:.2f}x (>= 3: {verdict(x >= 3)})")
+    return out if len(out) > 2 else []
+
+
 def _two_tower(*args: str, prints_path: bool = True) -> str:
     """Runs one two-tower subcommand; returns the last line it printed (the path it made,
     for the commands that print one)."""
@@ -334,6 +400,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra `two-tower serve` arguments for every server variant")
     p.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"',
                    help="also run `two-tower serve` with these extra arguments (repeatable)")
+    p.add_argument("--no-cpu-parts", dest="cpu_parts", action="store_false",
+                   help="skip timing the unavoidable parts of a call (ANN, tower, Redis "
+                        "parse) apart, which the CPU-per-call target is stated against")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     p.add_argument("--note", default="", help="stored with the results and on the plots")
     p.add_argument("--write-data", type=Path, metavar="FILE",
@@ -363,8 +432,10 @@ def _variants(args, pair: tuple[Path, Path, Path | None] | None) -> list[Variant
         serve.append((name, shlex.split(extra)))
     # One serving process unless the variant's args say --workers (a later flag wins): the
     # default with Redis would be every usable core (retrieval.workers).
+    # --metrics-port 0: its stage timings are read around each run
     return out + [Variant(name, serve_command(model, index, features, args.redis_url,
-                                              ["--workers", "1", *base, *extra]))
+                                              ["--workers", "1", "--metrics-port", "0",
+                                               *base, *extra]))
                   for name, extra in serve]
 
 
@@ -463,9 +534,28 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
             failed.append(variant.name)
             continue
         rows += variant_rows
+    if "echo" in latencies and "server" in latencies and 0.5 in plan.rates:
+        # the tail target compares with echo at the server's own half-max rate
+        rate = next(r.target_rps for r in rows if r.variant == "server" and r.mode == "open"
+                    and r.target_rps == max(1, round(_best(rows, "server") * 0.5)))
+        echo = next(v for v in variants if v.name == "echo")
+        extra, extra_lat = measure(ghz, echo, plan, data_file, args.workdir / "runs", args.warmup,
+                                   opens=[Load("open", max(plan.concurrency), plan.duration,
+                                               rps=rate, total=plan.total)])
+        rows += [dataclasses.replace(r, variant="echo@srv") for r in extra]
+        latencies["echo@srv"] = extra_lat
+    parts = {}
+    if args.cpu_parts and pair is not None and args.redis_url and "server" in latencies:
+        batch = next((r.stages.get("batch", 1.0) for r in rows if r.variant == "server"
+                      and r.mode == "closed" and r.concurrency == max(plan.concurrency)), 1.0)
+        parts = measure_parts(pair[0], pair[1], args.redis_url, read_user_ids(args.users),
+                              batch)
     print(format_table(rows))
-    print("\n".join(summary(rows)))
-    meta = {**_meta(ghz, variants, args.note), "summary": summary(rows)}
+    print("\nwhere a call's time goes (server /metrics, mean ms):")
+    print(format_stages(rows))
+    lines = summary(rows) + target_lines(rows, parts, max(plan.concurrency))
+    print("\n".join(lines))
+    meta = {**_meta(ghz, variants, args.note), "summary": lines, "cpu_parts": parts}
     for path in write_results(rows, latencies, meta, args.out):
         log.info("wrote %s", path)
     if pair is None and wants_server(args):

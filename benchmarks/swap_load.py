@@ -177,7 +177,8 @@ def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: 
     variant = Variant("server", serve_command(model, store, None, redis_url,
                                               ["--watch-interval", str(POLL_S)]))
     runs, moved_at = [], None
-    with running(variant, work) as address:
+    with running(variant, work) as server:
+        address = server.address
         run_ghz(ghz, address, Load("closed", 4, total=600), data_file, work / "warmup.json")
         for swap in (False, True):
             timer = None

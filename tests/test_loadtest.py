@@ -7,6 +7,7 @@ replies and INVALID_ARGUMENT errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -87,9 +88,9 @@ def test_ghz_open_loop_against_the_echo_server(tmp_path):
     data_file = tmp_path / "call-data.json"
     data_file.write_text(json.dumps(call_data(["u1", "u2"])))
     echo = Variant("echo", ECHO)
-    with running(echo, tmp_path / "echo") as address:
+    with running(echo, tmp_path / "echo") as server:
         load = Load("open", 4, rps=100, total=100)
-        row = parse_report(run_ghz(ghz, address, load, data_file, tmp_path / "r.json"),
+        row = parse_report(run_ghz(ghz, server.address, load, data_file, tmp_path / "r.json"),
                            "echo", load)
     assert (row.count, row.ok, row.errors) == (100, 100, {})
     assert np.isfinite(row.p999_ms)
@@ -102,9 +103,9 @@ def test_naive_baseline_serves_the_pipeline_pair_without_errors(pipeline, tmp_pa
         {"user_id": "u1", "k": 0}]))  # the last one is invalid: the status must say so
     naive = Variant("naive", serve_command(pipeline.model_dir, pipeline.index_dir,
                                            pipeline.data_dir, None, base=NAIVE))
-    with running(naive, tmp_path / "naive") as address:
+    with running(naive, tmp_path / "naive") as server:
         load = Load("closed", 2, total=len(json.loads(data_file.read_text())))
-        row = parse_report(run_ghz(ghz, address, load, data_file, tmp_path / "r.json"),
+        row = parse_report(run_ghz(ghz, server.address, load, data_file, tmp_path / "r.json"),
                            "naive", load)
     assert row.errors == {"InvalidArgument": 1}
     assert row.ok == row.count - 1
@@ -162,6 +163,13 @@ def test_the_harness_serves_from_a_redis_of_its_own(pipeline, tmp_path):
     assert code == 0
     rows = json.loads((tmp_path / "out" / "loadtest.json").read_text())["rows"]
     assert rows and all(r["errors"] == {} and r["ok"] > 0 for r in rows)
+    # the server's CPU and memory around each run, and where its calls' time went
+    assert all(r["cpu_ms_per_call"] > 0 and r["pss_mib"] > 10 for r in rows)
+    assert all(r["stages"]["features_ms"] > 0 and r["stages"]["ann_ms"] > 0
+               and r["stages"]["total_ms"] >= r["stages"]["ann_ms"] for r in rows)
+    parts = json.loads((tmp_path / "out" / "loadtest.json").read_text())["meta"]["cpu_parts"]
+    assert {"ann_ms_per_query", "tower_ms_per_user", "redis_parse_ms_per_user"} <= parts.keys()
+    assert all(v > 0 for v in parts.values())
     command = json.loads((tmp_path / "out" / "loadtest.json").read_text())["meta"]["variants"]
     assert "--redis-url redis://127.0.0.1:" in command["server"]
     redis_logs = list((tmp_path / "work" / "redis").glob("redis-*.log"))
@@ -203,6 +211,29 @@ def test_summary_gives_the_ratios_the_targets_are_stated_in():
     lines = summary(rows)
     assert "server: best 1,500 RPS (c=50), 0.75× echo, 3.75× naive" in lines
     assert "server: open loop at 750/s: p99 3.50 ms, errors -" in lines
+
+
+def test_the_targets_are_computed_from_the_rows_and_parts_of_the_run():
+    from benchmarks.loadtest import target_lines
+
+    def with_cpu(row, cpu, pss=100.0):
+        return dataclasses.replace(row, cpu_ms_per_call=cpu, pss_mib=pss)
+
+    rows = [with_cpu(_row("echo", "closed", 50, 2000.0), 0.4),
+            with_cpu(_row("naive", "closed", 50, 300.0), 3.0),
+            with_cpu(_row("server", "closed", 1, 300.0), 1.5),
+            with_cpu(_row("server", "closed", 50, 1000.0), 1.0),
+            with_cpu(_row("workers2", "closed", 50, 1500.0), 1.05, pss=140.0),
+            _row("server", "open", 50, 500.0, p99=3.0, target=500),
+            _row("echo@srv", "open", 50, 500.0, p99=1.0, target=500)]
+    parts = {"batch": 8, "ann_ms_per_query": 0.3, "tower_ms_per_user": 0.05,
+             "redis_parse_ms_per_user": 0.05}
+    text = "\n".join(target_lines(rows, parts, 50))
+    assert "server 1.000 ms against the parts' 0.800" in text and "1.25x (<= 1.2: NOT met)" in text
+    assert "CPU per call 1.05x (<= 1.10: met)" in text and "1.40x (<= 1.3: NOT met)" in text
+    assert "p99 3.00 ms against echo's 1.00 at that rate, 3.00x (<= 2: NOT met)" in text
+    assert "p50 0.50 against 0.50 at c=1, 1.00x (<= 1.5: met)" in text
+    assert "3.33x (>= 3: met)" in text
 
 
 def test_the_swap_benchmark_swaps_under_load_without_a_failed_call(pipeline, tmp_path):
