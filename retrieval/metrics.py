@@ -1,6 +1,9 @@
 """Prometheus metrics of the service, on their own registry and HTTP port.
 
-    two_tower_stage_seconds{rpc, stage}      latency per stage: features, tower, ann, total
+    two_tower_stage_seconds{rpc, stage}      latency per stage: queue (submit → the batch's
+                                             read), features, handoff (read → compute),
+                                             tower, ann (once a batch), return (the batch's
+                                             end → the handler resuming), total (per call)
     two_tower_requests_total{rpc, code}      every finished call by gRPC status code
     two_tower_batch_size                     requests answered by one tower + ANN call
     two_tower_feature_store_errors_total     feature-store calls that failed
