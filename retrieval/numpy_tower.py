@@ -30,6 +30,7 @@ inputs of contracts.inputs.user_inputs. Preprocessing is the training graph's:
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -161,12 +162,10 @@ class _Embedded:
                              f"{len(vocabulary)} ids + {num_oov} OOV"
                              + " + 1 missing row" * missing)
         pad_row = len(table) - 1 if missing else None  # "" reads the missing value's row
-        if self.pooled:  # "" reads an extra zero row; a last column of 1s (0 for "")
-            pad_row = len(table)  # makes the pooled sum carry the count of real ids
-            table = np.vstack([np.hstack([table, np.ones((len(table), 1), np.float32)]),
-                               np.zeros((1, table.shape[1] + 1), np.float32)])
+        # used as loaded (memory-mapped when large, _read): a bag's padding is masked out
+        # in __call__ rather than given a zero row, which would copy a 1M-row table
         self._table = table
-        self.lookup = _Lookup(vocabulary, num_oov, pad_row)
+        self.lookup = _Lookup(vocabulary, num_oov, None if self.pooled else pad_row)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=object)
@@ -174,12 +173,13 @@ class _Embedded:
         if ids.ndim != expected_ndim or (self.pooled and ids.shape[1] != self.max_length):
             shape = f"[n, {self.max_length}]" if self.pooled else "[n]"
             raise ValueError(f"input {self.name!r}: expected shape {shape} (got {ids.shape})")
-        embedded = self._table.take(self.lookup(ids), axis=0)
         if not self.pooled:
-            return embedded
-        total = embedded.sum(axis=1)
-        count = np.maximum(total[:, -1:], np.float32(1.0))
-        pooled = total[:, :-1] / (count if self.pooling == "mean" else np.sqrt(count))
+            return self._table.take(self.lookup(ids), axis=0)
+        real = ids != PAD  # [n, L]: the padding "" counts for nothing
+        embedded = self._table.take(np.where(real, self.lookup(ids), 0), axis=0)
+        total = (embedded * real[..., np.newaxis]).sum(axis=1)
+        count = np.maximum(real.sum(axis=1, keepdims=True).astype(np.float32), np.float32(1.0))
+        pooled = total / (count if self.pooling == "mean" else np.sqrt(count))
         return np.tanh(pooled) if self.tanh else pooled
 
 
@@ -260,11 +260,57 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise ArtifactError(str(graph_path), f"format must be one of {', '.join(formats)} "
                             f"(got {got!r})")
     try:
-        with np.load(arrays_path, allow_pickle=False) as npz:
-            arrays = {name: _weights_or_ids(npz[name]) for name in npz.files}
-    except (OSError, ValueError) as exc:
+        arrays = {name: _weights_or_ids(array) for name, array in _load_npz(arrays_path).items()}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ArtifactError(str(arrays_path), f"cannot read the NumPy user tower: {exc}") from exc
     return graph, arrays
+
+
+MAP_BYTES = 1 << 20  # arrays this large are memory-mapped, not read
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, the large ones memory-mapped read-only from the file itself.
+
+    ``np.savez`` stores each array uncompressed, as an .npy file inside the zip, so its
+    bytes sit contiguous in the file: mapped, the workers of ``serve --workers`` (and the
+    old and new pair of a hot swap of the same model) share one copy of a 1M-row embedding
+    table in the page cache instead of each reading its own. A compressed or small member
+    is read as ``np.load`` reads it."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            mapped = None
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size >= MAP_BYTES:
+                mapped = _mapped_member(path, raw, info)
+            if mapped is None:
+                with archive.open(info) as member:
+                    mapped = np.lib.format.read_array(member, allow_pickle=False)
+            arrays[name] = mapped
+    return arrays
+
+
+def _mapped_member(path: Path, raw, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A stored .npy member as a read-only memmap; None when it cannot be mapped."""
+    raw.seek(info.header_offset)
+    local = raw.read(30)  # the local file header: name and extra lengths at 26 and 28
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        return None
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
+        local[28:30], "little")
+    raw.seek(start)
+    version = np.lib.format.read_magic(raw)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+    else:
+        return None
+    if dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
+                     order="F" if fortran else "C")
 
 
 def _weights_or_ids(array: np.ndarray) -> np.ndarray:

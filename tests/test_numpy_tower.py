@@ -208,3 +208,21 @@ def test_export_refuses_an_id_a_string_array_cannot_hold():
     assert _string_array(["a", "", "é"], "lookup").tolist() == ["a", "", "é"]
     with pytest.raises(ValueError, match="lookup: an id ends with a NUL"):
         _string_array(["a\x00"], "lookup")
+
+
+def test_large_arrays_of_the_tower_file_are_memory_mapped_and_equal(tmp_path):
+    """retrieval.numpy_tower._load_npz: the big table is mapped from the .npz itself (the
+    workers of one host share its pages), small and compressed members are read."""
+    from retrieval import numpy_tower
+
+    big = np.random.default_rng(0).standard_normal((5000, 64)).astype(np.float32)  # 1.2 MiB
+    small, words = np.arange(6, dtype=np.float32), np.array(["a", "bc", "日本"])
+    np.savez(tmp_path / "stored.npz", big=big, small=small, words=words)
+    loaded = numpy_tower._load_npz(tmp_path / "stored.npz")
+    assert isinstance(loaded["big"], np.memmap) and not loaded["big"].flags.writeable
+    assert np.array_equal(loaded["big"], big)
+    assert not isinstance(loaded["small"], np.memmap) and np.array_equal(loaded["small"], small)
+    assert loaded["words"].tolist() == words.tolist()
+    np.savez_compressed(tmp_path / "packed.npz", big=big)
+    packed = numpy_tower._load_npz(tmp_path / "packed.npz")["big"]
+    assert not isinstance(packed, np.memmap) and np.array_equal(packed, big)
