@@ -59,7 +59,12 @@ class CandidateIndex:
         live = np.ones(len(artifact.item_ids), dtype=bool)
         live[artifact.tombstones] = False
         live_rows = np.flatnonzero(live)
-        self._row_of = IdRows(artifact.item_ids[live_rows], live_rows)
+        files = artifact.manifest.get("files", {})
+        key = (f"index-{str(files.get('item_ids.npy', ''))[:32]}"
+               f"-{str(files.get('tombstones.npy', 'none'))[:16]}")
+        self._row_of = (IdRows.cached(artifact.item_ids[live_rows], live_rows, key)
+                        if "item_ids.npy" in files else IdRows(artifact.item_ids[live_rows],
+                                                               live_rows))
         self._live = live
         self._selector = _without(artifact.tombstones)
         self._graph = tunable_parameter(artifact.index) == "ef_search"  # HNSW

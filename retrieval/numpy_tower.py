@@ -60,10 +60,13 @@ L2_EPSILON = 1e-12  # tf.math.l2_normalize's floor on the squared norm
 class NumpyUserTower:
     """Raw input dict (contracts.inputs.user_inputs) → user_emb [n, d] float32."""
 
-    def __init__(self, graph: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, graph: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                 cache_key: str | None = None) -> None:
+        """``cache_key``: the arrays file's checksum; a vocabulary's id table is then kept
+        in the id-table cache (retrieval.row_lookup) for other processes to map."""
         self.embedding_dim = int(graph["embedding_dim"])
         self.normalize = bool(graph["normalize"])
-        self._encoders = [_encoder(entry, arrays) for entry in graph["features"]]
+        self._encoders = [_encoder(entry, arrays, cache_key) for entry in graph["features"]]
         self._dense = [(arrays[f"{d['name']}.kernel"], arrays[f"{d['name']}.bias"],
                         d["activation"] == "relu") for d in graph["dense"]]
         # a sequence encoder takes two inputs (ids, gaps); every other, its feature's name
@@ -87,7 +90,7 @@ class NumpyUserTower:
         verify_checksums(manifest.path, {name: manifest.files[name] for name in files})
         graph, arrays = _read(manifest.path)
         try:
-            tower = cls(graph, arrays)
+            tower = cls(graph, arrays, str(manifest.files[NUMPY_TOWER_ARRAYS])[:32])
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(str(manifest.path / NUMPY_TOWER_GRAPH),
                                 f"malformed NumPy user tower: {exc!r}") from exc
@@ -114,10 +117,12 @@ class _Lookup:
     ``pad_row``: the row "" goes to instead (bag and history padding)."""
 
     def __init__(self, vocabulary: list[str] | np.ndarray, num_oov: int,
-                 pad_row: int | None = None) -> None:
+                 pad_row: int | None = None, cache_key: str | None = None) -> None:
         if num_oov < 1:
             raise ValueError(f"num_oov must be >= 1 (got {num_oov})")
-        self.rows = IdRows(vocabulary, np.arange(num_oov, num_oov + len(vocabulary)))
+        rows = np.arange(num_oov, num_oov + len(vocabulary))
+        self.rows = (IdRows.cached(np.asarray(vocabulary), rows, cache_key) if cache_key
+                     else IdRows(vocabulary, rows))
         self.num_oov, self.pad_row = num_oov, pad_row
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
@@ -142,7 +147,8 @@ def oov_buckets(ids: list[str], num_oov: int) -> np.ndarray:
 class _Embedded:
     """categorical [n] → [n, d]; bag/history [n, L] → masked mean [n, d]."""
 
-    def __init__(self, entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                 cache_key: str | None = None) -> None:
         self.name, self.pooled = entry["name"], entry["kind"] in ("bag", "history")
         self.max_length = int(entry["max_length"]) if self.pooled else None
         # format 4 (training.history): sum / n or sum / sqrt(n), then linear or tanh
@@ -165,7 +171,9 @@ class _Embedded:
         # used as loaded (memory-mapped when large, _read): a bag's padding is masked out
         # in __call__ rather than given a zero row, which would copy a 1M-row table
         self._table = table
-        self.lookup = _Lookup(vocabulary, num_oov, None if self.pooled else pad_row)
+        key = (f"tower-{cache_key}-{entry['vocabulary']}-{num_oov}"
+               if cache_key and isinstance(entry.get("vocabulary"), str) else None)
+        self.lookup = _Lookup(vocabulary, num_oov, None if self.pooled else pad_row, key)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=object)
@@ -217,13 +225,14 @@ def _vocabulary(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
     return vocabulary
 
 
-def _encoder(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]):
+def _encoder(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+             cache_key: str | None = None):
     if entry["kind"] == "numeric":
         return _Numeric(entry)
     if entry["kind"] == "sequence":
         return _sequence(entry, arrays)
     if entry["kind"] in ("categorical", "bag", "history"):
-        return _Embedded(entry, arrays)
+        return _Embedded(entry, arrays, cache_key)
     raise ValueError(f"feature {entry['name']!r}: unknown kind {entry['kind']!r}")
 
 

@@ -14,14 +14,30 @@ in microseconds, and looked up a batch at a time: hash the batch, find each hash
 run (one or two array reads an id), compare the id found. Measured on 1M ids: 180-270 ns
 an id in batches of 640-1,600 ids against a dict's 150-190, plus about 50 µs a call, so a
 table of at most ``SMALL`` ids (a categorical feature's) stays a dict.
+
+``IdRows.cached(ids, rows, key)`` keeps a built table's arrays in a cache directory
+(``TWO_TOWER_CACHE_DIR``, else ``two-tower-<uid>/id-rows`` under the system's temporary
+directory) under a key made of the artifact's checksums, and memory-maps them when they
+are there: the workers of ``serve --workers`` (and a server restarted on the same pair)
+share one copy of a 1M-id table instead of each building its own. A cache that cannot be
+used (not ours, not writable, a file missing or of the wrong shape) is logged once and
+the table is built in memory, as without it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MISSING = -1
 SMALL = 8_192  # ids: a smaller table is a dict (a few ms to build, ~100 ns a lookup)
@@ -68,6 +84,62 @@ class IdRows:
         prefixes[-1] = prefixes[-2]  # the end of the last run: searched below as "past it"
         self._starts = np.searchsorted(self._hashes, prefixes << self._shift).astype(np.int64)
         self._starts[-1] = len(self._ids)
+
+    _ARRAYS = ("hashes", "ids", "rows", "starts")
+
+    @classmethod
+    def cached(cls, ids: np.ndarray, rows: Sequence[int] | np.ndarray | None, key: str,
+               cache_dir: Path | None = None) -> IdRows:
+        """The table of ``ids`` (see the module docstring), from the cache when it holds
+        ``key`` (a name made of the checksums of what ``ids`` and ``rows`` come from)."""
+        if len(ids) <= SMALL:
+            return cls(ids, rows)
+        directory = cache_dir or _cache_dir()
+        if directory is None or not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", key):
+            return cls(ids, rows)
+        entry = directory / key
+        if entry.is_dir():
+            try:
+                return cls._mapped(entry)
+            except (OSError, ValueError) as exc:
+                log.warning("id table cache %s unusable (%s): building it again", entry, exc)
+                shutil.rmtree(entry, ignore_errors=True)
+        table = cls(ids, rows)
+        table._save(entry)
+        return table
+
+    @classmethod
+    def _mapped(cls, entry: Path) -> IdRows:
+        table = cls.__new__(cls)
+        arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                  for name in cls._ARRAYS}
+        n = len(arrays["ids"])
+        if (arrays["ids"].dtype.kind != "U" or arrays["hashes"].shape != (n,)
+                or arrays["rows"].shape != (n,) or arrays["starts"].ndim != 1
+                or len(arrays["starts"]) < 2 or int(arrays["starts"][-1]) != n):
+            raise ValueError("arrays of mismatched shapes")
+        table._small = None
+        table._hashes, table._ids, table._rows = arrays["hashes"], arrays["ids"], arrays["rows"]
+        table._starts, table._dtype = arrays["starts"], arrays["ids"].dtype
+        table._bits = int(np.log2(len(table._starts) - 1))
+        table._shift = np.uint64(64 - table._bits)
+        return table
+
+    def _save(self, entry: Path) -> None:
+        """Write the arrays beside ``entry`` and rename them into place (a concurrent
+        writer of the same key loses the race harmlessly)."""
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for name, array in zip(self._ARRAYS, (self._hashes, self._ids, self._rows,
+                                                  self._starts), strict=True):
+                np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+            os.replace(tmp, entry)
+        except OSError as exc:
+            if not entry.is_dir():
+                log.warning("id table not cached in %s: %s", entry.parent, exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self._small) if self._small is not None else len(self._ids)
@@ -118,6 +190,23 @@ class IdRows:
         if too_long is not None:
             found &= ~too_long
         return np.where(found, self._rows[at], MISSING).reshape(shape)
+
+
+def _cache_dir() -> Path | None:
+    """TWO_TOWER_CACHE_DIR, or a directory of this user's own under the temporary
+    directory; None when it is not ours alone (another user could plant tables there)."""
+    given = os.environ.get("TWO_TOWER_CACHE_DIR")
+    root = Path(given) if given else Path(tempfile.gettempdir()) / f"two-tower-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = root.stat()
+    except OSError as exc:
+        log.warning("no id table cache (%s): tables are built in each process", exc)
+        return None
+    if info.st_uid != os.getuid() or (not given and info.st_mode & 0o077):
+        log.warning("no id table cache: %s is not this user's alone", root)
+        return None
+    return root / "id-rows"
 
 
 def _cast(ids: np.ndarray, dtype: np.dtype, chunk: int = 32_768) -> np.ndarray:

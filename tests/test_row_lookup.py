@@ -72,3 +72,19 @@ def test_ids_whose_hashes_collide_are_still_told_apart(monkeypatch):
     ids = [f"id{n}" for n in range(50)]
     table = IdRows(ids)
     assert table.rows(ids[::-1] + ["id50"]).tolist() == list(range(49, -1, -1)) + [MISSING]
+
+
+def test_a_cached_table_is_mapped_by_the_next_process_and_answers_the_same(tmp_path):
+    """IdRows.cached: the first build is kept under its key; the next one (another worker)
+    maps those arrays instead of building; a damaged entry is built again."""
+    ids = np.array([f"item-{n}" for n in range(20_000)])
+    first = IdRows.cached(ids, None, "index-abc", tmp_path)
+    again = IdRows.cached(ids, None, "index-abc", tmp_path)
+    assert isinstance(again._ids, np.memmap) and not isinstance(first._ids, np.memmap)
+    queries = ["item-7", "item-19999", "nope", "item-123"]
+    assert again.rows(queries).tolist() == first.rows(queries).tolist() == [7, 19999, MISSING,
+                                                                            123]
+    (tmp_path / "index-abc" / "starts.npy").unlink()
+    rebuilt = IdRows.cached(ids, None, "index-abc", tmp_path)
+    assert rebuilt.rows(queries).tolist() == [7, 19999, MISSING, 123]
+    assert isinstance(IdRows.cached(ids, None, "index-abc", tmp_path)._ids, np.memmap)
