@@ -51,6 +51,7 @@ from contracts.model_manifest import (
     load_model_manifest,
     verify_checksums,
 )
+from retrieval import mapped_cache
 from retrieval.row_lookup import MISSING, IdRows
 from retrieval.sequence_tower import SequenceEncoder
 
@@ -88,9 +89,10 @@ class NumpyUserTower:
                                 f"lists no {' or '.join(unlisted)}: the model was exported "
                                 "without a NumPy user tower; export it again")
         verify_checksums(manifest.path, {name: manifest.files[name] for name in files})
-        graph, arrays = _read(manifest.path)
+        key = str(manifest.files[NUMPY_TOWER_ARRAYS])[:32]
+        graph, arrays = _read(manifest.path, key)
         try:
-            tower = cls(graph, arrays, str(manifest.files[NUMPY_TOWER_ARRAYS])[:32])
+            tower = cls(graph, arrays, key)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(str(manifest.path / NUMPY_TOWER_GRAPH),
                                 f"malformed NumPy user tower: {exc!r}") from exc
@@ -256,7 +258,8 @@ def _refuse_names(inputs: Mapping[str, np.ndarray], names: tuple[str, ...]) -> N
                      f"{', '.join(names)} (build them with contracts.inputs.user_inputs)")
 
 
-def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read(directory: Path, cache_key: str | None = None
+          ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     graph_path, arrays_path = directory / NUMPY_TOWER_GRAPH, directory / NUMPY_TOWER_ARRAYS
     try:
         graph = json.loads(graph_path.read_text())
@@ -269,7 +272,8 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise ArtifactError(str(graph_path), f"format must be one of {', '.join(formats)} "
                             f"(got {got!r})")
     try:
-        arrays = {name: _weights_or_ids(array) for name, array in _load_npz(arrays_path).items()}
+        arrays = {name: _weights_or_ids(array)
+                  for name, array in _load_npz(arrays_path, cache_key).items()}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ArtifactError(str(arrays_path), f"cannot read the NumPy user tower: {exc}") from exc
     return graph, arrays
@@ -278,25 +282,34 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 MAP_BYTES = 1 << 20  # arrays this large are memory-mapped, not read
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz, the large ones memory-mapped read-only from the file itself.
+def _load_npz(path: Path, cache_key: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, the large ones memory-mapped read-only.
 
     ``np.savez`` stores each array uncompressed, as an .npy file inside the zip, so its
-    bytes sit contiguous in the file: mapped, the workers of ``serve --workers`` (and the
-    old and new pair of a hot swap of the same model) share one copy of a 1M-row embedding
-    table in the page cache instead of each reading its own. A compressed or small member
-    is read as ``np.load`` reads it."""
+    bytes sit contiguous in the file and can be mapped: the workers of ``serve --workers``
+    (and the old and new pair of a hot swap of the same model) then share one copy of a
+    1M-row embedding table in the page cache instead of each reading its own. A member
+    that does not start at an aligned offset (np.savez does not align them, and NumPy
+    copies a whole unaligned array on each ``take``) is copied once, aligned, into the
+    cache of retrieval.mapped_cache under ``cache_key`` (the file's checksum) and mapped
+    from there; without a key or a cache it is read into memory, as are compressed and
+    small members."""
     arrays: dict[str, np.ndarray] = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
-            mapped = None
-            if info.compress_type == zipfile.ZIP_STORED and info.file_size >= MAP_BYTES:
-                mapped = _mapped_member(path, raw, info)
-            if mapped is None:
+
+            def read(info: zipfile.ZipInfo = info) -> np.ndarray:
                 with archive.open(info) as member:
-                    mapped = np.lib.format.read_array(member, allow_pickle=False)
-            arrays[name] = mapped
+                    return np.lib.format.read_array(member, allow_pickle=False)
+
+            array = None
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size >= MAP_BYTES:
+                array = _mapped_member(path, raw, info)
+                if array is not None and not array.flags.aligned:
+                    array = (mapped_cache.mapped_array(f"tower-{cache_key}-{name}", read)
+                             if cache_key else None)
+            arrays[name] = read() if array is None else array
     return arrays
 
 

@@ -15,10 +15,9 @@ run (one or two array reads an id), compare the id found. Measured on 1M ids: 18
 an id in batches of 640-1,600 ids against a dict's 150-190, plus about 50 µs a call, so a
 table of at most ``SMALL`` ids (a categorical feature's) stays a dict.
 
-``IdRows.cached(ids, rows, key)`` keeps a built table's arrays in a cache directory
-(``TWO_TOWER_CACHE_DIR``, else ``two-tower-<uid>/id-rows`` under the system's temporary
-directory) under a key made of the artifact's checksums, and memory-maps them when they
-are there: the workers of ``serve --workers`` (and a server restarted on the same pair)
+``IdRows.cached(ids, rows, key)`` keeps a built table's arrays in the cache directory of
+retrieval.mapped_cache under a key made of the artifact's checksums, and memory-maps them
+when they are there: the workers of ``serve --workers`` (and a server restarted on the same pair)
 share one copy of a 1M-id table instead of each building its own. A cache that cannot be
 used (not ours, not writable, a file missing or of the wrong shape) is logged once and
 the table is built in memory, as without it.
@@ -28,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from retrieval import mapped_cache
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +93,10 @@ class IdRows:
         ``key`` (a name made of the checksums of what ``ids`` and ``rows`` come from)."""
         if len(ids) <= SMALL:
             return cls(ids, rows)
-        directory = cache_dir or _cache_dir()
-        if directory is None or not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", key):
+        root = mapped_cache.cache_dir() if cache_dir is None else None
+        directory = cache_dir if cache_dir is not None else (
+            root / "id-rows" if root is not None else None)
+        if directory is None or not mapped_cache.KEY.fullmatch(key):
             return cls(ids, rows)
         entry = directory / key
         if entry.is_dir():
@@ -190,23 +191,6 @@ class IdRows:
         if too_long is not None:
             found &= ~too_long
         return np.where(found, self._rows[at], MISSING).reshape(shape)
-
-
-def _cache_dir() -> Path | None:
-    """TWO_TOWER_CACHE_DIR, or a directory of this user's own under the temporary
-    directory; None when it is not ours alone (another user could plant tables there)."""
-    given = os.environ.get("TWO_TOWER_CACHE_DIR")
-    root = Path(given) if given else Path(tempfile.gettempdir()) / f"two-tower-{os.getuid()}"
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = root.stat()
-    except OSError as exc:
-        log.warning("no id table cache (%s): tables are built in each process", exc)
-        return None
-    if info.st_uid != os.getuid() or (not given and info.st_mode & 0o077):
-        log.warning("no id table cache: %s is not this user's alone", root)
-        return None
-    return root / "id-rows"
 
 
 def _cast(ids: np.ndarray, dtype: np.dtype, chunk: int = 32_768) -> np.ndarray:

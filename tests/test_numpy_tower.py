@@ -210,19 +210,26 @@ def test_export_refuses_an_id_a_string_array_cannot_hold():
         _string_array(["a\x00"], "lookup")
 
 
-def test_large_arrays_of_the_tower_file_are_memory_mapped_and_equal(tmp_path):
-    """retrieval.numpy_tower._load_npz: the big table is mapped from the .npz itself (the
-    workers of one host share its pages), small and compressed members are read."""
+def test_large_arrays_of_the_tower_file_are_memory_mapped_aligned_and_equal(tmp_path,
+                                                                         monkeypatch):
+    """retrieval.numpy_tower._load_npz: the big table is mapped (the workers of one host
+    share its pages), aligned (NumPy copies a whole unaligned array on each take: np.savez
+    does not align members, so such a one is copied once into the cache and mapped from
+    there); small and compressed members are read."""
     from retrieval import numpy_tower
 
+    monkeypatch.setenv("TWO_TOWER_CACHE_DIR", str(tmp_path / "cache"))
     big = np.random.default_rng(0).standard_normal((5000, 64)).astype(np.float32)  # 1.2 MiB
     small, words = np.arange(6, dtype=np.float32), np.array(["a", "bc", "日本"])
-    np.savez(tmp_path / "stored.npz", big=big, small=small, words=words)
-    loaded = numpy_tower._load_npz(tmp_path / "stored.npz")
-    assert isinstance(loaded["big"], np.memmap) and not loaded["big"].flags.writeable
-    assert np.array_equal(loaded["big"], big)
-    assert not isinstance(loaded["small"], np.memmap) and np.array_equal(loaded["small"], small)
-    assert loaded["words"].tolist() == words.tolist()
+    for pad in ("", "x" * 3):  # a name length that moves the member off alignment
+        np.savez(tmp_path / "stored.npz", **{f"big{pad}": big}, small=small, words=words)
+        loaded = numpy_tower._load_npz(tmp_path / "stored.npz", cache_key=f"k{len(pad)}")
+        table = loaded[f"big{pad}"]
+        assert isinstance(table, np.memmap) and table.flags.aligned
+        assert not table.flags.writeable and np.array_equal(table, big)
+        assert not isinstance(loaded["small"], np.memmap)
+        assert np.array_equal(loaded["small"], small) and loaded["words"].tolist() == ["a", "bc",
+                                                                                      "日本"]
     np.savez_compressed(tmp_path / "packed.npz", big=big)
-    packed = numpy_tower._load_npz(tmp_path / "packed.npz")["big"]
+    packed = numpy_tower._load_npz(tmp_path / "packed.npz", cache_key="p")["big"]
     assert not isinstance(packed, np.memmap) and np.array_equal(packed, big)
