@@ -81,7 +81,11 @@ class MicroBatcher(Generic[Item, Result]):
         self._fn, self._prepare, self._on_compute_thread = fn, prepare, on_compute_thread
         self.max_batch, self.max_queue, self.name = max_batch, max_queue, name
         self._max_wait_s = max_wait_us / 1e6
-        self._lock = threading.Condition()
+        # one lock, a condition for each thread's waits: a wake-up goes to the one thread
+        # that has something to do (notify_all on a shared condition woke both)
+        self._lock = threading.Lock()
+        self._for_read = threading.Condition(self._lock)     # requests queued, a slot freed
+        self._for_compute = threading.Condition(self._lock)  # a batch handed over
         self._queue: deque[_Waiter] = deque()          # submitted, not yet taken
         self._handed: list[tuple[list[_Waiter], Sequence[Any] | None]] = []  # read → compute
         self._closed = False
@@ -112,14 +116,14 @@ class MicroBatcher(Generic[Item, Result]):
                                      "the user tower; retry with backoff")
             self._queue.append(_Waiter(item, future, time.monotonic() + self._max_wait_s))
             if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
-                self._lock.notify_all()
+                self._for_read.notify()
         return await future  # cancelling the caller cancels the future
 
     async def close(self) -> None:
         """Refuse new requests, dispatch what is queued without waiting, wait for it all."""
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
+            self._for_read.notify()
         threads = list(self._threads)
         if threads:
             await asyncio.to_thread(lambda: [t.join() for t in threads])
@@ -176,7 +180,8 @@ class MicroBatcher(Generic[Item, Result]):
                             + [w for b in self._working.values() for w in b])
                 self._queue.clear()
                 self._handed.clear()
-                self._lock.notify_all()
+                self._for_read.notify()
+                self._for_compute.notify()
             self._send(stranded, BatcherClosed("the micro-batcher stopped (see the server log)"))
 
     def _read_stage(self) -> None:
@@ -187,7 +192,7 @@ class MicroBatcher(Generic[Item, Result]):
             if batch is None:
                 with self._lock:  # closed and drained: the compute stage ends after its last
                     self._read_done = True
-                    self._lock.notify_all()
+                    self._for_compute.notify()
                 return
             items = [w.item for w in batch]
             if self._prepare is None:
@@ -198,11 +203,11 @@ class MicroBatcher(Generic[Item, Result]):
                 # one batch waits for the compute stage at most: the next is read only
                 # once that one is taken, so it holds everything that arrived meanwhile
                 while self._handed and self._dead is None:
-                    self._lock.wait()
+                    self._for_read.wait()
                 if self._dead is not None:
                     raise RuntimeError("the compute stage stopped")
                 self._handed.append((batch, prepared))
-                self._lock.notify_all()
+                self._for_compute.notify()
 
     def _compute_stage(self) -> None:
         while True:
@@ -210,10 +215,10 @@ class MicroBatcher(Generic[Item, Result]):
                 while not self._handed:
                     if self._read_done or self._dead is not None:
                         return
-                    self._lock.wait()
+                    self._for_compute.wait()
                 batch, prepared = self._handed.pop()
                 self._working["compute"] = batch
-                self._lock.notify_all()
+                self._for_read.notify()
             if isinstance(prepared, BaseException):
                 self._send(batch, prepared)
                 continue
@@ -244,11 +249,11 @@ class MicroBatcher(Generic[Item, Result]):
                         if batch:
                             return batch
                         continue
-                    self._lock.wait(wait)
+                    self._for_read.wait(wait)
                 elif self._closed:
                     return None
                 else:
-                    self._lock.wait()
+                    self._for_read.wait()
 
     @staticmethod
     def _call(fn: Callable[..., Sequence[Any]], items: list, n: int, *extra: Any

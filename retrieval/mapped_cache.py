@@ -41,15 +41,16 @@ def cache_dir() -> Path | None:
 
 
 def mapped_array(key: str, make) -> np.ndarray:
-    """The array ``make()`` returns, as a read-only memmap of an aligned .npy kept in the
-    cache under ``key`` (made once; later calls only map it); in memory without a cache."""
+    """The array ``make()`` returns, as a read-only map of an aligned .npy kept in the cache
+    under ``key`` (made once; later calls only map it); in memory without a cache. A plain
+    ndarray view of the map: np.memmap's subclass hooks cost a few µs an operation."""
     root = cache_dir()
     if root is None or not KEY.fullmatch(key):
         return make()
     path = root / "arrays" / f"{key}.npy"
     if path.is_file():
         try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
         except (OSError, ValueError) as exc:
             log.warning("cached array %s unusable (%s): making it again", path, exc)
     array = make()
@@ -59,7 +60,7 @@ def mapped_array(key: str, make) -> np.ndarray:
         with open(tmp, "wb") as fh:
             np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
         os.replace(tmp, path)
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
     except (OSError, ValueError) as exc:
         log.warning("array not cached in %s: %s", path.parent, exc)
         tmp.unlink(missing_ok=True)

@@ -332,7 +332,7 @@ def _mapped_member(path: Path, raw, info: zipfile.ZipInfo) -> np.ndarray | None:
     if dtype.hasobject:
         return None
     return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
-                     order="F" if fortran else "C")
+                     order="F" if fortran else "C").view(np.ndarray)  # (as mapped_cache)
 
 
 def _weights_or_ids(array: np.ndarray) -> np.ndarray:

@@ -112,8 +112,9 @@ class IdRows:
     @classmethod
     def _mapped(cls, entry: Path) -> IdRows:
         table = cls.__new__(cls)
-        arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                  for name in cls._ARRAYS}
+        # plain views of the maps: np.memmap's subclass hooks cost a few µs an operation
+        arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r",
+                                allow_pickle=False).view(np.ndarray) for name in cls._ARRAYS}
         n = len(arrays["ids"])
         if (arrays["ids"].dtype.kind != "U" or arrays["hashes"].shape != (n,)
                 or arrays["rows"].shape != (n,) or arrays["starts"].ndim != 1

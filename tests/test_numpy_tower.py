@@ -225,11 +225,11 @@ def test_large_arrays_of_the_tower_file_are_memory_mapped_aligned_and_equal(tmp_
         np.savez(tmp_path / "stored.npz", **{f"big{pad}": big}, small=small, words=words)
         loaded = numpy_tower._load_npz(tmp_path / "stored.npz", cache_key=f"k{len(pad)}")
         table = loaded[f"big{pad}"]
-        assert isinstance(table, np.memmap) and table.flags.aligned
+        assert isinstance(table.base, np.memmap) and table.flags.aligned
         assert not table.flags.writeable and np.array_equal(table, big)
-        assert not isinstance(loaded["small"], np.memmap)
+        assert not isinstance(loaded["small"].base, np.memmap)
         assert np.array_equal(loaded["small"], small) and loaded["words"].tolist() == ["a", "bc",
                                                                                       "日本"]
     np.savez_compressed(tmp_path / "packed.npz", big=big)
     packed = numpy_tower._load_npz(tmp_path / "packed.npz", cache_key="p")["big"]
-    assert not isinstance(packed, np.memmap) and np.array_equal(packed, big)
+    assert not isinstance(packed.base, np.memmap) and np.array_equal(packed, big)

@@ -80,11 +80,11 @@ def test_a_cached_table_is_mapped_by_the_next_process_and_answers_the_same(tmp_p
     ids = np.array([f"item-{n}" for n in range(20_000)])
     first = IdRows.cached(ids, None, "index-abc", tmp_path)
     again = IdRows.cached(ids, None, "index-abc", tmp_path)
-    assert isinstance(again._ids, np.memmap) and not isinstance(first._ids, np.memmap)
+    assert isinstance(again._ids.base, np.memmap) and not isinstance(first._ids.base, np.memmap)
     queries = ["item-7", "item-19999", "nope", "item-123"]
     assert again.rows(queries).tolist() == first.rows(queries).tolist() == [7, 19999, MISSING,
                                                                             123]
     (tmp_path / "index-abc" / "starts.npy").unlink()
     rebuilt = IdRows.cached(ids, None, "index-abc", tmp_path)
     assert rebuilt.rows(queries).tolist() == [7, 19999, MISSING, 123]
-    assert isinstance(IdRows.cached(ids, None, "index-abc", tmp_path)._ids, np.memmap)
+    assert isinstance(IdRows.cached(ids, None, "index-abc", tmp_path)._ids.base, np.memmap)
