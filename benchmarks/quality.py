@@ -50,8 +50,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 HISTORY = "history"
 SEQUENCE = "sequence"  # ml100k-temporal: the history as a sequence (training.sequence)
-SEQUENCE_FEATURE = {"tower": "user", "kind": "sequence", "max_length": 50, "blocks": 1,
-                    "heads": 2}
+SEQUENCE_FEATURE = {"tower": "user", "kind": "sequence", "max_length": 20, "blocks": 1,
+                    "heads": 2}  # chosen on validation: benchmarks.sequence_quality --tune
 ML1M_L2, ML1M_TEMPERATURE = 0.02, 0.03  # see ours_config
 ML1M_HISTORY = 200  # items in an ml-1m history bag (random ones when the user has more)
 ML1M_WHOLE_HISTORY = 2048  # over any user's train + valid items (at most 1,694)

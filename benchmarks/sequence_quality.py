@@ -102,16 +102,22 @@ def pair(protocol: str, seed: int) -> list[Variant]:
             Variant("ours sequence", seq_features, dataclasses.replace(seq, seed=seed))]
 
 
+TUNING_GRID = ((20, 1, 0.0), (20, 1, 0.2), (20, 2, 0.0), (20, 2, 0.2), (50, 1, 0.2))
+
+
 def tuning_grid() -> list[tuple[str, dict, float]]:
-    """(label, sequence feature options, encoder dropout)."""
+    """(label, sequence feature options, encoder dropout): (max_length, blocks, dropout)."""
     return [(f"L{length} blocks{blocks} dropout{dropout}",
              {**SEQUENCE_FEATURE, "max_length": length, "blocks": blocks}, dropout)
-            for length in (20, 50) for blocks in (1, 2) for dropout in (0.0, 0.2)]
+            for length, blocks, dropout in TUNING_GRID]
 
 
-def tune(data: Path) -> dict:
-    out = {}
+def tune(data: Path, done: dict) -> dict:
+    """Each grid point not in ``done`` (earlier results, kept), on ml-100k validation."""
+    out = dict(done)
     for label, feature, dropout in tuning_grid():
+        if label in out:
+            continue
         protocol = ml100k_temporal(data)
         protocol.spec_doc["features"][SEQUENCE] = feature
         protocol = _temporal(protocol.name, Dataset(parse_feature_spec(protocol.spec_doc),
@@ -197,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     load = {"load_average_start": os.getloadavg()}
     if args.tune:
-        out = {**load, "grid": tune(args.data), "load_average_end": os.getloadavg()}
-        (RESULTS / "sequence_tuning.json").write_text(json.dumps(out, indent=2))
+        path = RESULTS / "sequence_tuning.json"
+        done = json.loads(path.read_text())["grid"] if path.exists() else {}
+        out = {**load, "grid": tune(args.data, done), "load_average_end": os.getloadavg()}
+        path.write_text(json.dumps(out, indent=2))
         return
     path = RESULTS / "sequence_quality.json"
     results = json.loads(path.read_text()) if path.exists() else {}
