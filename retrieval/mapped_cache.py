@@ -7,8 +7,10 @@ own (retrieval.row_lookup's id tables, the NumPy tower's item table).
 used only when it is this user's alone (another user could plant arrays there). Entries
 are named by the checksums of the artifact files they derive from, written to a temporary
 name and renamed into place, so a reader never sees half an entry and two writers of one
-entry do no harm. A cache that cannot be used is logged and skipped: everything then
-works as without it, in memory.
+entry do no harm. Each write keeps the ``KEEP`` newest entries of its kind and deletes the
+rest (a process that still maps a deleted file keeps its pages until it lets go), so the
+cache holds a few pairs' worth however many versions are published. A cache that cannot be
+used is logged and skipped: everything then works as without it, in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 KEY = re.compile(r"[A-Za-z0-9._-]{1,200}")
+KEEP = 8  # entries of a kind: a pair has up to 3 (two id tables, the tower's item table)
 
 
 def cache_dir() -> Path | None:
@@ -60,8 +64,24 @@ def mapped_array(key: str, make) -> np.ndarray:
         with open(tmp, "wb") as fh:
             np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
         os.replace(tmp, path)
+        prune(path.parent)
         return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
     except (OSError, ValueError) as exc:
         log.warning("array not cached in %s: %s", path.parent, exc)
         tmp.unlink(missing_ok=True)
         return array
+
+
+def prune(directory: Path, keep: int = KEEP) -> None:
+    """Delete all but the ``keep`` most recently written entries of ``directory`` (files
+    or directories; names starting with "." are writes in progress and left alone)."""
+    try:
+        entries = sorted((e for e in directory.iterdir() if not e.name.startswith(".")),
+                         key=lambda e: e.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in entries[keep:]:
+        try:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        except OSError as exc:
+            log.warning("could not prune %s from the cache: %s", old, exc)

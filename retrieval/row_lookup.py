@@ -137,6 +137,7 @@ class IdRows:
                                                   self._starts), strict=True):
                 np.save(tmp / f"{name}.npy", array, allow_pickle=False)
             os.replace(tmp, entry)
+            mapped_cache.prune(entry.parent)
         except OSError as exc:
             if not entry.is_dir():
                 log.warning("id table not cached in %s: %s", entry.parent, exc)

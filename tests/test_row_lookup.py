@@ -88,3 +88,18 @@ def test_a_cached_table_is_mapped_by_the_next_process_and_answers_the_same(tmp_p
     rebuilt = IdRows.cached(ids, None, "index-abc", tmp_path)
     assert rebuilt.rows(queries).tolist() == [7, 19999, MISSING, 123]
     assert isinstance(IdRows.cached(ids, None, "index-abc", tmp_path)._ids.base, np.memmap)
+
+
+def test_the_cache_keeps_only_its_newest_entries(tmp_path):
+    """A nightly publish adds entries; the cache keeps the KEEP newest of a kind."""
+    import os
+
+    from retrieval import mapped_cache
+
+    ids = np.array([f"item-{n}" for n in range(10_000)])
+    for n in range(mapped_cache.KEEP + 3):
+        IdRows.cached(ids, None, f"index-v{n}", tmp_path)
+        os.utime(tmp_path / f"index-v{n}", (n, n))  # written in this order
+        mapped_cache.prune(tmp_path)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted(f"index-v{n}" for n in range(3, mapped_cache.KEEP + 3))
