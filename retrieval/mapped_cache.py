@@ -63,13 +63,17 @@ def mapped_array(key: str, make) -> np.ndarray:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
-        os.replace(tmp, path)
-        prune(path.parent)
+        try:  # a link, not a rename: the first writer's file stays, and every process maps it
+            os.link(tmp, path)
+            prune(path.parent)
+        except FileExistsError:
+            pass
         return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
     except (OSError, ValueError) as exc:
         log.warning("array not cached in %s: %s", path.parent, exc)
-        tmp.unlink(missing_ok=True)
         return array
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prune(directory: Path, keep: int = KEEP) -> None:

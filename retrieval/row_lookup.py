@@ -107,7 +107,10 @@ class IdRows:
                 shutil.rmtree(entry, ignore_errors=True)
         table = cls(ids, rows)
         table._save(entry)
-        return table
+        try:  # map what is there (this process's or a concurrent writer's): one copy a host
+            return cls._mapped(entry)
+        except (OSError, ValueError):
+            return table
 
     @classmethod
     def _mapped(cls, entry: Path) -> IdRows:
@@ -136,7 +139,7 @@ class IdRows:
             for name, array in zip(self._ARRAYS, (self._hashes, self._ids, self._rows,
                                                   self._starts), strict=True):
                 np.save(tmp / f"{name}.npy", array, allow_pickle=False)
-            os.replace(tmp, entry)
+            os.replace(tmp, entry)  # refused when a concurrent writer's entry is there
             mapped_cache.prune(entry.parent)
         except OSError as exc:
             if not entry.is_dir():

@@ -75,12 +75,13 @@ def test_ids_whose_hashes_collide_are_still_told_apart(monkeypatch):
 
 
 def test_a_cached_table_is_mapped_by_the_next_process_and_answers_the_same(tmp_path):
-    """IdRows.cached: the first build is kept under its key; the next one (another worker)
-    maps those arrays instead of building; a damaged entry is built again."""
+    """IdRows.cached: the first build is kept under its key and mapped from there; the next
+    one (another worker) maps those arrays instead of building; a damaged entry is built
+    again."""
     ids = np.array([f"item-{n}" for n in range(20_000)])
     first = IdRows.cached(ids, None, "index-abc", tmp_path)
     again = IdRows.cached(ids, None, "index-abc", tmp_path)
-    assert isinstance(again._ids.base, np.memmap) and not isinstance(first._ids.base, np.memmap)
+    assert isinstance(again._ids.base, np.memmap) and isinstance(first._ids.base, np.memmap)
     queries = ["item-7", "item-19999", "nope", "item-123"]
     assert again.rows(queries).tolist() == first.rows(queries).tolist() == [7, 19999, MISSING,
                                                                             123]
@@ -103,3 +104,20 @@ def test_the_cache_keeps_only_its_newest_entries(tmp_path):
         mapped_cache.prune(tmp_path)
     kept = sorted(p.name for p in tmp_path.iterdir())
     assert kept == sorted(f"index-v{n}" for n in range(3, mapped_cache.KEEP + 3))
+
+
+def test_two_processes_writing_one_array_both_map_the_first_ones_file(tmp_path, monkeypatch):
+    """mapped_cache.mapped_array: the first writer's file stays (a link, not a rename), so
+    concurrent loaders of one pair end up sharing one copy."""
+    from retrieval import mapped_cache
+
+    monkeypatch.setenv("TWO_TOWER_CACHE_DIR", str(tmp_path))
+    first = mapped_cache.mapped_array("tower-k-table", lambda: np.arange(10.0))
+    path = tmp_path / "arrays" / "tower-k-table.npy"
+    inode = path.stat().st_ino
+    # a second writer that made its array before it saw the first's (a race)
+    monkeypatch.setattr(type(path), "is_file", lambda self: False)
+    second = mapped_cache.mapped_array("tower-k-table", lambda: np.arange(10.0) * 0 + 7)
+    assert path.stat().st_ino == inode and second.tolist() == first.tolist() == list(
+        np.arange(10.0))
+    assert not list((tmp_path / "arrays").glob(".*tmp"))
