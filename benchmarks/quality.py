@@ -1,7 +1,7 @@
 """Retrieval quality on real data, our model beside the plain TFRS two-tower.
 
     python -m benchmarks.quality [--protocols recbole-ml1m,ml100k-temporal] [--epochs N]
-                                 [--ablation-epochs N] [--variants plain,ours]
+                                 [--ablation-epochs N] [--variants plain,ours] [--seeds N]
 
 For each protocol it trains, on the same split and with the same epoch budget, (a) the
 plain two-tower of the TFRS tutorials (user-id and item-id embeddings, in-batch softmax,
@@ -9,7 +9,8 @@ nothing else) and (b) our model, then the ablations of (b) (logQ off, mixed nega
 history off, context off), beside popularity and EASE (training.ease; λ chosen on
 validation; two test rows: refit with that λ on train + valid, and fit on train only as
 the towers are, both scoring from the train + valid rows the towers' test inputs hold).
-Every model is ranked against the full item corpus (no sampled
+On recbole-ml1m, "ours user-level" is a history-as-user tower trained one example per user
+(training.user_level). Every model is ranked against the full item corpus (no sampled
 metrics) with the protocol's masking (training.protocols). Epochs are chosen by early
 stopping on validation NDCG@10; test metrics are computed once, at the end.
 
@@ -56,6 +57,7 @@ ML1M_L2, ML1M_TEMPERATURE = 0.02, 0.03  # see ours_config
 ML1M_HISTORY = 200  # items in an ml-1m history bag (random ones when the user has more)
 ML1M_WHOLE_HISTORY = 2048  # over any user's train + valid items (at most 1,694)
 ML1M_USER_LEVEL_DIM = 256
+ML1M_DISTILL = (20, 0.3, 0.1)  # EASE top-k, their share of the targets, softmax temperature
 PUBLISHED_ML1M = {  # RecBole ml-1m general leaderboard, test Recall@10 / NDCG@10
     "Pop": (0.0699, 0.1006), "BPR": (0.1725, 0.2407), "NeuMF": (0.1717, 0.2393),
     "LightGCN": (0.1823, 0.2478), "MultiVAE": (0.1995, 0.2523), "SimpleX": (0.1997, 0.2700),
@@ -70,9 +72,10 @@ class Variant:
     config: TrainConfig
     # per feature, spec keys replaced: (("history", (("max_length", 2048),)),)
     spec_changes: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
-    # examples="users" only: (k, share): add each user's k best unseen items by EASE (fit
-    # on train, λ chosen on validation) as soft targets weighing share × their item count
-    distill: tuple[int, float] = ()
+    # examples="users" only: (k, share, temperature): each user's k best unseen items by EASE
+    # (fit on train, λ chosen on validation) as soft targets, weighing share × the user's
+    # item count in all, split by the softmax of their EASE scores at that temperature
+    distill: tuple[int, float, float] = ()
 
 
 @dataclass
@@ -188,7 +191,11 @@ def variants(protocol: str, epochs: int | None = None,
         Variant("ours − history", tuple(f for f in EVERYTHING if f != HISTORY), ablated),
     ]
     if protocol == "recbole-ml1m":
-        out.append(user_level_variant(epochs))
+        user_level = user_level_variant(epochs)
+        out.append(user_level)
+        # item 4 of issue 21: EASE's scores distilled into it (kept: validation rose)
+        out.append(dataclasses.replace(user_level, name="ours user-level + EASE distilled",
+                                       distill=ML1M_DISTILL))
     if protocol == "ml100k-temporal":
         out.append(Variant("ours − context", tuple(
             f for f in EVERYTHING if f not in ("hour_of_day", "day_of_week")), ablated))
@@ -382,17 +389,21 @@ def run_ease(split: ProtocolSplit) -> dict:
 
 
 def with_ease_targets(split: ProtocolSplit, examples: dict[str, np.ndarray], k: int,
-                      share: float) -> dict[str, np.ndarray]:
+                      share: float, temperature: float) -> dict[str, np.ndarray]:
     """Per-user examples (one per split user row) with EASE's k best items the user has not
-    seen in train added to TARGETS, each weighing ``share`` × (the user's train items) / k,
-    the train items 1 (TARGET_WEIGHTS): distillation of the linear model into the towers."""
+    seen in train added to TARGETS, weighing ``share`` × (the user's train items) in all,
+    split by softmax(EASE score / temperature); the train items weigh 1 (TARGET_WEIGHTS):
+    distillation of the linear model into the towers."""
     x = _matrix(split, split.train)
     scores = _EASE_FITS[split.name].scores(x)
     scores[x > 0] = -np.inf
     best = np.argpartition(-scores, k, axis=1)[:, :k].astype(np.int32)
+    top = np.take_along_axis(scores, best, axis=1) / temperature
+    soft = np.exp(top - top.max(axis=1, keepdims=True))
+    soft /= soft.sum(axis=1, keepdims=True)
     held = examples[TARGETS]
     weights = np.where(held >= 0, 1.0, 0.0).astype(np.float32)
-    teacher = np.repeat((share * x.sum(axis=1) / k)[:, None], k, axis=1).astype(np.float32)
+    teacher = (share * x.sum(axis=1, keepdims=True) * soft).astype(np.float32)
     return {**examples, TARGETS: np.concatenate([held, best], axis=1),
             TARGET_WEIGHTS: np.concatenate([weights, teacher], axis=1)}
 
