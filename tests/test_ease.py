@@ -68,3 +68,24 @@ def test_quality_row_beats_popularity_on_grouped_users():
     popularity = popularity_ranking(split, "test").recall[10]
     assert row["test"]["recall@10"] > 0.8 > popularity + 0.2
     assert row["l2"] > 0 and len(row["valid_ndcg@10_by_l2"]) > 1
+
+
+def test_distilled_targets_are_unseen_top_items_weighing_share_of_the_user_s_items():
+    from benchmarks.quality import _matrix, with_ease_targets
+    from training.user_level import TARGET_WEIGHTS, TARGETS
+
+    x, _ = _two_groups(np.random.default_rng(4), n_users=100, n_items=20, p=0.5)
+    users, items = np.nonzero(x)
+    split = recbole_general(users, items, np.full(len(users), 5), seed=0, min_count=2)
+    run_ease(split)  # fits the teacher on train
+    seen = _matrix(split, split.train)
+    held = np.full((split.n_users, int(seen.sum(axis=1).max())), -1, np.int32)
+    for u in range(split.n_users):
+        rows = np.flatnonzero(seen[u])
+        held[u, :len(rows)] = rows
+    out = with_ease_targets(split, {TARGETS: held}, k=3, share=0.5, temperature=0.1)
+    teacher, weights = out[TARGETS][:, held.shape[1]:], out[TARGET_WEIGHTS]
+    assert not seen[np.arange(split.n_users)[:, None], teacher].any()
+    np.testing.assert_allclose(weights[:, held.shape[1]:].sum(axis=1),
+                               0.5 * seen.sum(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(weights[:, :held.shape[1]], (held >= 0).astype(np.float32))
