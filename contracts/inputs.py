@@ -180,8 +180,9 @@ def user_inputs(spec: FeatureSpec, requests: Sequence[UserRequest]) -> dict[str,
 
 class UserRequest:
     """What one request knows about its user: stored features, history and context.
-    ``history_times``: each history item's time in seconds since the epoch, None where
-    unknown (an empty tuple: every time unknown), for sequence features' gaps."""
+    ``history_times``: each history item's time in seconds since the epoch, None (or a
+    negative number) where unknown (empty: every time unknown), for sequence features'
+    ages."""
 
     __slots__ = ("context", "event_time", "features", "history", "history_times", "user_id")
 
@@ -198,7 +199,7 @@ def _ages(requests: Sequence[UserRequest], max_length: int) -> np.ndarray:
     out = np.full((len(requests), max_length), np.nan)
     for i, r in enumerate(requests):
         for j, t in enumerate(r.history_times[: min(max_length, len(r.history))]):
-            if t is not None:
+            if t is not None and t >= 0:
                 out[i, j] = r.event_time - t
     return out
 

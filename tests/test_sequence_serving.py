@@ -56,7 +56,7 @@ def test_history_times_read_back_and_are_cut_with_the_history(store_kind):
             await store.close()
 
     user = run(scenario())
-    assert (user.features, user.history, user.history_times) == (
+    assert (user.features, user.history, user.times) == (
         {"age": 40.0}, ("i3", "i2"), (300, None))
 
 
@@ -75,8 +75,8 @@ def test_recorded_interactions_carry_the_servers_time(store_kind):
 
     before, user, after = run(scenario())
     assert user.history == ("i8", "i7", "i3")
-    assert all(int(before) <= t <= after for t in user.history_times[:2])
-    assert user.history_times[2] == 300
+    assert all(int(before) <= t <= after for t in user.times[:2])
+    assert user.times[2] == 300
 
 
 def test_a_dataset_stores_each_history_items_timestamp():
@@ -88,8 +88,8 @@ def test_a_dataset_stores_each_history_items_timestamp():
              "timestamp": np.array([10, 20, 5])}
     users = users_from_dataset(Dataset(spec, inter, {"user_id": np.array([], object)},
                                        {"item_id": np.array(["a", "b", "c"], object)}))
-    assert (users["u"].history, users["u"].history_times) == (("b", "a"), (20, 10))
-    assert (users["v"].history, users["v"].history_times) == (("c",), (5,))
+    assert (users["u"].history, users["u"].times) == (("b", "a"), (20, 10))
+    assert (users["v"].history, users["v"].times) == (("c",), (5,))
 
 
 def test_histories_written_without_times_or_by_an_older_writer_read_as_unknown(redis_url):
@@ -109,10 +109,10 @@ def test_histories_written_without_times_or_by_an_older_writer_read_as_unknown(r
             await store.close()
 
     old, mixed, bad = run(scenario())
-    assert (old.history, old.history_times) == (("i2", "i1"), ())
+    assert (old.history, old.times) == (("i2", "i1"), ())
     # every position now names another item than its time entry: all unknown, none wrong
-    assert (mixed.history, mixed.history_times) == (("i3", "i2", "i1"), ())
-    assert (bad.history, bad.history_times) == (("i1",), ())
+    assert (mixed.history, mixed.times) == (("i3", "i2", "i1"), ())
+    assert (bad.history, bad.times) == (("i1",), ())
 
 
 def test_a_history_time_list_follows_the_documented_layout(redis_url):
@@ -229,4 +229,4 @@ def test_a_batch_read_fetches_the_times_only_when_asked(redis_url):
 
     plain, timed = run(scenario())
     assert plain.history == timed.history == BOB.history
-    assert (plain.history_times, timed.history_times) == ((), (300, None, 100))
+    assert (plain.times, timed.times) == ((), (300, None, 100))
