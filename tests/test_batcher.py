@@ -261,3 +261,29 @@ def test_a_bug_that_stops_a_stage_fails_its_callers_and_refuses_new_ones(monkeyp
         await batcher.close()
 
     run(main)
+
+
+def test_a_caller_gone_while_its_user_is_read_is_not_computed():
+    reading, release = threading.Event(), threading.Event()
+    computed: list[list] = []
+
+    def prepare(items):
+        reading.set()
+        release.wait(5)
+        return [f"user-{i}" for i in items]
+
+    def fn(items, prepared):
+        computed.append(list(prepared))
+        return [p.upper() for p in prepared]
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=8, max_wait_us=20_000, prepare=prepare)
+        gone, kept = (asyncio.create_task(batcher.submit(i)) for i in (1, 2))
+        await asyncio.to_thread(reading.wait, 5)
+        gone.cancel()
+        release.set()
+        result = await kept
+        await batcher.close()
+        return result
+
+    assert run(main) == "USER-2" and computed == [["user-2"]]
