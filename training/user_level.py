@@ -40,6 +40,11 @@ def check_user_level_spec(spec: FeatureSpec) -> None:
         raise ValueError(f"examples 'users' trains one example per user, which has no event "
                          f"context; remove the context features {context} from the spec or "
                          "train with examples 'events'")
+    other = [f.name for f in spec.tower("user")
+             if f.kind not in ("categorical", "numeric", "bag", "history")]
+    if other:  # e.g. a sequence's item ages are per event
+        raise ValueError(f"examples 'users' builds categorical, numeric, bag and history "
+                         f"user features only (got {other}); train with examples 'events'")
 
 
 def user_examples(dataset: Dataset, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
