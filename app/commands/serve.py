@@ -201,6 +201,11 @@ def _serve(args) -> int | None:
     # Before Faiss loads libgomp: idle OpenMP workers sleep instead of spinning on the
     # cores the event loop and the compute thread need.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before NumPy loads OpenBLAS: the user tower's products are a few rows by ~100 columns,
+    # where a second BLAS thread only costs a wake-up and a spin (measured at load 7-10:
+    # 1,475 µs a user for a two-block sequence tower at batch 32 against 175 with one
+    # thread; benchmarks/sequence_tower.py). The serving threads are the parallelism.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from retrieval.circuit_breaker import BreakerConfig
     from retrieval.retriever import BatchingConfig, default_faiss_threads
     from retrieval.server import ServerConfig, StreamLimits, serve
