@@ -185,10 +185,15 @@ class _Embedded:
             raise ValueError(f"input {self.name!r}: expected shape {shape} (got {ids.shape})")
         if not self.pooled:
             return self._table.take(self.lookup(ids), axis=0)
-        real = ids != PAD  # [n, L]: the padding "" counts for nothing
-        embedded = self._table.take(np.where(real, self.lookup(ids), 0), axis=0)
-        total = (embedded * real[..., np.newaxis]).sum(axis=1)
-        count = np.maximum(real.sum(axis=1, keepdims=True).astype(np.float32), np.float32(1.0))
+        real = ids != PAD  # [n, L]: the padding "" counts for nothing and is not looked up
+        n_real = real.sum(axis=1)  # (a history's cap may be thousands, most of it padding)
+        embedded = self._table.take(self.lookup(ids[real]), axis=0)  # [m, d], row-major
+        # per row, the sum of its run of embedded rows; a zero row at the end so that a run
+        # may start at m, and the rows without ids (reduceat gives one element there) zeroed
+        starts = np.cumsum(n_real) - n_real
+        padded = np.vstack([embedded, np.zeros((1, embedded.shape[1]), embedded.dtype)])
+        total = np.add.reduceat(padded, starts, axis=0) * (n_real > 0)[:, np.newaxis]
+        count = np.maximum(n_real[:, np.newaxis].astype(np.float32), np.float32(1.0))
         pooled = total / (count if self.pooling == "mean" else np.sqrt(count))
         return np.tanh(pooled) if self.tanh else pooled
 
