@@ -27,6 +27,7 @@ class ServingPair:
     model: ModelManifest
     user_tower: Callable[[dict[str, np.ndarray]], np.ndarray]  # raw inputs → user_emb [n, d]
     index: CandidateIndex
+    user_tower_kind: str = "auto"  # as asked for: auto | numpy | savedmodel
 
     @property
     def model_version(self) -> str:
@@ -66,10 +67,15 @@ def load_user_tower(model: ModelManifest, kind: str = "auto"):
     return SavedModelUserTower(model)
 
 
-def load_pair(model_dir: str | Path, index_dir: str | Path,
-              user_tower: str = "auto") -> ServingPair:
-    """Load and cross-check; raises ArtifactError naming the file and what did not match."""
-    model = load_model_manifest(model_dir)
+def load_pair(model_dir: str | Path, index_dir: str | Path, user_tower: str = "auto",
+              reuse: ServingPair | None = None) -> ServingPair:
+    """Load and cross-check; raises ArtifactError naming the file and what did not match.
+    ``reuse``: the pair being served; when its model is the same version directory, its
+    manifest and user tower are kept (a version directory never changes once published),
+    so a new index of the same model costs no second checksum pass over the model."""
+    same_model = (reuse is not None and reuse.model.path.resolve() == Path(model_dir).resolve()
+                  and reuse.user_tower_kind == user_tower)
+    model = reuse.model if same_model else load_model_manifest(model_dir)
     # mapped, not copied: the workers of `serve --workers` share the pages (retrieval.workers)
     index = load_index_artifact(index_dir, mmap=True)
     manifest = index.path / "manifest.json"
@@ -82,7 +88,8 @@ def load_pair(model_dir: str | Path, index_dir: str | Path,
     if index.similarity != model.similarity:
         raise ArtifactError(str(manifest), f"similarity {index.similarity!r} does not match the "
                             f"model's {model.similarity!r}")
-    pair = ServingPair(model, load_user_tower(model, user_tower), CandidateIndex(index))
+    tower = reuse.user_tower if same_model else load_user_tower(model, user_tower)
+    pair = ServingPair(model, tower, CandidateIndex(index), user_tower)
     pair.warm_up()
     log.info("loaded model %s (%s user tower) with index %s (%d items)", pair.model_version,
              type(pair.user_tower).__name__, pair.index_version, pair.index.size)

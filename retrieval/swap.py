@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -162,7 +163,12 @@ class PairWatcher:
         return True
 
     def _load(self, index_dir: Path) -> ServingPair:
-        return load_pair(model_dir_for(self.model_arg, index_dir), index_dir, self.user_tower)
+        """In the watcher's own thread, at a lower CPU priority than serving (Linux: nice
+        is per thread): on a busy host the load takes the cores serving leaves idle, and a
+        new index of the model being served keeps its user tower, already verified."""
+        _lower_this_threads_priority()
+        return load_pair(model_dir_for(self.model_arg, index_dir), index_dir, self.user_tower,
+                         reuse=self.retriever.pair)
 
     def _swap(self, index_dir: Path, pair: ServingPair) -> None:
         old = self.retriever.pair
@@ -218,6 +224,17 @@ class PairWatcher:
             self._unready = False
             log.info("version watcher: SERVING again")
             await self.set_ready(True)
+
+
+LOAD_NICE = 10  # added to the loading thread's nice value
+
+
+def _lower_this_threads_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       min(19, os.getpriority(os.PRIO_PROCESS, 0) + LOAD_NICE))
+    except (OSError, AttributeError):  # not Linux, or not allowed: load at serving's priority
+        pass
 
 
 def _run_into(loop: asyncio.AbstractEventLoop, future: asyncio.Future,

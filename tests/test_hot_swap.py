@@ -85,3 +85,34 @@ def test_new_pair_is_swapped_in_under_load_and_a_bad_one_refused(pipeline, tmp_p
         assert "m-another-model" in running.log()
     finally:
         stop_server(running)
+
+
+def test_a_new_index_of_the_served_model_keeps_its_user_tower_and_loads_at_low_priority(
+        pipeline):
+    """retrieval.pair.load_pair(reuse=): the served pair's verified model and tower are kept
+    for an index of the same model version directory; the watcher's loading thread runs at
+    a lower CPU priority than serving (nice is per thread on Linux)."""
+    import os
+    import threading
+
+    from retrieval.pair import load_pair
+    from retrieval.swap import LOAD_NICE, _lower_this_threads_priority
+
+    served = load_pair(pipeline.model_dir, pipeline.index_dir)
+    again = load_pair(pipeline.model_dir, pipeline.index_dir, reuse=served)
+    assert again.user_tower is served.user_tower and again.index is not served.index
+    other_kind = load_pair(pipeline.model_dir, pipeline.index_dir, "numpy", reuse=served)
+    assert other_kind.user_tower is not served.user_tower  # asked for another tower kind
+
+    seen = {}
+
+    def loader():
+        _lower_this_threads_priority()
+        seen["loader"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    thread.join()
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen["loader"] == min(19, base + LOAD_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # serving's
