@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("index_scale")
-DIM, CLUSTERS, SIGMA = 64, 1000, 1.2
+# d: --dim (passed to the worker processes through the environment); 64 by default
+DIM, CLUSTERS, SIGMA = int(os.environ.get("INDEX_SCALE_DIM", "64")), 1000, 1.2
 TUNE_QUERIES, GATE_QUERIES, SWEEP_QUERIES = 500, 1000, 300
 RESULTS = Path(__file__).parent / "results"
 KINDS = ("hnsw", "ivf-flat", "ivf-sq8", "ivf-pq")
@@ -195,6 +196,10 @@ def exact_qps(items: Path, xq: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.dim != DIM:  # the module's DIM is read at import: run again with it set
+        os.environ["INDEX_SCALE_DIM"] = str(args.dim)
+        return subprocess.call([sys.executable, "-m", "benchmarks.index_scale",
+                                *(argv if argv is not None else sys.argv[1:])])
     if args.worker:
         row = run_one(Path(args.worker), args.kinds, args.workdir)
         Path(args.result).write_text(json.dumps(row))
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = _load_rows(args.out) if args.append else []
     for n in (int(s) for s in args.sizes.split(",")):
-        items = args.workdir / f"items-{n}.npy"
+        items = args.workdir / (f"items-{n}.npy" if DIM == 64 else f"items-{n}-d{DIM}.npy")
         write_items(items, n)  # seeded: the same items on every run
         for kind in args.kinds.split(","):
             rows = [r for r in rows if (r["items"], r["kind"]) != (n, kind)]
@@ -243,6 +248,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(resume an interrupted run)")
     p.add_argument("--exact-qps", type=int, default=0, metavar="QUERIES",
                    help="also time single-thread exact search with this many queries")
+    p.add_argument("--dim", type=int, default=DIM,
+                   help="vector width (64: the user towers' default; 256: a history-as-user "
+                        "tower's). Not stored in the rows: give another --out per width")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p
