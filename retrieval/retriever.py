@@ -49,6 +49,9 @@ class RetrieveResult:
     model_version: str
     index_version: str
     degraded: bool = False  # answered without stored features: the store failed or was skipped
+    # the reply's serialised candidates, made in the compute stage (None: make them when
+    # encoding): the event loop's thread is the one a server runs out of first
+    candidate_bytes: bytes | None = None
 
 
 def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -114,6 +117,7 @@ class _Answer:
     candidates: Candidates
     degraded: bool
     finished_at: float  # time.perf_counter() when the batch's work for it was done
+    wire: bytes  # the reply's serialised candidates (Candidates.wire)
 
 
 class Retriever:
@@ -167,7 +171,7 @@ class Retriever:
         # the hand-back: from the compute thread's end of the batch to this call resuming
         self.metrics.observe_stage("Retrieve", "return", time.perf_counter() - answer.finished_at)
         return RetrieveResult(answer.candidates, pair.model_version, pair.index_version,
-                              answer.degraded)
+                              answer.degraded, answer.wire)
 
     async def batch_retrieve(self, queries: list[RetrieveQuery], deadline: float | None = None
                              ) -> list[RetrieveResult]:
@@ -256,9 +260,12 @@ class Retriever:
                        for r, request in zip(rows, requests, strict=True)]
             with self.metrics.stage("Retrieve", "ann"):
                 found = pair.index.search(user_emb, k, exclude, [jobs[r].query.rules for r in rows])
+            tops = [candidates.top(jobs[r].query.k) for r, candidates in zip(rows, found,
+                                                                             strict=True)]
+            wires = [top.wire() for top in tops]  # here, not on the event loop
             finished = time.perf_counter()
-            for r, candidates in zip(rows, found, strict=True):
-                results[r] = _Answer(candidates.top(jobs[r].query.k), read[r][1], finished)
+            for r, top, wire in zip(rows, tops, wires, strict=True):
+                results[r] = _Answer(top, read[r][1], finished, wire)
         return results
 
     def _embed_and_search_batch(self, jobs: list[_Job]) -> list[_Answer | DeadlineExceeded]:

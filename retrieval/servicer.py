@@ -100,8 +100,10 @@ def decode_retrieve(request: pb.RetrieveRequest) -> RetrieveQuery:
 
 def encode_retrieve(result: RetrieveResult, request_id: str) -> bytes:
     """The RetrieveResponse of ``result``, serialised."""
-    return response_bytes(result.candidates.wire(), result.model_version,
-                          result.index_version, request_id, result.degraded)
+    wire = result.candidate_bytes
+    return response_bytes(result.candidates.wire() if wire is None else wire,
+                          result.model_version, result.index_version, request_id,
+                          result.degraded)
 
 
 def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
