@@ -196,9 +196,9 @@ class MicroBatcher(Generic[Item, Result]):
                 return
             items = [w.item for w in batch]
             if self._prepare is None:
-                self._send(batch, self._call(self._fn, items, len(items)))
+                self._send(batch, self._call(self._fn, items))
                 continue
-            prepared = self._call(self._prepare, items, len(items))
+            prepared = self._call(self._prepare, items)
             with self._lock:
                 # one batch waits for the compute stage at most: the next is read only
                 # once that one is taken, so it holds everything that arrived meanwhile
@@ -230,7 +230,7 @@ class MicroBatcher(Generic[Item, Result]):
                 batch = [batch[i] for i in live]
                 items = [items[i] for i in live]
                 prepared = [prepared[i] for i in live]
-            self._send(batch, self._call(self._fn, items, len(items), prepared))
+            self._send(batch, self._call(self._fn, items, prepared))
 
     def _take_batch(self) -> list[_Waiter] | None:
         """Up to max_batch live requests, once max_batch wait, the first one's max_wait is
@@ -256,14 +256,14 @@ class MicroBatcher(Generic[Item, Result]):
                     self._for_read.wait()
 
     @staticmethod
-    def _call(fn: Callable[..., Sequence[Any]], items: list, n: int, *extra: Any
+    def _call(fn: Callable[..., Sequence[Any]], items: list, *extra: Any
               ) -> Sequence[Any] | BaseException:
         """fn's results, checked to be one per item; or the exception for every caller."""
         try:
             results = fn(items, *extra)
-            if len(results) != n:
+            if len(results) != len(items):
                 raise RuntimeError(f"the batch function returned {len(results)} results "
-                                   f"for {n} items")
+                                   f"for {len(items)} items")
             return results
         except Exception as exc:
             return exc

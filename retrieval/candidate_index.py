@@ -60,11 +60,10 @@ class CandidateIndex:
         live[artifact.tombstones] = False
         live_rows = np.flatnonzero(live)
         files = artifact.manifest.get("files", {})
-        key = (f"index-{str(files.get('item_ids.npy', ''))[:32]}"
-               f"-{str(files.get('tombstones.npy', 'none'))[:16]}")
-        self._row_of = (IdRows.cached(artifact.item_ids[live_rows], live_rows, key)
-                        if "item_ids.npy" in files else IdRows(artifact.item_ids[live_rows],
-                                                               live_rows))
+        key = (f"index-{str(files['item_ids.npy'])[:32]}"
+               f"-{str(files.get('tombstones.npy', 'none'))[:16]}"
+               if "item_ids.npy" in files else None)
+        self._row_of = IdRows.cached(key, lambda: (artifact.item_ids[live_rows], live_rows))
         self._live = live
         self._selector = _without(artifact.tombstones)
         self._graph = tunable_parameter(artifact.index) == "ef_search"  # HNSW

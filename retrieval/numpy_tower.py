@@ -122,9 +122,8 @@ class _Lookup:
                  pad_row: int | None = None, cache_key: str | None = None) -> None:
         if num_oov < 1:
             raise ValueError(f"num_oov must be >= 1 (got {num_oov})")
-        rows = np.arange(num_oov, num_oov + len(vocabulary))
-        self.rows = (IdRows.cached(np.asarray(vocabulary), rows, cache_key) if cache_key
-                     else IdRows(vocabulary, rows))
+        self.rows = IdRows.cached(cache_key, lambda: (
+            vocabulary, np.arange(num_oov, num_oov + len(vocabulary))))
         self.num_oov, self.pad_row = num_oov, pad_row
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:

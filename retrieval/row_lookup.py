@@ -15,7 +15,7 @@ run (one or two array reads an id), compare the id found. Measured on 1M ids: 18
 an id in batches of 640-1,600 ids against a dict's 150-190, plus about 50 µs a call, so a
 table of at most ``SMALL`` ids (a categorical feature's) stays a dict.
 
-``IdRows.cached(ids, rows, key)`` keeps a built table's arrays in the cache directory of
+``IdRows.cached(key, make)`` keeps a built table's arrays in the cache directory of
 retrieval.mapped_cache under a key made of the artifact's checksums, and memory-maps them
 when they are there: the workers of ``serve --workers`` (and a server restarted on the same pair)
 share one copy of a 1M-id table instead of each building its own. A cache that cannot be
@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +65,7 @@ class IdRows:
             return
         width = ids.dtype.itemsize // 4 if ids.dtype.kind == "U" and ids.size else max(
             (len(str(i)) for i in ids.tolist()), default=0)
-        self._dtype = np.dtype(f"<U{max(2, width + width % 2)}")  # whole 8-byte words
-        ids = _cast(ids, self._dtype)
+        ids = _cast(ids, np.dtype(f"<U{max(2, width + width % 2)}"))  # whole 8-byte words
         hashes = _hash(ids)
         order = np.argsort(hashes, kind="stable")  # by hash, then as given
         hashes, ids, rows = hashes[order], ids[order], rows[order]
@@ -75,29 +74,37 @@ class IdRows:
         last[:-1] = (hashes[1:] != hashes[:-1]) | (ids[1:] != ids[:-1])
         if not last.all():  # (masking a string array holds the GIL: only when needed)
             hashes, ids, rows = hashes[last], ids[last], rows[last]
-        self._hashes, self._ids, self._rows = hashes, ids, rows
         # where the run of each top-`bits` hash prefix begins: about one id a run
-        self._bits = max(1, int(np.ceil(np.log2(max(len(self._ids), 2)))))
-        self._shift = np.uint64(64 - self._bits)
-        prefixes = np.arange(2 ** self._bits + 1, dtype=np.uint64)
+        bits = max(1, int(np.ceil(np.log2(max(len(ids), 2)))))
+        prefixes = np.arange(2 ** bits + 1, dtype=np.uint64)
         prefixes[-1] = prefixes[-2]  # the end of the last run: searched below as "past it"
-        self._starts = np.searchsorted(self._hashes, prefixes << self._shift).astype(np.int64)
-        self._starts[-1] = len(self._ids)
+        starts = np.searchsorted(hashes, prefixes << np.uint64(64 - bits)).astype(np.int64)
+        starts[-1] = len(ids)
+        self._adopt(hashes, ids, rows, starts)
+
+    def _adopt(self, hashes: np.ndarray, ids: np.ndarray, rows: np.ndarray,
+               starts: np.ndarray) -> None:
+        """The hashed table's arrays (built, or mapped from the cache): ids sorted by hash,
+        and ``starts`` (2**bits + 1 entries) where each hash prefix's run begins."""
+        self._small = None
+        self._hashes, self._ids, self._rows, self._starts = hashes, ids, rows, starts
+        self._dtype = ids.dtype
+        self._bits = int(np.log2(len(starts) - 1))
+        self._shift = np.uint64(64 - self._bits)
 
     _ARRAYS = ("hashes", "ids", "rows", "starts")
 
     @classmethod
-    def cached(cls, ids: np.ndarray, rows: Sequence[int] | np.ndarray | None, key: str,
+    def cached(cls, key: str | None, make: Callable[[], tuple[np.ndarray, np.ndarray | None]],
                cache_dir: Path | None = None) -> IdRows:
-        """The table of ``ids`` (see the module docstring), from the cache when it holds
-        ``key`` (a name made of the checksums of what ``ids`` and ``rows`` come from)."""
-        if len(ids) <= SMALL:
-            return cls(ids, rows)
-        root = mapped_cache.cache_dir() if cache_dir is None else None
+        """The table of the (ids, rows) ``make()`` returns (see the module docstring), mapped
+        from the cache when it holds ``key`` (a name made of the checksums of what the ids
+        and rows come from; None: no cache): a warm cache never calls ``make``."""
+        root = mapped_cache.cache_dir() if cache_dir is None and key is not None else None
         directory = cache_dir if cache_dir is not None else (
             root / "id-rows" if root is not None else None)
-        if directory is None or not mapped_cache.KEY.fullmatch(key):
-            return cls(ids, rows)
+        if directory is None or key is None or not mapped_cache.KEY.fullmatch(key):
+            return cls(*make())
         entry = directory / key
         if entry.is_dir():
             try:
@@ -105,7 +112,9 @@ class IdRows:
             except (OSError, ValueError) as exc:
                 log.warning("id table cache %s unusable (%s): building it again", entry, exc)
                 shutil.rmtree(entry, ignore_errors=True)
-        table = cls(ids, rows)
+        table = cls(*make())
+        if table._small is not None:  # a dict: cheap to build, nothing to share
+            return table
         table._save(entry)
         try:  # map what is there (this process's or a concurrent writer's): one copy a host
             return cls._mapped(entry)
@@ -114,7 +123,6 @@ class IdRows:
 
     @classmethod
     def _mapped(cls, entry: Path) -> IdRows:
-        table = cls.__new__(cls)
         # plain views of the maps: np.memmap's subclass hooks cost a few µs an operation
         arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r",
                                 allow_pickle=False).view(np.ndarray) for name in cls._ARRAYS}
@@ -123,11 +131,8 @@ class IdRows:
                 or arrays["rows"].shape != (n,) or arrays["starts"].ndim != 1
                 or len(arrays["starts"]) < 2 or int(arrays["starts"][-1]) != n):
             raise ValueError("arrays of mismatched shapes")
-        table._small = None
-        table._hashes, table._ids, table._rows = arrays["hashes"], arrays["ids"], arrays["rows"]
-        table._starts, table._dtype = arrays["starts"], arrays["ids"].dtype
-        table._bits = int(np.log2(len(table._starts) - 1))
-        table._shift = np.uint64(64 - table._bits)
+        table = cls.__new__(cls)
+        table._adopt(*(arrays[name] for name in cls._ARRAYS))
         return table
 
     def _save(self, entry: Path) -> None:

@@ -79,16 +79,17 @@ def test_a_cached_table_is_mapped_by_the_next_process_and_answers_the_same(tmp_p
     one (another worker) maps those arrays instead of building; a damaged entry is built
     again."""
     ids = np.array([f"item-{n}" for n in range(20_000)])
-    first = IdRows.cached(ids, None, "index-abc", tmp_path)
-    again = IdRows.cached(ids, None, "index-abc", tmp_path)
+    first = IdRows.cached("index-abc", lambda: (ids, None), tmp_path)
+    again = IdRows.cached("index-abc", lambda: (ids, None), tmp_path)
     assert isinstance(again._ids.base, np.memmap) and isinstance(first._ids.base, np.memmap)
     queries = ["item-7", "item-19999", "nope", "item-123"]
     assert again.rows(queries).tolist() == first.rows(queries).tolist() == [7, 19999, MISSING,
                                                                             123]
     (tmp_path / "index-abc" / "starts.npy").unlink()
-    rebuilt = IdRows.cached(ids, None, "index-abc", tmp_path)
+    rebuilt = IdRows.cached("index-abc", lambda: (ids, None), tmp_path)
     assert rebuilt.rows(queries).tolist() == [7, 19999, MISSING, 123]
-    assert isinstance(IdRows.cached(ids, None, "index-abc", tmp_path)._ids.base, np.memmap)
+    remapped = IdRows.cached("index-abc", lambda: (ids, None), tmp_path)
+    assert isinstance(remapped._ids.base, np.memmap)
 
 
 def test_the_cache_keeps_only_its_newest_entries(tmp_path):
@@ -99,7 +100,7 @@ def test_the_cache_keeps_only_its_newest_entries(tmp_path):
 
     ids = np.array([f"item-{n}" for n in range(10_000)])
     for n in range(mapped_cache.KEEP + 3):
-        IdRows.cached(ids, None, f"index-v{n}", tmp_path)
+        IdRows.cached(f"index-v{n}", lambda: (ids, None), tmp_path)
         os.utime(tmp_path / f"index-v{n}", (n, n))  # written in this order
         mapped_cache.prune(tmp_path)
     kept = sorted(p.name for p in tmp_path.iterdir())
