@@ -289,9 +289,15 @@ def ml100k_temporal(data: Path) -> Protocol:
     for name in ("user_id", "item_id"):
         spec_doc["features"][name]["embedding_dim"] = 64
     raw = Dataset(parse_feature_spec(spec_doc), raw.interactions, raw.users, raw.items)
-    split = ml100k_temporal_leave_one_out(raw)
+    return temporal_protocol("ml100k-temporal", raw, spec_doc,
+                             ml100k_temporal_leave_one_out(raw))
+
+
+def temporal_protocol(name: str, raw: Dataset, spec_doc: dict, split: ProtocolSplit
+                      ) -> Protocol:
+    """A leave-one-out split in time: training examples are the train events; a stage's
+    user inputs are those of each user's valid or test event."""
     all_examples = training_examples(raw)
-    examples = {k: v[split.train] for k, v in all_examples.items()}
 
     def user_inputs(stage: str) -> dict[str, np.ndarray]:
         rows = split.valid if stage == "valid" else split.test
@@ -300,7 +306,8 @@ def ml100k_temporal(data: Path) -> Protocol:
         by_user[by_user < 0] = rows[0]  # users without a stage event are never scored
         return {k: v[by_user] for k, v in all_examples.items()}
 
-    return Protocol("ml100k-temporal", split, spec_doc, raw, examples, user_inputs)
+    return Protocol(name, split, spec_doc, raw,
+                    {k: v[split.train] for k, v in all_examples.items()}, user_inputs)
 
 
 PROTOCOLS = {"recbole-ml1m": recbole_ml1m, "ml100k-temporal": ml100k_temporal}

@@ -44,10 +44,10 @@ from benchmarks.quality import (
     run_variant,
     sequence_config,
     sequence_features,
+    temporal_protocol,
 )
 from contracts.dataset import Dataset
 from contracts.feature_spec import parse_feature_spec
-from contracts.inputs import training_examples
 from training.protocols import temporal_leave_one_out
 
 log = logging.getLogger("benchmarks.sequence_quality")
@@ -71,19 +71,7 @@ def synthetic_ordered(data: Path) -> Protocol:
 
 
 def _temporal(name: str, raw: Dataset, spec_doc: dict) -> Protocol:
-    """As benchmarks.quality.ml100k_temporal, for any dataset."""
-    split = temporal_leave_one_out(raw)
-    all_examples = training_examples(raw)
-
-    def user_inputs(stage: str) -> dict[str, np.ndarray]:
-        rows = split.valid if stage == "valid" else split.test
-        by_user = np.full(split.n_users, -1)
-        by_user[split.users[rows]] = rows
-        by_user[by_user < 0] = rows[0]  # users without a stage event are never scored
-        return {k: v[by_user] for k, v in all_examples.items()}
-
-    return Protocol(name, split, spec_doc, raw,
-                    {k: v[split.train] for k, v in all_examples.items()}, user_inputs)
+    return temporal_protocol(name, raw, spec_doc, temporal_leave_one_out(raw))
 
 
 PROTOCOLS = {"synthetic-ordered": synthetic_ordered, "ml100k-temporal": ml100k_temporal}
