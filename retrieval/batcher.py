@@ -187,6 +187,14 @@ class MicroBatcher(Generic[Item, Result]):
     def _read_stage(self) -> None:
         """Take batches; prepare them (two stages) or compute them (one stage)."""
         while True:
+            if self._prepare is not None:
+                with self._lock:
+                    # one batch waits for the compute stage at most: the next is taken only
+                    # once that one is, so it holds everything that arrived meanwhile
+                    while self._handed and self._dead is None:
+                        self._for_read.wait()
+                    if self._dead is not None:
+                        raise RuntimeError("the compute stage stopped")
             batch = self._take_batch()
             self._working["read"] = batch or []
             if batch is None:
@@ -200,10 +208,6 @@ class MicroBatcher(Generic[Item, Result]):
                 continue
             prepared = self._call(self._prepare, items)
             with self._lock:
-                # one batch waits for the compute stage at most: the next is read only
-                # once that one is taken, so it holds everything that arrived meanwhile
-                while self._handed and self._dead is None:
-                    self._for_read.wait()
                 if self._dead is not None:
                     raise RuntimeError("the compute stage stopped")
                 self._handed.append((batch, prepared))
