@@ -14,15 +14,17 @@ when few items are, in the rare case that it comes back short.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-from indexer.artifact import IndexArtifact, load_metadata_rows
+from indexer.artifact import METADATA, IndexArtifact, load_metadata_rows
 from indexer.build import search_parameters, tunable_parameter
 from contracts.errors import InvalidArgument
+from retrieval import mapped_cache
 from retrieval.query import ItemRules, rule_field
 from retrieval.row_lookup import IdRows
 from retrieval.wire import CandidateWire
@@ -60,15 +62,16 @@ class CandidateIndex:
         live[artifact.tombstones] = False
         live_rows = np.flatnonzero(live)
         files = artifact.manifest.get("files", {})
-        key = (f"index-{str(files['item_ids.npy'])[:32]}"
-               f"-{str(files.get('tombstones.npy', 'none'))[:16]}"
-               if "item_ids.npy" in files else None)
+        # cache keys (retrieval.mapped_cache): the checksums of the files the tables come from
+        ids_key = f"index-{str(files['item_ids.npy'])[:32]}" if "item_ids.npy" in files else None
+        key = (f"{ids_key}-{str(files.get('tombstones.npy', 'none'))[:16]}"
+               if ids_key is not None else None)
         self._row_of = IdRows.cached(key, lambda: (artifact.item_ids[live_rows], live_rows))
         self._live = live
         self._selector = _without(artifact.tombstones)
         self._graph = tunable_parameter(artifact.index) == "ef_search"  # HNSW
-        self._rows_by_value = load_metadata_rows(artifact)
-        self.wire = CandidateWire(artifact.item_ids)
+        self._rows_by_value = _metadata_rows(artifact)
+        self.wire = CandidateWire(artifact.item_ids, ids_key)
 
     @property
     def size(self) -> int:
@@ -230,6 +233,55 @@ class CandidateIndex:
             return Candidates(rows[:k], scores[:k], self)
         keep = np.flatnonzero(ok)[:k]
         return Candidates(rows[keep], scores[keep], self)
+
+
+def _metadata_rows(artifact: IndexArtifact) -> dict[str, dict[str, np.ndarray]]:
+    """``load_metadata_rows``, kept in the cache of retrieval.mapped_cache under the metadata
+    file's checksum and mapped from there (about 22 MB at 1M items with a tag list): the
+    workers of ``serve --workers`` share one copy."""
+    checksum = artifact.manifest.get("files", {}).get(METADATA)
+    if checksum is None:
+        return load_metadata_rows(artifact)
+
+    def check(arrays: dict[str, np.ndarray]) -> None:
+        _unflatten(arrays, len(artifact.item_ids))
+
+    arrays = mapped_cache.mapped_arrays("metadata-rows", f"index-{str(checksum)[:32]}",
+                                        lambda: _flatten(load_metadata_rows(artifact)), check)
+    return _unflatten(arrays, len(artifact.item_ids))
+
+
+def _flatten(rows_by_value: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """column → value → rows as arrays: "names" (UTF-8 JSON of [[column, [value, …]], …]),
+    and per column i "i-rows" (every value's rows, back to back) and "i-starts" (where each
+    value's rows begin, and the end)."""
+    names = [[column, list(by_value)] for column, by_value in rows_by_value.items()]
+    out = {"names": np.frombuffer(json.dumps(names).encode(), dtype=np.uint8)}
+    for i, by_value in enumerate(rows_by_value.values()):
+        groups = [np.asarray(g, dtype=np.int64) for g in by_value.values()]
+        out[f"{i}-starts"] = np.concatenate([[0], np.cumsum([len(g) for g in groups])]
+                                            ).astype(np.int64)
+        out[f"{i}-rows"] = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    return out
+
+
+def _unflatten(arrays: dict[str, np.ndarray], n_rows: int) -> dict[str, dict[str, np.ndarray]]:
+    """``_flatten``'s inverse (views of its arrays); ValueError for arrays it did not make."""
+    try:
+        names = json.loads(arrays["names"].tobytes())
+        out = {}
+        for i, (column, values) in enumerate(names):
+            starts, rows = arrays[f"{i}-starts"], arrays[f"{i}-rows"]
+            if (starts.shape != (len(values) + 1,) or rows.ndim != 1 or starts[0] != 0
+                    or starts.dtype != np.int64 or rows.dtype != np.int64
+                    or starts[-1] != len(rows) or np.any(np.diff(starts) < 0)
+                    or (len(rows) and not 0 <= rows.min() <= rows.max() < n_rows)):
+                raise ValueError(f"column {column!r}: rows that do not fit")
+            out[str(column)] = {str(v): rows[a:b] for v, a, b in
+                                zip(values, starts[:-1].tolist(), starts[1:].tolist(), strict=True)}
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not metadata rows: {exc!r}") from exc
+    return out
 
 
 SHARED_EXCLUSIONS = 256  # over-fetching by more costs the whole batch a deeper search
