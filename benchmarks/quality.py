@@ -36,6 +36,8 @@ from contracts.dataset import Dataset
 from contracts.feature_spec import parse_feature_spec
 from contracts.inputs import histories_from_other_items, item_bags, training_examples
 from training.ease import choose_ease, fit_ease, interaction_matrix
+from training.linear_part import (Interactions, LinearConfig, LinearPart, fit_linear_part,
+                                  linear_part, low_rank)
 from training.metrics import RankingMetrics
 from training.model import LossConfig, TowerConfig
 from training.protocols import (
@@ -58,6 +60,9 @@ ML1M_HISTORY = 200  # items in an ml-1m history bag (random ones when the user h
 ML1M_WHOLE_HISTORY = 2048  # over any user's train + valid items (at most 1,694)
 ML1M_USER_LEVEL_DIM = 256
 ML1M_DISTILL = (20, 0.3, 0.1)  # EASE top-k, their share of the targets, softmax temperature
+# the linear part served beside the towers (training.linear_part): rank, then the λ and
+# weight grids it is chosen from on validation NDCG@10
+ML1M_LINEAR = (256, (2000.0, 3000.0, 5000.0), (0.35, 0.5, 0.75, 1.0, 1.5))
 PUBLISHED_ML1M = {  # RecBole ml-1m general leaderboard, test Recall@10 / NDCG@10
     "Pop": (0.0699, 0.1006), "BPR": (0.1725, 0.2407), "NeuMF": (0.1717, 0.2393),
     "LightGCN": (0.1823, 0.2478), "MultiVAE": (0.1995, 0.2523), "SimpleX": (0.1997, 0.2700),
@@ -76,6 +81,9 @@ class Variant:
     # (fit on train, λ chosen on validation) as soft targets, weighing share × the user's
     # item count in all, split by the softmax of their EASE scores at that temperature
     distill: tuple[int, float, float] = ()
+    # examples="users" only: (rank, λs, weights): a linear part (training.linear_part) fit
+    # on train beside the trained towers, λ and weight chosen on validation NDCG@10
+    linear: tuple[int, tuple[float, ...], tuple[float, ...]] = ()
 
 
 @dataclass
@@ -196,6 +204,9 @@ def variants(protocol: str, epochs: int | None = None,
         # item 4 of issue 21: EASE's scores distilled into it (kept: validation rose)
         out.append(dataclasses.replace(user_level, name="ours user-level + EASE distilled",
                                        distill=ML1M_DISTILL))
+        # item 4, kept: a closed-form low-rank linear model served in the same dot product
+        out.append(dataclasses.replace(user_level, name="ours user-level + linear part",
+                                       linear=ML1M_LINEAR))
     if protocol == "ml100k-temporal":
         out.append(Variant("ours − context", tuple(
             f for f in EVERYTHING if f not in ("hour_of_day", "day_of_week")), ablated))
@@ -361,6 +372,12 @@ def over_seeds(runs: list[dict]) -> dict:
     out["test"] = {k: float(np.mean([r["test"][k] for r in runs])) for k in keys}
     out["test_std"] = {k: float(np.std([r["test"][k] for r in runs])) for k in keys}
     out["test_by_seed"] = [r["test"] for r in runs]
+    for extra in ("test_linear_refit", "test_towers_alone"):  # with_linear_part's
+        if extra in runs[0]:
+            out[extra] = {k: float(np.mean([r[extra][k] for r in runs])) for k in keys}
+            out[extra + "_std"] = {k: float(np.std([r[extra][k] for r in runs])) for k in keys}
+    if "linear" in runs[0]:
+        out["linear_by_seed"] = [r["linear"] for r in runs]
     out["seeds"] = [r["config"]["seed"] for r in runs]
     for k in ("epochs", "seconds"):
         out[k] = round(float(np.mean([r[k] for r in runs])), 1)
@@ -427,11 +444,55 @@ def run_variant(protocol: Protocol, variant: Variant) -> dict:
     trained, seconds, examples = train_variant(protocol, variant)
     test = _evaluate(trained, protocol.split, _user_inputs(protocol, variant, "test"), "test")
     epochs = len(trained.history.get("loss", []))
-    return {"test": test.as_dict(), "epochs": epochs, "seconds": round(seconds, 1),
+    extra = {}
+    if variant.linear:
+        start = time.perf_counter()
+        test, extra = with_linear_part(protocol, variant, trained)
+        seconds += time.perf_counter() - start
+    return {"test": test.as_dict(), **extra, "epochs": epochs, "seconds": round(seconds, 1),
             "examples_per_s": round(epochs * examples / seconds),
             "valid_recall@10": trained.history.get("val_recall@10", []),
             "valid_ndcg@10": trained.history.get("val_ndcg@10", []),
             "config": dataclasses.asdict(variant.config), "features": list(variant.features)}
+
+
+def with_linear_part(protocol: Protocol, variant: Variant, trained: TrainedModel
+                     ) -> tuple[RankingMetrics, dict]:
+    """The trained towers with a linear part (training.linear_part) fit on train: λ and the
+    weight chosen on validation NDCG@10 over ``variant.linear``'s grids; test scored from
+    train + valid rows, as the towers' test inputs are. Also the test figures with the
+    linear part refit on train + valid (the towers unchanged), beside EASE's refit."""
+    split = protocol.split
+    rank, l2s, weights = variant.linear
+    seen = np.concatenate([split.train, split.valid])
+    x_train, x_seen = (Interactions.of(split.users[r], split.items[r], split.n_users,
+                                       split.n_items) for r in (split.train, seen))
+    towers = {stage: (trained.user_embeddings(_user_inputs(protocol, variant, stage)),
+                      trained.item_embeddings()) for stage in ("valid", "test")}
+
+    def metrics(part: LinearPart, x: Interactions, stage: str) -> RankingMetrics:
+        users, items = towers[stage]
+        users = np.hstack([users, part.user_vectors(x)])
+        items = np.hstack([items, part.item_table])
+        return evaluate_protocol(split, lambda rows: users[rows] @ items.T, stage)
+
+    factors = low_rank(x_train, rank, trained.config.seed)
+    tried = {}
+    for l2 in l2s:
+        for weight in weights:
+            part = linear_part(factors, x_train, LinearConfig(rank, l2, weight))
+            tried[(l2, weight)] = metrics(part, x_train, "valid").ndcg[10]
+    l2, weight = max(tried, key=tried.get)
+    chosen = LinearConfig(rank, l2, weight)
+    log.info("%s / %s: linear part λ %g weight %g (validation NDCG@10 %.4f)", split.name,
+             variant.name, l2, weight, tried[(l2, weight)])
+    test = metrics(linear_part(factors, x_train, chosen), x_seen, "test")
+    refit = metrics(fit_linear_part(x_seen, chosen, trained.config.seed), x_seen, "test")
+    towers_alone = evaluate_protocol(
+        split, lambda rows: towers["test"][0][rows] @ towers["test"][1].T, "test")
+    return test, {"linear": {"rank": rank, "l2": l2, "weight": weight},
+            "valid_ndcg@10_by_linear": {f"{k[0]:g}/{k[1]:g}": v for k, v in tried.items()},
+            "test_linear_refit": refit.as_dict(), "test_towers_alone": towers_alone.as_dict()}
 
 
 def train_variant(protocol: Protocol, variant: Variant) -> tuple[TrainedModel, float, int]:
@@ -501,7 +562,11 @@ def format_tables(name: str, result: dict) -> str:
         l2 = f"λ {result['ease']['l2']:g}"
         rows.append((f"EASE ({l2}, refit train+valid)", result["ease"]["test"], None))
         rows.append((f"EASE ({l2}, fit on train)", result["ease"]["test_fit_on_train"], None))
-    rows += [(n, v["test"], v) for n, v in result["variants"].items()]
+    for n, v in result["variants"].items():
+        rows.append((n, v["test"], v))
+        if "test_towers_alone" in v:  # with_linear_part's other figures
+            rows.append(("  its towers alone", v["test_towers_alone"], None))
+            rows.append(("  linear part refit train+valid", v["test_linear_refit"], None))
     for label, metrics, info in rows:
         line = f"{label:<38}" + "".join(f"{metrics[f'{m}@{k}']:>11.4f}" for m in ("recall", "ndcg")
                                         for k in ks)

@@ -48,6 +48,9 @@ NUMPY_TOWER_FORMAT = "two-tower-numpy-user-tower/3"  # 2 + missing rows and indi
 # 3 + a history's "pooling" (mean | normalized_sum) and "activation" (linear | tanh);
 # written only by a model whose history uses them (training.history)
 NUMPY_TOWER_FORMAT_4 = "two-tower-numpy-user-tower/4"
+# 4 + "linear": a low-rank linear part's table, summed over the history and appended to
+# the (normalised) output (training.linear_part); written only by a model that has one
+NUMPY_TOWER_FORMAT_5 = "two-tower-numpy-user-tower/5"
 NUMPY_TOWER_FORMAT_2 = "two-tower-numpy-user-tower/2"
 NUMPY_TOWER_FORMAT_1 = "two-tower-numpy-user-tower/1"  # vocabularies as JSON lists
 NUMPY_TOWER_ARRAYS = "user_tower_numpy.npz"

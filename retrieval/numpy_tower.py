@@ -24,7 +24,9 @@ inputs of contracts.inputs.user_inputs. Preprocessing is the training graph's:
   followed by a 1.0/0.0 missing column when the entry has "missing_indicator";
 * sequence: the item lookup and table as a history's, then self-attention over the items,
   their positions and age buckets (input ``<name>_gaps``): retrieval.sequence_tower;
-* concatenation in spec order, Dense layers (relu or linear), optional L2 normalisation.
+* concatenation in spec order, Dense layers (relu or linear), optional L2 normalisation;
+* format 5 "linear" (training.linear_part): a table summed over the history's real ids
+  ("pooling" sum), appended after the normalisation, so the output is not a unit vector.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from contracts.model_manifest import (
     NUMPY_TOWER_FORMAT_1,
     NUMPY_TOWER_FORMAT_2,
     NUMPY_TOWER_FORMAT_4,
+    NUMPY_TOWER_FORMAT_5,
     NUMPY_TOWER_GRAPH,
     ModelManifest,
     load_model_manifest,
@@ -70,6 +73,10 @@ class NumpyUserTower:
         self._encoders = [_encoder(entry, arrays, cache_key) for entry in graph["features"]]
         self._dense = [(arrays[f"{d['name']}.kernel"], arrays[f"{d['name']}.bias"],
                         d["activation"] == "relu") for d in graph["dense"]]
+        linear = graph.get("linear")
+        self._linear = None if linear is None else _Embedded(linear, arrays, cache_key)
+        # unit vectors only without a linear part after the normalisation
+        self.normalized_output = self.normalize and self._linear is None
         # a sequence encoder takes two inputs (ids, gaps); every other, its feature's name
         self._takes = [getattr(e, "input_names", (e.name,)) for e in self._encoders]
         self.input_names = tuple(name for names in self._takes for name in names)
@@ -111,6 +118,8 @@ class NumpyUserTower:
                 np.maximum(x, 0.0, out=x)
         if self.normalize:
             x = x / np.sqrt(np.maximum((x * x).sum(axis=1, keepdims=True), L2_EPSILON))
+        if self._linear is not None:
+            x = np.hstack([x, self._linear(inputs[self._linear.name])])
         return x.astype(np.float32, copy=False)
 
 
@@ -154,7 +163,8 @@ class _Embedded:
         self.max_length = int(entry["max_length"]) if self.pooled else None
         # format 4 (training.history): sum / n or sum / sqrt(n), then linear or tanh
         self.pooling, activation = entry.get("pooling", "mean"), entry.get("activation", "linear")
-        if self.pooling not in ("mean", "normalized_sum") or activation not in ("linear", "tanh"):
+        if (self.pooling not in ("mean", "normalized_sum", "sum")
+                or activation not in ("linear", "tanh")):
             raise ValueError(f"{self.name}: unknown pooling {self.pooling!r} or activation "
                              f"{activation!r}")
         self.tanh = activation == "tanh"
@@ -193,6 +203,8 @@ class _Embedded:
         padded = np.vstack([embedded, np.zeros((1, embedded.shape[1]), embedded.dtype)])
         total = np.add.reduceat(padded, starts, axis=0) * (n_real > 0)[:, np.newaxis]
         count = np.maximum(n_real[:, np.newaxis].astype(np.float32), np.float32(1.0))
+        if self.pooling == "sum":
+            return total
         pooled = total / (count if self.pooling == "mean" else np.sqrt(count))
         return np.tanh(pooled) if self.tanh else pooled
 
@@ -269,7 +281,7 @@ def _read(directory: Path, cache_key: str | None = None
         graph = json.loads(graph_path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(str(graph_path), f"cannot read the NumPy user tower: {exc}") from exc
-    formats = (NUMPY_TOWER_FORMAT_4, NUMPY_TOWER_FORMAT, NUMPY_TOWER_FORMAT_2,
+    formats = (NUMPY_TOWER_FORMAT_5, NUMPY_TOWER_FORMAT_4, NUMPY_TOWER_FORMAT, NUMPY_TOWER_FORMAT_2,
                NUMPY_TOWER_FORMAT_1)
     if not isinstance(graph, dict) or graph.get("format") not in formats:
         got = graph.get("format") if isinstance(graph, dict) else type(graph).__name__
@@ -352,7 +364,8 @@ def _check_against_manifest(tower: NumpyUserTower, manifest: ModelManifest) -> N
     if sorted(tower.input_names) != expected:
         raise ArtifactError(where, f"features {sorted(tower.input_names)} do not match the "
                             f"manifest's user inputs {expected}")
-    if tower.embedding_dim != manifest.embedding_dim or tower.normalize != manifest.normalized:
+    if (tower.embedding_dim != manifest.embedding_dim
+            or tower.normalized_output != manifest.normalized):
         raise ArtifactError(where, f"embedding_dim {tower.embedding_dim}, normalize "
-                            f"{tower.normalize} do not match the manifest's "
+                            f"{tower.normalized_output} do not match the manifest's "
                             f"{manifest.embedding_dim}, {manifest.normalized}")

@@ -44,7 +44,8 @@ def export_model(trained, store: str | Path, training_summary: dict[str, Any]) -
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "embedding_dim": int(item_emb.shape[1]),
             "similarity": SIMILARITY,
-            "normalized": bool(trained.config.tower.normalize),
+            # unit vectors: normalised towers without a linear part appended
+            "normalized": bool(trained.config.tower.normalize) and trained.linear is None,
             "num_items": int(item_emb.shape[0]),
             "feature_spec": spec.to_dict(),
             "training": training_summary,
@@ -85,4 +86,13 @@ def write_numpy_user_tower(trained, directory: Path) -> None:
     Call it before the manifest's checksums are taken, so the files are listed there."""
     from training.numpy_export import export_numpy_user_tower
 
-    export_numpy_user_tower(trained.user_tower, trained.dataset.spec, trained.stats, directory)
+    spec, linear = trained.dataset.spec, None
+    if trained.linear is not None:
+        from training.linear_towers import in_lookup_rows, linear_history_feature, lookup_rows
+
+        lookup, rows = lookup_rows(trained.model.user_tower, spec,
+                                   trained.dataset.items[spec.columns.item_id])
+        linear = {"feature": linear_history_feature(spec),
+                  "table": in_lookup_rows(trained.linear.user_table, rows,
+                                          int(lookup.vocabulary_size()))}
+    export_numpy_user_tower(trained.model.user_tower, spec, trained.stats, directory, linear)

@@ -24,7 +24,10 @@ Python object per id. Format 3 added "missing_row" and "missing_indicator" (a fo
 reader would misread them). Format 4, written only when a history uses them, adds a
 history's "pooling" (mean | normalized_sum) and "activation" (linear | tanh) from
 training.history; its own table ("history_table" own) is just another "embedding" name.
-retrieval.numpy_tower reads all four formats.
+Format 5, written only by a model with a linear part (training.linear_part), adds
+"linear": a history entry whose table ("linear_user_part", the item-id lookup's rows) is
+summed ("pooling" sum) and appended after the normalisation; "embedding_dim" is then the
+whole width. retrieval.numpy_tower reads all five formats.
 
 Everything is read from the trained Keras layers by name (as training.model.Towers names
 them), except the numeric means and variances, which the model holds as constants of its
@@ -42,7 +45,8 @@ import numpy as np
 
 from contracts.feature_spec import Feature, FeatureSpec
 from contracts.model_manifest import (NUMPY_TOWER_ARRAYS, NUMPY_TOWER_FORMAT,
-                                      NUMPY_TOWER_FORMAT_4, NUMPY_TOWER_GRAPH)
+                                      NUMPY_TOWER_FORMAT_4, NUMPY_TOWER_FORMAT_5,
+                                      NUMPY_TOWER_GRAPH)
 
 if TYPE_CHECKING:  # training.model imports TensorFlow; the file names here must not
     from training.model import FeatureStats
@@ -58,8 +62,9 @@ _LAYER_TYPES |= {"HistoryKeep", "HistoryPool"}  # training.history's encoder
 
 
 def export_numpy_user_tower(user_tower, spec: FeatureSpec, stats: FeatureStats,
-                            path: Path) -> None:
-    """Write user_tower_numpy.{npz,json} into the directory ``path``.
+                            path: Path, linear: dict[str, Any] | None = None) -> None:
+    """Write user_tower_numpy.{npz,json} into the directory ``path``. ``linear``: a linear
+    part's {"feature": the history's name, "table": [lookup rows, r] float32}.
 
     Raises ValueError when the tower holds a layer the NumPy tower cannot reproduce or its
     concatenation order is not ``spec.user_input_features``.
@@ -84,6 +89,19 @@ def export_numpy_user_tower(user_tower, spec: FeatureSpec, stats: FeatureStats,
         "features": features,
         "dense": dense,
     }
+    if linear is not None:
+        history = next(e for e in features if e["name"] == linear["feature"])
+        table = np.asarray(linear["table"], np.float32)
+        if table.shape[0] != len(arrays[history["vocabulary"]]) + history["num_oov"]:
+            raise ValueError(f"linear part: {table.shape[0]} rows for the item lookup's "
+                             f"{len(arrays[history['vocabulary']])} ids + "
+                             f"{history['num_oov']} OOV")
+        arrays["linear_user_part"] = table
+        graph["linear"] = {**{k: history[k] for k in ("name", "kind", "vocabulary",
+                                                      "num_oov", "max_length")},
+                           "embedding": "linear_user_part", "pooling": "sum"}
+        graph["format"] = NUMPY_TOWER_FORMAT_5
+        graph["embedding_dim"] += int(table.shape[1])
     path = Path(path)
     with open(path / NUMPY_TOWER_ARRAYS, "wb") as fh:
         np.savez(fh, **arrays)

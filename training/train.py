@@ -11,6 +11,7 @@ import numpy as np
 
 from contracts.dataset import Dataset
 from training.distributed import training_strategy
+from training.linear_part import Interactions, LinearConfig, LinearPart, fit_linear_part
 from contracts.inputs import item_inputs, training_examples
 from training.model import (
     CANDIDATE_Q, FeatureStats, LossConfig, Towers, TowerConfig, TwoTowerModel,
@@ -47,11 +48,17 @@ class TrainConfig:
     # events: one example per interaction (sampled softmax, training.model); users: one per
     # user, their history in, their items out (multinomial likelihood, training.user_level)
     examples: str = "events"
+    # a closed-form low-rank linear model served beside the towers (training.linear_part);
+    # rank 0: none. Fit on the per-user examples' targets, so examples "users" only
+    linear: LinearConfig = field(default_factory=LinearConfig)
 
     def __post_init__(self) -> None:
         if self.examples not in EXAMPLE_KINDS:
             raise ValueError(f"examples must be one of {', '.join(EXAMPLE_KINDS)} "
                              f"(got {self.examples!r})")
+        if self.linear.rank and self.examples != "users":
+            raise ValueError("a linear part (linear rank > 0) is fit on per-user examples: "
+                             "train with examples 'users'")
         for name in ("epochs", "batch_size", "checkpoint_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -75,14 +82,32 @@ class TrainedModel:
     config: TrainConfig = field(default_factory=TrainConfig)
     # the epoch whose weights these are (1-based): early stopping's best, else the last run
     kept_epoch: int = 0
+    # served beside the towers when set (training.linear_part); set after training
+    linear: LinearPart | None = None
+    _served: tuple | None = field(default=None, repr=False)
 
     @property
     def user_tower(self) -> keras.Model:
-        return self.model.user_tower
+        """The user tower as served: the trained one, with the linear part when there is one."""
+        return self._served_towers()[0] if self.linear is not None else self.model.user_tower
 
     @property
     def item_tower(self) -> keras.Model:
-        return self.model.item_tower
+        return self._served_towers()[1] if self.linear is not None else self.model.item_tower
+
+    def with_linear(self, part: LinearPart | None) -> TrainedModel:
+        """Serve ``part`` beside the trained towers (None: the towers alone)."""
+        self.linear, self._served = part, None
+        return self
+
+    def _served_towers(self) -> tuple:
+        if self._served is None:
+            from training.linear_towers import served_towers
+
+            spec = self.dataset.spec
+            self._served = served_towers(self.model.user_tower, self.model.item_tower, spec,
+                                         self.dataset.items[spec.columns.item_id], self.linear)
+        return self._served
 
     def item_embeddings(self, batch_size: int = 4096) -> np.ndarray:
         """[n_items, d] float32 embeddings of every catalogue item, in item-table order."""
@@ -142,6 +167,10 @@ def train_users(dataset: Dataset, config: TrainConfig,
     keras.utils.set_random_seed(config.seed)
     spec = dataset.spec
     user_level.check_user_level_spec(spec)
+    if config.linear.rank:  # refused before training: the linear part reads the history
+        from training.linear_towers import linear_history_feature
+
+        linear_history_feature(spec)
     if examples is None:
         examples = user_level.user_examples(dataset)
     if stats is None:
@@ -154,7 +183,15 @@ def train_users(dataset: Dataset, config: TrainConfig,
             .shuffle(n, seed=config.seed, reshuffle_each_iteration=True)
             .batch(config.batch_size, drop_remainder=n >= config.batch_size)
             .prefetch(tf.data.AUTOTUNE))
-    return fit(TrainedModel(model, stats, dataset, {}, config), data, n, validate)
+    trained = fit(TrainedModel(model, stats, dataset, {}, config), data, n, validate)
+    if config.linear.rank:
+        n_items = len(dataset.items[spec.columns.item_id])
+        log.info("fitting the linear part: rank %d, λ %g, weight %g", config.linear.rank,
+                 config.linear.l2, config.linear.weight)
+        trained.with_linear(fit_linear_part(
+            Interactions.of_targets(examples[user_level.TARGETS], n_items), config.linear,
+            config.seed))
+    return trained
 
 
 def fit(trained: TrainedModel, data, n: int, validate: Validator | None = None,

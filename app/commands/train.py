@@ -85,6 +85,15 @@ def add_train(sub) -> None:
                    help="events: one example per interaction (sampled softmax); users: one "
                         "per user, their items as a multi-label softmax target (no context "
                         "features)")
+    p.add_argument("--linear-rank", type=int, default=0,
+                   help="with --examples users: serve a closed-form rank-R linear model "
+                        "(ridge-shrunk SVD of the interactions) beside the towers, adding R "
+                        "to the served dimension; 0 = none (docs/training.md)")
+    p.add_argument("--linear-l2", type=float, default=3000.0,
+                   help="the linear part's shrinkage λ: s^2 / (s^2 + λ) per direction")
+    p.add_argument("--linear-weight", type=float, default=0.75,
+                   help="the linear part's weight beside the towers' cosine (1: a typical "
+                        "user's best linear score weighs as much as a perfect cosine)")
     p.add_argument("--embedding-l2", type=float, default=0.0,
                    help="L2 penalty on the embedding tables")
     p.add_argument("--logq", choices=("none", "exact", "streaming"), default="exact",
@@ -121,6 +130,7 @@ def add_train(sub) -> None:
 def _train(args) -> None:
     epochs, patience = _schedule(args)
     source = _checked_source(args)  # before TensorFlow loads (training.model imports it)
+    from training.linear_part import LinearConfig
     from training.model import LossConfig, TowerConfig
     from training.train import TrainConfig
 
@@ -140,7 +150,8 @@ def _train(args) -> None:
         learning_rate_schedule=args.learning_rate_schedule, optimizer=args.optimizer,
         seed=args.seed, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every_steps=args.checkpoint_every_steps, tensorboard_dir=args.tensorboard_dir,
-        early_stopping_patience=patience, examples=args.examples)
+        early_stopping_patience=patience, examples=args.examples,
+        linear=LinearConfig(args.linear_rank, args.linear_l2, args.linear_weight))
     path = _run(args, config, source)
     print(path)
 
