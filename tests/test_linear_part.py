@@ -7,13 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.test_user_level import SMALL, _config, _history_only, _spec_toml, assert_serves_a_user
 from tests.tower_parity import ATOL
-from tests.test_user_level import SMALL, _config, _history_only, _spec_toml
 
 
 def _random_interactions(n_users=300, n_items=120, per_user=12, seed=0):
@@ -127,18 +125,4 @@ def test_numpy_tower_equals_the_saved_model_with_a_linear_part(mixed_pair):
 
 @pytest.mark.slow
 def test_serves_a_user_through_the_mixed_model(mixed_pair, tmp_path):
-    from retrieval.client import build_request
-    from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
-
-    dataset, root, model_dir, index_dir, _ = mixed_pair
-    server = start_server(["--model", str(model_dir), "--index", str(index_dir),
-                           "--features", str(root / "data"), "--metrics-port", "0"], tmp_path)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.RetrievalServiceStub(channel)
-            user = str(dataset.interactions["user_id"][0])
-            reply = stub.Retrieve(build_request(user, 10, {}, 0), timeout=10)
-        assert len(reply.candidates) == 10
-        assert reply.model_version == model_dir.name
-    finally:
-        stop_server(server)
+    assert_serves_a_user(mixed_pair, tmp_path)

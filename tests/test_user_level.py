@@ -88,10 +88,15 @@ def test_exported_numpy_tower_equals_the_saved_model(trained_pair):
 
 
 def test_serves_a_user_from_their_history(trained_pair, tmp_path):
+    assert_serves_a_user(trained_pair, tmp_path)
+
+
+def assert_serves_a_user(pair, tmp_path) -> None:
+    """A real server on the pair answers a user of its data with 10 candidates."""
     from retrieval.client import build_request
     from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
-    dataset, root, model_dir, index_dir, _ = trained_pair
+    dataset, root, model_dir, index_dir, _ = pair
     server = start_server(["--model", str(model_dir), "--index", str(index_dir),
                            "--features", str(root / "data"), "--metrics-port", "0"], tmp_path)
     try:

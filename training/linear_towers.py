@@ -16,28 +16,18 @@ from training.linear_part import LinearPart
 from training.tf_env import keras, tf
 
 
-class LinearHistorySum(keras.layers.Layer):
-    """rows [n, L] int64 → [n, r]: the sum of a constant table's rows."""
+class LinearTable(keras.layers.Layer):
+    """rows [n] → a constant table's rows [n, r]; ``summed``: rows [n, L] → their sum [n, r]."""
 
-    def __init__(self, table: np.ndarray, **kwargs) -> None:
+    def __init__(self, table: np.ndarray, summed: bool, **kwargs) -> None:
         super().__init__(trainable=False, **kwargs)
+        self.summed = summed
         self.table = self.add_weight(name="table", shape=table.shape, trainable=False,
                                      initializer=keras.initializers.Constant(table))
 
     def call(self, rows):
-        return tf.reduce_sum(tf.gather(self.table, rows), axis=1)
-
-
-class LinearItemVector(keras.layers.Layer):
-    """rows [n] int64 → [n, r]: a constant table's rows."""
-
-    def __init__(self, table: np.ndarray, **kwargs) -> None:
-        super().__init__(trainable=False, **kwargs)
-        self.table = self.add_weight(name="table", shape=table.shape, trainable=False,
-                                     initializer=keras.initializers.Constant(table))
-
-    def call(self, rows):
-        return tf.gather(self.table, rows)
+        gathered = tf.gather(self.table, rows)
+        return tf.reduce_sum(gathered, axis=1) if self.summed else gathered
 
 
 def linear_history_feature(spec: FeatureSpec) -> str:
@@ -69,10 +59,10 @@ def served_towers(user_tower, item_tower, spec: FeatureSpec, catalogue_ids: np.n
     history = linear_history_feature(spec)
     lookup, rows = lookup_rows(user_tower, spec, catalogue_ids)
     size = int(lookup.vocabulary_size())
-    user_sum = LinearHistorySum(in_lookup_rows(part.user_table, rows, size),
-                                name="linear_user_part")
-    item_vec = LinearItemVector(in_lookup_rows(part.item_table, rows, size),
-                                name="linear_item_part")
+    user_sum = LinearTable(in_lookup_rows(part.user_table, rows, size), summed=True,
+                           name="linear_user_part")
+    item_vec = LinearTable(in_lookup_rows(part.item_table, rows, size), summed=False,
+                           name="linear_item_part")
     user_in = {name: keras.Input(shape=t.shape[1:], dtype=t.dtype, name=name)
                for name, t in user_tower.input.items()}
     user_out = keras.layers.Concatenate(name="user_with_linear")(
