@@ -31,7 +31,10 @@ connection, with every call on it, stays with the worker that accepted it).
 
 The workers are started as ``python -m retrieval.workers`` with their configuration as
 JSON on stdin (``encode_config``; no pickle anywhere in the service); each asks the kernel
-for SIGTERM should the supervisor die.
+for SIGTERM should the supervisor die. `serve` runs the supervisor with ``exec_supervisor``:
+the process is replaced (same pid) by ``python -m retrieval.workers --supervisor``, which
+imports this module alone, so what the command imported to build the configuration
+(grpc, NumPy, Faiss, Redis; about 45 MB of heap) is not kept beside the workers.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -103,6 +107,29 @@ class SupervisorConfig:
                              f"{self.max_restarts!r}, {self.restart_window_s!r})")
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the supervisor uses of a retrieval.server.ServerConfig, with the whole of it
+    encoded for the workers: the supervisor never needs retrieval.server itself."""
+
+    config: dict                 # encode_config(ServerConfig), on the reserved port
+    host: str
+    port: int
+    metrics_port: int | None
+    grace_seconds: float
+
+    @classmethod
+    def of(cls, server, port: int) -> Serving:
+        server = dataclasses.replace(server, port=port)
+        return cls(encode_config(server), server.host, port, server.metrics_port,
+                   server.grace_seconds)
+
+    def worker_config(self, index: int) -> dict:
+        """Worker ``index``'s configuration (encoded): the server's, without /metrics."""
+        return {**self.config,
+                "fields": {**self.config["fields"], "worker": index, "metrics_port": None}}
+
+
 @dataclass
 class _Worker:
     index: int
@@ -112,7 +139,7 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, server, supervision: SupervisorConfig, run_dir: Path) -> None:
+    def __init__(self, server: Serving, supervision: SupervisorConfig, run_dir: Path) -> None:
         self.server, self.supervision, self.run_dir = server, supervision, run_dir
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
@@ -130,7 +157,6 @@ class Supervisor:
     def start_worker(self, index: int) -> None:
         port_file = self.run_dir / f"worker-{index}.port"
         port_file.unlink(missing_ok=True)
-        config = dataclasses.replace(self.server, worker=index, metrics_port=None)
         process = subprocess.Popen([sys.executable, "-m", "retrieval.workers"],
                                    stdin=subprocess.PIPE, env=self._env(),
                                    # not the terminal's group: Ctrl-C reaches the
@@ -139,7 +165,7 @@ class Supervisor:
         assert process.stdin is not None
         with process.stdin:
             process.stdin.write(json.dumps({
-                "config": encode_config(config), "port_file": str(port_file),
+                "config": self.server.worker_config(index), "port_file": str(port_file),
                 "log_format": self.supervision.log_format, "parent": os.getpid()}).encode())
         self.workers[index] = _Worker(index, process, port_file)
         log.info("worker %d started (pid %d)", index, process.pid)
@@ -214,19 +240,68 @@ class Supervisor:
 def supervise(server, supervision: SupervisorConfig, port_file: Path | None = None) -> int:
     """Run ``supervision.workers`` workers of ``server`` (a retrieval.server.ServerConfig)
     on its port until SIGTERM/SIGINT; returns the exit status."""
+    reserved = _reserve(server.host, server.port)
+    try:
+        return _supervise(Serving.of(server, reserved.getsockname()[1]), supervision, port_file)
+    finally:
+        reserved.close()
+
+
+def exec_supervisor(server, supervision: SupervisorConfig,
+                    port_file: Path | None = None) -> NoReturn:
+    """``supervise``, in a fresh interpreter that replaces this process (same pid, exit
+    status and signals) and imports only this module (see the module docstring). The port
+    is reserved first: a port that cannot be bound raises OSError here, as in
+    ``supervise``. The state crosses in an anonymous in-memory file, not on the command
+    line or in the environment (it may hold TLS keys and tokens)."""
+    reserved = _reserve(server.host, server.port)
+    reserved.set_inheritable(True)
+    state = {"serving": dataclasses.asdict(Serving.of(server, reserved.getsockname()[1])),
+             "supervision": dataclasses.asdict(supervision), "socket": reserved.fileno(),
+             "port_file": None if port_file is None else str(port_file)}
+    fd = os.memfd_create("two-tower-supervisor", 0)  # inheritable: flags without CLOEXEC
+    with os.fdopen(fd, "wb", closefd=False) as state_file:
+        state_file.write(json.dumps(state).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "retrieval.workers", "--supervisor", str(fd)])
+
+
+def _supervisor_main(fd: int) -> int:
+    """``python -m retrieval.workers --supervisor FD``: what ``exec_supervisor`` started."""
+    from retrieval.logs import configure_logging
+
+    with os.fdopen(fd, "rb") as state_file:
+        state = json.load(state_file)
+    supervision = SupervisorConfig(**state["supervision"])
+    configure_logging(supervision.log_format)
+    reserved = socket.socket(fileno=state["socket"])
+    reserved.set_inheritable(False)  # not handed on to the workers
+    port_file = state["port_file"]
+    try:
+        return _supervise(Serving(**state["serving"]), supervision,
+                          None if port_file is None else Path(port_file))
+    except (ValueError, OSError) as exc:  # as the `serve` command reports them
+        print(f"two-tower serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        reserved.close()
+
+
+def _supervise(server: Serving, supervision: SupervisorConfig, port_file: Path | None) -> int:
+    """Run the workers on the port ``server`` names (reserved by the caller)."""
     run_dir = Path(tempfile.mkdtemp(prefix="two-tower-serve-"))
     (run_dir / "metrics").mkdir()
     wakeup_r, wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
     handlers = {sig: signal.signal(sig, lambda *_: _wake(wakeup_w))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    reserved = _reserve(server.host, server.port)
     try:
-        server = dataclasses.replace(server, port=reserved.getsockname()[1])
-        supervisor = Supervisor(server, supervision, run_dir)
-        return _run(supervisor, port_file, wakeup_r)
+        return _run(Supervisor(server, supervision, run_dir), port_file, wakeup_r)
     finally:
-        reserved.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         os.close(wakeup_r)
@@ -394,4 +469,6 @@ def _worker_main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--supervisor"]:
+        raise SystemExit(_supervisor_main(int(sys.argv[2])))
     raise SystemExit(_worker_main())

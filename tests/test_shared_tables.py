@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
+from app.processes import child_pids, pss_kib
 from indexer.artifact import load_index_artifact, load_metadata_rows
 from retrieval import mapped_cache
 from retrieval.candidate_index import CandidateIndex
@@ -214,3 +216,43 @@ def test_two_workers_serve_metadata_rules_with_or_without_a_usable_cache(
         assert "no cache" not in log and any((cache_dir / "replies").iterdir())
     else:
         assert log.count("no cache of mapped tables") >= 2  # each worker said so
+
+
+@pytest.mark.slow
+def test_the_supervisor_holds_none_of_the_serving_libraries(pipeline, features_redis,
+                                                            tmp_path):
+    """`serve --workers 2`: the process started (same pid) ends up a supervisor that has
+    not loaded grpc, NumPy or Faiss, only the workers have: a second worker is not paid
+    for with a third copy of them."""
+    running = start_server(["--model", str(pipeline.model_dir), "--index",
+                            str(pipeline.index_dir), "--redis-url", features_redis,
+                            "--workers", "2"], tmp_path)
+    try:
+        supervisor_maps = Path(f"/proc/{running.process.pid}/maps").read_text()
+        workers = child_pids(running.process.pid)
+        worker_maps = Path(f"/proc/{workers[0]}/maps").read_text()
+        supervisor_pss = pss_kib(running.process.pid)
+    finally:
+        assert stop_server(running) == 0
+    heavy = ("_multiarray_umath", "cygrpc", "_swigfaiss")
+    assert len(workers) == 2 and all(lib in worker_maps for lib in heavy)
+    assert not any(lib in supervisor_maps for lib in heavy)
+    assert supervisor_pss < 40 * 1024  # KiB; it was about 65 MiB
+
+
+def test_a_port_taken_by_another_program_is_refused_before_any_worker_starts(
+        pipeline, redis_url, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--model",
+                               str(pipeline.model_dir), "--index", str(pipeline.index_dir),
+                               "--redis-url", redis_url, "--workers", "2", "--port",
+                               str(taken.getsockname()[1])], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        taken.close()
+    assert done.returncode == 2
+    assert "two-tower serve: error: cannot bind 127.0.0.1" in done.stderr
+    assert "worker 0 started" not in done.stderr

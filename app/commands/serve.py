@@ -239,10 +239,11 @@ def _serve(args) -> int | None:
                           grace_seconds=args.grace_seconds)
     workers = _workers(args)
     if workers > 1:
-        from retrieval.workers import SupervisorConfig, supervise
+        from retrieval.workers import SupervisorConfig, exec_supervisor
 
-        return supervise(config, SupervisorConfig(workers, log_format=args.log_format),
-                         args.port_file)
+        # the supervisor replaces this process: it keeps none of what was imported here
+        exec_supervisor(config, SupervisorConfig(workers, log_format=args.log_format),
+                        args.port_file)
     asyncio.run(serve(config, args.port_file))
     return None
 
