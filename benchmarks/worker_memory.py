@@ -49,12 +49,19 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from app.processes import ServeProcess, cpu_seconds, redis_server
-from benchmarks.ghz import (Load, call_data, find_ghz, ghz_command, parse_duration,
-                            parse_report, read_user_ids)
+from benchmarks.ghz import (
+    Load,
+    call_data,
+    find_ghz,
+    ghz_command,
+    parse_duration,
+    parse_report,
+    read_user_ids,
+)
 
 log = logging.getLogger("benchmarks.worker_memory")
 
@@ -143,7 +150,7 @@ def run_load(ghz: Path, address: str, load: Load, connections: int, data_file: P
     """ghz as benchmarks.ghz runs it, over ``connections`` connections."""
     cmd = ghz_command(ghz, address, load, data_file, out)
     cmd[-1:-1] = ["--connections", str(connections)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False,
                           timeout=parse_duration(load.duration) + 60)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"ghz exited with {done.returncode}: {done.stderr[-2000:]}")
@@ -184,8 +191,9 @@ def format_run(run: Run) -> str:
     mib = 1 / 1024
     head = f"{'pid':>8} {'role':<10} {'CPU s':>6} {'PSS':>7} {'private':>8}  " + "  ".join(
         f"{k + ' pss/priv':>17}" for k in KINDS)
-    lines = [f"{run.code}  --workers {run.workers}: {run.rps:.0f} calls/s, "
-             f"{run.cpu_ms_per_call:.3f} ms CPU a call, PSS {run.pss * mib:.0f} MiB", head]
+    title = (f"{run.code}  --workers {run.workers}: {run.rps:.0f} calls/s, "
+             f"{run.cpu_ms_per_call:.3f} ms CPU a call, PSS {run.pss * mib:.0f} MiB")
+    lines = [title, head]
     for p in run.processes:
         cells = "  ".join(f"{m.pss * mib:>8.1f}/{m.private * mib:>8.1f}" for m in p.kinds.values())
         lines.append(f"{p.pid:>8} {p.role:<10} {p.cpu_s:>6.1f} {p.pss * mib:>7.1f} "
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(format_run(runs[-1]) + "\n", flush=True)
     lines = ratios(runs, workers)
     print("\n".join(lines))
-    meta = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    meta = {"utc": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": f"{platform.node() or 'host'} ({os.cpu_count()} cores)",
             "load_average_before": load_avg, "load_average_after": os.getloadavg(),
             "command": shlex.join(["python", "-m", "benchmarks.worker_memory", *sys.argv[1:]]),

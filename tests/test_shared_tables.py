@@ -5,7 +5,6 @@ only costs memory."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -20,10 +19,10 @@ import pytest
 
 from app.processes import child_pids, pss_kib
 from indexer.artifact import load_index_artifact, load_metadata_rows
-from retrieval import mapped_cache
 from retrieval.candidate_index import CandidateIndex
 from retrieval.query import ItemRules
-from retrieval.v1 import retrieval_pb2 as pb, retrieval_pb2_grpc as pb_grpc
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 from retrieval.wire import CandidateWire
 from tests.conftest import start_server, stop_server
 
@@ -250,7 +249,7 @@ def test_a_port_taken_by_another_program_is_refused_before_any_worker_starts(
                                str(pipeline.model_dir), "--index", str(pipeline.index_dir),
                                "--redis-url", redis_url, "--workers", "2", "--port",
                                str(taken.getsockname()[1])], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120, check=False)
     finally:
         taken.close()
     assert done.returncode == 2
