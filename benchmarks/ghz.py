@@ -19,7 +19,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ CALL = "two_tower.retrieval.v1.RetrievalService.Retrieve"
 GHZ_CONFIG = REPO / "deploy/ghz/retrieve.json"
 DEVICES = ("mobile", "desktop", "tv")
 HOURS = 24
+CONTEXT = ("hour_of_day", "device")  # the context features call_data can send
 
 
 @dataclass(frozen=True)
@@ -86,17 +87,24 @@ def find_ghz() -> Path | None:
     return Path(found) if found else None
 
 
-def call_data(user_ids: Sequence[str], k: int = 100) -> list[dict]:
+def call_data(user_ids: Sequence[str], k: int = 100,
+              context: Collection[str] = CONTEXT) -> list[dict]:
     """Requests ghz sends round-robin: user i of U with hour (i mod 24) and a device that
-    changes every 24 — lcm(U, 72) messages, so each user meets several contexts."""
+    changes every 24 — lcm(U, 72) messages, so each user meets several contexts.
+    ``context``: which of CONTEXT the requests carry (a server refuses a context feature
+    its model does not have; loadtest passes the served model's, ``served_context``)."""
     if not user_ids:
         raise ValueError("expected at least one user id (got an empty list)")
     n = math.lcm(len(user_ids), HOURS * len(DEVICES))
     n = min(n, max(len(user_ids), 20_000))  # bounded file; still every user once
-    return [{"user_id": user_ids[i % len(user_ids)], "k": k,
-             "context": {"hour_of_day": {"int_value": i % HOURS},
-                         "device": {"string_value": DEVICES[(i // HOURS) % len(DEVICES)]}}}
-            for i in range(n)]
+    out = []
+    for i in range(n):
+        values = {"hour_of_day": {"int_value": i % HOURS},
+                  "device": {"string_value": DEVICES[(i // HOURS) % len(DEVICES)]}}
+        call = {"user_id": user_ids[i % len(user_ids)], "k": k}
+        sent = {name: value for name, value in values.items() if name in context}
+        out.append({**call, "context": sent} if sent else call)
+    return out
 
 
 def read_user_ids(path: Path) -> list[str]:

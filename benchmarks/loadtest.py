@@ -23,9 +23,10 @@ latency). The variants:
   to compare serving options in the same run (``--variant workers2="--workers 2"``).
 
 Requests: one per user id of ``--users`` (round-robin), each with a varied context
-(hour_of_day, device) and k=100 — see deploy/ghz/. ghz gets ``--proto`` because Python
-gRPC reflection cannot describe the methods to it, and ``--cpus 1`` (GOMAXPROCS=1) so the
-load generator leaves the other core(s) to the server. Every run is bounded (``-z`` or
+(hour_of_day, device: those of the two the served model's spec has, as the server refuses
+others) and k=100 — see deploy/ghz/. ghz gets ``--proto`` because Python gRPC reflection
+cannot describe the methods to it, and ``--cpus 1`` (GOMAXPROCS=1) so the load generator
+leaves the other core(s) to the server. Every run is bounded (``-z`` or
 ``-n``, per-request timeout, a hard subprocess timeout) and targets 127.0.0.1 only.
 
 Without ``--model``/``--index`` the artifacts come from ``--workdir``: synthetic data
@@ -63,6 +64,7 @@ import numpy as np
 
 from benchmarks.cpu_parts import measure_parts, scrape, stage_means_ms
 from benchmarks.ghz import (
+    CONTEXT,
     HALF_MAX,
     Load,
     Plan,
@@ -81,6 +83,7 @@ from benchmarks.ghz import (
     summary,
 )
 from app.processes import ProcessStartError, ServeProcess, redis_server
+from contracts.model_manifest import load_model_manifest
 
 log = logging.getLogger("benchmarks.loadtest")
 
@@ -124,6 +127,16 @@ def running(variant: Variant, workdir: Path) -> Iterator[ServeProcess]:
 
 
 # --- the run --------------------------------------------------------------------------------
+
+def served_context(model: Path | None) -> tuple[str, ...]:
+    """The context features of CONTEXT the model's spec has (all of them without a model,
+    e.g. echo only): requests carry only those, as the server refuses others."""
+    if model is None:
+        return CONTEXT
+    spec = load_model_manifest(model, verify=False).feature_spec
+    names = {f.name for f in spec.tower("context")}
+    return tuple(name for name in CONTEXT if name in names)
+
 
 def measure(ghz: Path, variant: Variant, plan: Plan, data_file: Path,
             workdir: Path, warmup: int, opens: Sequence[Load] | None = None
@@ -476,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.write_data is not None:
-        args.write_data.write_text(json.dumps(call_data(read_user_ids(args.users)), indent=1))
+        args.write_data.write_text(json.dumps(call_data(
+            read_user_ids(args.users), context=served_context(args.model)), indent=1))
         return 0
     ghz = find_ghz()
     if ghz is None:
@@ -522,7 +536,9 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     variants = _variants(args, pair)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_file = args.workdir / "call-data.json"
-    data_file.write_text(json.dumps(call_data(read_user_ids(args.users))))
+    context = served_context(pair[0] if pair is not None else None)
+    log.info("requests carry context %s (the served model's)", ", ".join(context) or "none")
+    data_file.write_text(json.dumps(call_data(read_user_ids(args.users), context=context)))
     plan = Plan(tuple(concurrency), parse_rates(args.rate), args.duration, args.total)
     rows, latencies, failed = [], {}, []
     for variant in variants:

@@ -269,3 +269,47 @@ def test_the_swap_benchmark_refuses_a_partial_pair_naming_the_flags(tmp_path, ca
 
     assert swap_load.main(["--model", str(tmp_path), "--workdir", str(tmp_path)]) == 2
     assert "--model, --index and --swap-to go together" in capsys.readouterr().err
+
+
+def test_requests_carry_only_the_context_features_asked_for():
+    both = call_data(["u1", "u2"])
+    assert all(set(d["context"]) == {"hour_of_day", "device"} for d in both)
+    hours_only = call_data(["u1", "u2"], context=("hour_of_day",))
+    assert all(set(d["context"]) == {"hour_of_day"} for d in hours_only)
+    assert all("context" not in d for d in call_data(["u1", "u2"], context=()))
+
+
+def test_the_load_test_sends_a_model_without_context_no_context(tmp_path):
+    """A history-only user-level model has no context features and its server refuses
+    hour_of_day/device (INVALID_ARGUMENT "unknown context feature"): the harness reads the
+    model's spec and every call it sends is answered."""
+    _ghz()
+    from benchmarks import loadtest
+    from contracts.dataset import write_dataset
+    from indexer.build import IndexSpec
+    from indexer.job import JobOptions, run_build_index
+    from tests.test_user_level import _config, _history_only, _spec_toml
+    from training.pipeline import run_training
+    from training.synthetic import SyntheticConfig, generate_synthetic
+
+    dataset, _ = generate_synthetic(SyntheticConfig(num_users=60, num_items=40, num_clusters=4,
+                                                    interactions_per_user=8))
+    dataset = _history_only(dataset, max_length=16)
+    write_dataset(dataset, tmp_path / "data", _spec_toml(dataset.spec))
+    model, _ = run_training(dataset, tmp_path / "models",
+                            dataclasses.replace(_config(), epochs=1))
+    index = run_build_index(model, tmp_path / "indexes", IndexSpec("Flat"),
+                            JobOptions(items=tmp_path / "data"))
+    assert loadtest.served_context(model) == ()
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(str(u) for u in dataset.interactions["user_id"][:20]))
+
+    code = loadtest.main([
+        "--model", str(model), "--index", str(index), "--features", str(tmp_path / "data"),
+        "--users", str(users), "--variants", "server", "--concurrency", "2",
+        "--duration", "1s", "--rate", "0", "--warmup", "10", "--no-cpu-parts",
+        "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+
+    assert code == 0
+    rows = json.loads((tmp_path / "out" / "loadtest.json").read_text())["rows"]
+    assert rows and all(r["errors"] == {} and r["ok"] > 0 for r in rows)
