@@ -96,8 +96,9 @@ class Protocol:
     dataset: Dataset               # users and items tables (items in split item order)
     examples: dict[str, np.ndarray]  # one per train interaction, every feature of spec_doc
     user_inputs: Callable[..., dict[str, np.ndarray]]  # stage → inputs per split user row
-    # history length → one example per user (training.user_level), for examples="users"
-    user_examples: Callable[[int], dict[str, np.ndarray]] | None = None
+    # (history length, with_valid) → one example per user (training.user_level), for
+    # examples="users": their train items, or with_valid their train + valid items
+    user_examples: Callable[..., dict[str, np.ndarray]] | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,15 +275,17 @@ def recbole_ml1m(data: Path, history: int = ML1M_HISTORY) -> Protocol:
         return {"user_id": _ids(split.user_ids), HISTORY: bags,
                 **{k: users[k] for k in ("gender", "age", "occupation", "zip_prefix")}}
 
-    def user_examples(length: int) -> dict[str, np.ndarray]:
-        """Every user: train items as history (all of them up to ``length``) and target."""
+    def user_examples(length: int, with_valid: bool = False) -> dict[str, np.ndarray]:
+        """Every user: train items (with_valid: train + valid items, a final fit's) as
+        history (all of them up to ``length``) and target."""
+        rows = np.concatenate([tr, split.valid]) if with_valid else tr
         lists = [[] for _ in range(split.n_users)]
-        for u, i in zip(split.users[tr].tolist(), split.items[tr].tolist(), strict=True):
+        for u, i in zip(split.users[rows].tolist(), split.items[rows].tolist(), strict=True):
             lists[u].append(i)
         targets = np.full((split.n_users, max(map(len, lists))), -1, np.int32)
-        for u, rows in enumerate(lists):  # item rows are catalogue rows (split order)
-            targets[u, :len(rows)] = rows
-        return {**user_inputs("valid", length), TARGETS: targets}
+        for u, items in enumerate(lists):  # item rows are catalogue rows (split order)
+            targets[u, :len(items)] = items
+        return {**user_inputs("test" if with_valid else "valid", length), TARGETS: targets}
 
     return Protocol("recbole-ml1m", split, spec_doc, dataset, examples, user_inputs,
                     user_examples)
@@ -372,7 +375,7 @@ def over_seeds(runs: list[dict]) -> dict:
     out["test"] = {k: float(np.mean([r["test"][k] for r in runs])) for k in keys}
     out["test_std"] = {k: float(np.std([r["test"][k] for r in runs])) for k in keys}
     out["test_by_seed"] = [r["test"] for r in runs]
-    for extra in ("test_linear_refit", "test_towers_alone"):  # with_linear_part's
+    for extra in ("test_linear_refit", "test_towers_alone", "test_final_fit"):
         if extra in runs[0]:
             out[extra] = {k: float(np.mean([r[extra][k] for r in runs])) for k in keys}
             out[extra + "_std"] = {k: float(np.std([r[extra][k] for r in runs])) for k in keys}
@@ -460,8 +463,10 @@ def with_linear_part(protocol: Protocol, variant: Variant, trained: TrainedModel
                      ) -> tuple[RankingMetrics, dict]:
     """The trained towers with a linear part (training.linear_part) fit on train: λ and the
     weight chosen on validation NDCG@10 over ``variant.linear``'s grids; test scored from
-    train + valid rows, as the towers' test inputs are. Also the test figures with the
-    linear part refit on train + valid (the towers unchanged), beside EASE's refit."""
+    train + valid rows, as the towers' test inputs are. Also, beside EASE's refit, the test
+    figures with the linear part refit on train + valid (the towers unchanged), and with
+    both refit: the towers trained again on train + valid for the epochs validation kept
+    (the final fit of docs/training.md), the linear part refit."""
     split = protocol.split
     rank, l2s, weights = variant.linear
     seen = np.concatenate([split.train, split.valid])
@@ -487,12 +492,35 @@ def with_linear_part(protocol: Protocol, variant: Variant, trained: TrainedModel
     log.info("%s / %s: linear part λ %g weight %g (validation NDCG@10 %.4f)", split.name,
              variant.name, l2, weight, tried[(l2, weight)])
     test = metrics(linear_part(factors, x_train, chosen), x_seen, "test")
-    refit = metrics(fit_linear_part(x_seen, chosen, trained.config.seed), x_seen, "test")
+    refit_part = fit_linear_part(x_seen, chosen, trained.config.seed)
+    refit = metrics(refit_part, x_seen, "test")
     towers_alone = evaluate_protocol(
         split, lambda rows: towers["test"][0][rows] @ towers["test"][1].T, "test")
+    final = _final_fit(protocol, variant, trained)
+    towers["test"] = (final.user_embeddings(_user_inputs(protocol, variant, "test")),
+                      final.item_embeddings())
+    final_fit = metrics(refit_part, x_seen, "test")
     return test, {"linear": {"rank": rank, "l2": l2, "weight": weight},
-            "valid_ndcg@10_by_linear": {f"{k[0]:g}/{k[1]:g}": v for k, v in tried.items()},
-            "test_linear_refit": refit.as_dict(), "test_towers_alone": towers_alone.as_dict()}
+                  "valid_ndcg@10_by_linear": {f"{k[0]:g}/{k[1]:g}": v
+                                              for k, v in tried.items()},
+                  "test_linear_refit": refit.as_dict(),
+                  "test_towers_alone": towers_alone.as_dict(),
+                  "test_final_fit": final_fit.as_dict()}
+
+
+def _final_fit(protocol: Protocol, variant: Variant, trained: TrainedModel) -> TrainedModel:
+    """The towers trained again on train + valid for the epochs ``trained`` kept."""
+    spec = parse_feature_spec(_variant_spec_doc(protocol, variant))
+    dataset = Dataset(spec, protocol.dataset.interactions, protocol.dataset.users,
+                      protocol.dataset.items)
+    keep = {name for f in spec.features for name in f.input_names}
+    examples = protocol.user_examples(_history_length(protocol, variant), with_valid=True)
+    examples = {k: v for k, v in examples.items() if k in keep or k == TARGETS}
+    config = dataclasses.replace(variant.config, epochs=max(1, trained.kept_epoch),
+                                 early_stopping_patience=0)
+    log.info("%s / %s: final fit on train + valid, %d epochs", protocol.name, variant.name,
+             config.epochs)
+    return train(dataset, config, examples)
 
 
 def train_variant(protocol: Protocol, variant: Variant) -> tuple[TrainedModel, float, int]:
@@ -567,6 +595,8 @@ def format_tables(name: str, result: dict) -> str:
         if "test_towers_alone" in v:  # with_linear_part's other figures
             rows.append(("  its towers alone", v["test_towers_alone"], None))
             rows.append(("  linear part refit train+valid", v["test_linear_refit"], None))
+            if "test_final_fit" in v:
+                rows.append(("  both refit train+valid", v["test_final_fit"], None))
     for label, metrics, info in rows:
         line = f"{label:<38}" + "".join(f"{metrics[f'{m}@{k}']:>11.4f}" for m in ("recall", "ndcg")
                                         for k in ks)
