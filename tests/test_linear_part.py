@@ -126,3 +126,22 @@ def test_numpy_tower_equals_the_saved_model_with_a_linear_part(mixed_pair):
 @pytest.mark.slow
 def test_serves_a_user_through_the_mixed_model(mixed_pair, tmp_path):
     assert_serves_a_user(mixed_pair, tmp_path)
+
+
+def test_the_linear_part_ranks_a_user_s_unseen_group_items_first():
+    """Two groups of users, each picking among its own half of the items: the linear
+    model alone puts the user's group ahead of the other group."""
+    from training.linear_part import Interactions, LinearConfig, fit_linear_part
+
+    rng = np.random.default_rng(3)
+    n_users, n_items = 400, 40
+    group = np.arange(n_users) % 2
+    picks = rng.random((n_users, n_items // 2)) < 0.3
+    users, cols = np.nonzero(picks)
+    items = cols + (n_items // 2) * group[users]
+    x = Interactions.of(users, items, n_users, n_items)
+    part = fit_linear_part(x, LinearConfig(rank=4, l2=10.0, weight=1.0))
+    scores = part.user_vectors(x) @ part.item_table.T
+    own = (np.arange(n_items)[None, :] // (n_items // 2)) == group[:, None]
+    assert scores[own].reshape(n_users, -1).min(axis=1).mean() > \
+        scores[~own].reshape(n_users, -1).max(axis=1).mean()
