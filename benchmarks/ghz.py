@@ -44,6 +44,9 @@ class Load:
     duration: str = "10s"  # ghz -z; ignored when total > 0
     rps: int = 0           # open loop: arrivals per second
     total: int = 0         # > 0: ghz -n instead of -z (smoke runs)
+    # ghz --connections: the concurrency spread over this many connections (the workers of
+    # `serve --workers N` share a port by connection: one connection reaches one worker)
+    connections: int = 1
 
     @property
     def label(self) -> str:
@@ -130,6 +133,8 @@ def ghz_command(ghz: Path, address: str, load: Load, data_file: Path, out: Path,
     cmd += ["-n", str(load.total)] if load.total > 0 else ["-z", load.duration]
     if load.mode == "open":
         cmd += ["--rps", str(load.rps), "--async"]
+    if load.connections > 1:
+        cmd += ["--connections", str(load.connections)]
     return [*cmd, address]
 
 
@@ -245,9 +250,11 @@ class Plan:
     rates: tuple[Rate, ...]
     duration: str
     total: int = 0
+    connections: int = 1  # Load.connections of every run
 
     def closed(self) -> list[Load]:
-        return [Load("closed", c, self.duration, total=self.total) for c in self.concurrency]
+        return [Load("closed", c, self.duration, total=self.total,
+                     connections=min(c, self.connections)) for c in self.concurrency]
 
     def opens(self, closed_rows: Sequence[Row]) -> list[Load]:
         best = max((r.rps for r in closed_rows), default=2.0)
@@ -256,7 +263,7 @@ class Plan:
             rps = max(1, round(best * rate)) if isinstance(rate, float) else rate
             if rps > 0:  # open loop: --async sends on schedule; -c spreads it over workers
                 loads.append(Load("open", max(self.concurrency), self.duration, rps=rps,
-                                  total=self.total))
+                                  total=self.total, connections=self.connections))
         return loads
 
 

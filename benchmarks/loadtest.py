@@ -417,6 +417,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip timing the unavoidable parts of a call (ANN, tower, Redis "
                         "parse) apart, which the CPU-per-call target is stated against")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    p.add_argument("--connections", type=int, default=1,
+                   help="ghz --connections for every measured run (at most the concurrency "
+                        "in closed loop): serve --workers N shares its port by connection, so "
+                        "one connection reaches one worker; give several to load them all")
     p.add_argument("--note", default="", help="stored with the results and on the plots")
     p.add_argument("--write-data", type=Path, metavar="FILE",
                    help="only write the ghz call data made from --users to FILE, and exit")
@@ -539,7 +543,8 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     context = served_context(pair[0] if pair is not None else None)
     log.info("requests carry context %s (the served model's)", ", ".join(context) or "none")
     data_file.write_text(json.dumps(call_data(read_user_ids(args.users), context=context)))
-    plan = Plan(tuple(concurrency), parse_rates(args.rate), args.duration, args.total)
+    plan = Plan(tuple(concurrency), parse_rates(args.rate), args.duration, args.total,
+                args.connections)
     rows, latencies, failed = [], {}, []
     for variant in variants:
         try:
@@ -557,7 +562,8 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
         echo = next(v for v in variants if v.name == "echo")
         extra, extra_lat = measure(ghz, echo, plan, data_file, args.workdir / "runs", args.warmup,
                                    opens=[Load("open", max(plan.concurrency), plan.duration,
-                                               rps=rate, total=plan.total)])
+                                               rps=rate, total=plan.total,
+                                               connections=plan.connections)])
         rows += [dataclasses.replace(r, variant="echo@srv") for r in extra]
         latencies["echo@srv"] = extra_lat
     parts = {}

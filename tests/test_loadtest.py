@@ -313,3 +313,18 @@ def test_the_load_test_sends_a_model_without_context_no_context(tmp_path):
     assert code == 0
     rows = json.loads((tmp_path / "out" / "loadtest.json").read_text())["rows"]
     assert rows and all(r["errors"] == {} and r["ok"] > 0 for r in rows)
+
+
+def test_runs_spread_their_calls_over_the_connections_asked_for(tmp_path):
+    """--connections reaches ghz (serve --workers N shares its port by connection); closed
+    loop never asks for more connections than workers."""
+    ghz = _ghz()
+    plan = Plan((1, 8), parse_rates(HALF_MAX), "2s", total=80, connections=4)
+    assert [load.connections for load in plan.closed()] == [1, 4]
+    data_file = tmp_path / "call-data.json"
+    data_file.write_text(json.dumps(call_data(["u1", "u2"])))
+    with running(Variant("echo", ECHO), tmp_path / "echo") as server:
+        load = plan.closed()[1]
+        report = run_ghz(ghz, server.address, load, data_file, tmp_path / "r.json")
+    assert report["options"]["connections"] == 4
+    assert parse_report(report, "echo", load).ok == 80
