@@ -148,3 +148,12 @@ def redis_backed_server(pipeline: Pipeline, tmp_path_factory):
     yield running, url
     stop_server(running)
     stop_redis_server(redis_process)
+
+
+@pytest.fixture
+def features_redis(pipeline, redis_url) -> str:
+    """A fresh Redis filled with the pipeline's user features (`two-tower load-features`)."""
+    subprocess.run([sys.executable, "-m", "app.cli", "load-features", "--data",
+                    str(pipeline.data_dir), "--redis-url", redis_url], check=True,
+                   capture_output=True)
+    return redis_url

@@ -178,14 +178,6 @@ def test_an_index_mapping_its_tables_answers_as_one_that_built_them(pipeline, ca
     assert all(len(c.rows) for c in ours)
 
 
-@pytest.fixture
-def features_redis(pipeline, redis_url) -> str:
-    subprocess.run([sys.executable, "-m", "app.cli", "load-features", "--data",
-                    str(pipeline.data_dir), "--redis-url", redis_url], check=True,
-                   capture_output=True)
-    return redis_url
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("usable", [True, False], ids=["cache", "no-cache"])
 def test_two_workers_serve_metadata_rules_with_or_without_a_usable_cache(

@@ -27,14 +27,6 @@ NIGHT = {"hour_of_day": 22, "device": "tv"}
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
-@pytest.fixture
-def features_redis(pipeline, redis_url) -> str:
-    subprocess.run([sys.executable, "-m", "app.cli", "load-features", "--data",
-                    str(pipeline.data_dir), "--redis-url", redis_url], check=True,
-                   capture_output=True)
-    return redis_url
-
-
 def _start(pipeline, redis_url: str, workdir: Path, *extra: str, index: Path | None = None):
     return start_server(["--model", str(pipeline.model_dir), "--index",
                          str(index or pipeline.index_dir), "--redis-url", redis_url,
