@@ -29,13 +29,15 @@ def _dense(x):
     return m
 
 
-@pytest.mark.parametrize("path", ["exact", "randomized"])
+@pytest.mark.parametrize("path", ["exact", "exact over users", "randomized"])
 def test_low_rank_matches_numpys_svd(path, monkeypatch):
     from training import linear_part
 
     if path == "randomized":
         monkeypatch.setattr(linear_part, "EXACT_LIMIT", 10)  # take the sketch at this size
-    x = _random_interactions()
+    # fewer users than items: the Gram matrix over users; most items are never picked
+    x = (_random_interactions(n_users=60, n_items=400) if path == "exact over users"
+         else _random_interactions())
     factors = linear_part.low_rank(x, 16)
     _, s, vt = np.linalg.svd(_dense(x), full_matrices=False)
     np.testing.assert_allclose(factors.singular_values, s[:16], rtol=1e-2)

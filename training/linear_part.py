@@ -168,12 +168,14 @@ def fit_linear_part(x: Interactions, config: LinearConfig, seed: int = 0) -> Lin
 def _exact(x: Interactions, rank: int) -> LowRank:
     """Through the eigenvectors of the smaller of XᵀX and XXᵀ (float64)."""
     by_items = x.n_items <= x.n_users
-    n, other = (x.n_items, x.n_users) if by_items else (x.n_users, x.n_items)
+    n = x.n_items if by_items else x.n_users
+    rows, cols = (x.users, x.items) if by_items else (x.items, x.users)
+    present, rows = np.unique(rows, return_inverse=True)  # rows without a 1 add nothing
+    other = len(present)
     gram = np.zeros((n, n), np.float64)
     step = max(1, BLOCK_VALUES // n)
-    for start in range(0, other, step):  # dense blocks of X, users (or items) [start, end)
+    for start in range(0, other, step):  # dense blocks of X's present users (or items)
         end = min(other, start + step)
-        rows, cols = (x.users, x.items) if by_items else (x.items, x.users)
         keep = (rows >= start) & (rows < end)
         block = np.zeros((end - start, n), np.float64)
         block[rows[keep] - start, cols[keep]] = 1.0
