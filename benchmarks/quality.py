@@ -472,8 +472,9 @@ def with_linear_part(protocol: Protocol, variant: Variant, trained: TrainedModel
     seen = np.concatenate([split.train, split.valid])
     x_train, x_seen = (Interactions.of(split.users[r], split.items[r], split.n_users,
                                        split.n_items) for r in (split.train, seen))
-    towers = {stage: (trained.user_embeddings(_user_inputs(protocol, variant, stage)),
-                      trained.item_embeddings()) for stage in ("valid", "test")}
+    items = trained.item_embeddings()
+    towers = {stage: (trained.user_embeddings(_user_inputs(protocol, variant, stage)), items)
+              for stage in ("valid", "test")}
 
     def metrics(part: LinearPart, x: Interactions, stage: str) -> RankingMetrics:
         users, items = towers[stage]

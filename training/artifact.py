@@ -87,12 +87,9 @@ def write_numpy_user_tower(trained, directory: Path) -> None:
     from training.numpy_export import export_numpy_user_tower
 
     spec, linear = trained.dataset.spec, None
-    if trained.linear is not None:
-        from training.linear_towers import in_lookup_rows, linear_history_feature, lookup_rows
+    if trained.linear is not None:  # the served user tower's table, as its SavedModel has it
+        from training.linear_towers import USER_PART, linear_history_feature
 
-        lookup, rows = lookup_rows(trained.model.user_tower, spec,
-                                   trained.dataset.items[spec.columns.item_id])
         linear = {"feature": linear_history_feature(spec),
-                  "table": in_lookup_rows(trained.linear.user_table, rows,
-                                          int(lookup.vocabulary_size()))}
+                  "table": trained.user_tower.get_layer(USER_PART).table.numpy()}
     export_numpy_user_tower(trained.model.user_tower, spec, trained.stats, directory, linear)

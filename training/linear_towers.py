@@ -15,6 +15,8 @@ from contracts.feature_spec import FeatureSpec
 from training.linear_part import LinearPart
 from training.tf_env import keras, tf
 
+USER_PART = "linear_user_part"  # the served user tower's LinearTable layer
+
 
 class LinearTable(keras.layers.Layer):
     """rows [n] → a constant table's rows [n, r]; ``summed``: rows [n, L] → their sum [n, r]."""
@@ -39,29 +41,21 @@ def linear_history_feature(spec: FeatureSpec) -> str:
     return names[0]
 
 
-def lookup_rows(user_tower, spec: FeatureSpec, catalogue_ids: np.ndarray) -> tuple[object, np.ndarray]:
-    """(the item-id lookup layer, the lookup row of each catalogue item)."""
-    lookup = user_tower.get_layer(f"{spec.columns.item_id}_lookup")
-    rows = lookup(tf.constant(np.asarray(catalogue_ids).astype(str))).numpy()
-    return lookup, rows.astype(np.int64)
-
-
-def in_lookup_rows(table: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
-    """A [n_items, r] table (catalogue order) as [size, r] in lookup rows, zeros elsewhere."""
-    out = np.zeros((size, table.shape[1]), np.float32)
-    out[rows] = table
-    return out
-
-
 def served_towers(user_tower, item_tower, spec: FeatureSpec, catalogue_ids: np.ndarray,
                   part: LinearPart):
     """(user, item) Keras models: each trained tower's output with the linear part after it."""
     history = linear_history_feature(spec)
-    lookup, rows = lookup_rows(user_tower, spec, catalogue_ids)
-    size = int(lookup.vocabulary_size())
-    user_sum = LinearTable(in_lookup_rows(part.user_table, rows, size), summed=True,
-                           name="linear_user_part")
-    item_vec = LinearTable(in_lookup_rows(part.item_table, rows, size), summed=False,
+    lookup = user_tower.get_layer(f"{spec.columns.item_id}_lookup")
+    rows = lookup(tf.constant(np.asarray(catalogue_ids).astype(str))).numpy()
+
+    def in_lookup_rows(table: np.ndarray) -> np.ndarray:
+        """[n_items, r] in catalogue order → [lookup rows, r], zeros at the OOV rows."""
+        out = np.zeros((int(lookup.vocabulary_size()), table.shape[1]), np.float32)
+        out[rows] = table
+        return out
+
+    user_sum = LinearTable(in_lookup_rows(part.user_table), summed=True, name=USER_PART)
+    item_vec = LinearTable(in_lookup_rows(part.item_table), summed=False,
                            name="linear_item_part")
     user_in = {name: keras.Input(shape=t.shape[1:], dtype=t.dtype, name=name)
                for name, t in user_tower.input.items()}
