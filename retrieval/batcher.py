@@ -13,7 +13,10 @@ Two stages, each a thread, one batch in each at a time:
   free, and runs ``prepare(items)`` (the batch's I/O: the feature-store read);
 * the **compute** stage runs ``fn(items, prepared)`` (or ``fn(items)`` without
   ``prepare``) on the batch the read stage handed over, while the read stage already
-  reads the next one.
+  reads the next one. When nothing else is queued and the compute stage is idle, the read
+  thread runs ``fn`` itself instead of handing the batch over: at low load a hand-off
+  only adds a thread wake-up to every call (``on_compute_thread`` then also runs once in
+  the read thread).
 
 So a batch's round trip to the store never holds the compute stage, and the hand-offs cost
 no event-loop turn: ``submit`` queues the request for the read thread directly, and the
@@ -92,6 +95,8 @@ class MicroBatcher(Generic[Item, Result]):
         self._dead: BaseException | None = None        # a stage's thread stopped on a bug
         self._read_done = False                        # closed, and every batch taken
         self._working: dict[str, list[_Waiter]] = {}   # stage → the batch it works on
+        self._computing = False      # a thread runs fn (the compute stage's, or the read's)
+        self._read_computes = False  # the read thread has run fn (its set-up is done)
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -210,8 +215,23 @@ class MicroBatcher(Generic[Item, Result]):
             with self._lock:
                 if self._dead is not None:
                     raise RuntimeError("the compute stage stopped")
-                self._handed.append((batch, prepared))
-                self._for_compute.notify()
+                # nothing queued and the compute stage idle: a hand-off would only make
+                # this thread wait while that one wakes up; compute here instead
+                inline = not self._queue and not self._handed and not self._computing
+                if inline:
+                    self._computing = True
+                else:
+                    self._handed.append((batch, prepared))
+                    self._for_compute.notify()
+            if inline:
+                if not self._read_computes:  # its OpenMP threads, as the compute stage's
+                    self._read_computes = True
+                    if self._on_compute_thread is not None:
+                        self._on_compute_thread()
+                self._working["read"] = batch
+                self._compute(batch, prepared)
+                with self._lock:
+                    self._computing = False
 
     def _compute_stage(self) -> None:
         while True:
@@ -222,19 +242,28 @@ class MicroBatcher(Generic[Item, Result]):
                     self._for_compute.wait()
                 batch, prepared = self._handed.pop()
                 self._working["compute"] = batch
+                self._computing = True
                 self._for_read.notify()
-            if isinstance(prepared, BaseException):
-                self._send(batch, prepared)
-                continue
-            items = [w.item for w in batch]
-            live = [i for i, w in enumerate(batch) if not w.future.done()]
-            if not live:
-                continue
-            if len(live) < len(batch):  # callers gone while their users were read
-                batch = [batch[i] for i in live]
-                items = [items[i] for i in live]
-                prepared = [prepared[i] for i in live]
-            self._send(batch, self._call(self._fn, items, prepared))
+            try:
+                self._compute(batch, prepared)
+            finally:
+                with self._lock:
+                    self._computing = False
+
+    def _compute(self, batch: list[_Waiter], prepared: Sequence[Any] | BaseException) -> None:
+        """fn on a prepared batch's live requests, and the results sent to their callers."""
+        if isinstance(prepared, BaseException):
+            self._send(batch, prepared)
+            return
+        items = [w.item for w in batch]
+        live = [i for i, w in enumerate(batch) if not w.future.done()]
+        if not live:
+            return
+        if len(live) < len(batch):  # callers gone while their users were read
+            batch = [batch[i] for i in live]
+            items = [items[i] for i in live]
+            prepared = [prepared[i] for i in live]
+        self._send(batch, self._call(self._fn, items, prepared))
 
     def _take_batch(self) -> list[_Waiter] | None:
         """Up to max_batch live requests, once max_batch wait, the first one's max_wait is

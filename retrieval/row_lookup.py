@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 MISSING = -1
 SMALL = 8_192  # ids: a smaller table is a dict (a few ms to build, ~100 ns a lookup)
+# A lookup of at most RECENT_QUERY ids (a serving batch's histories) first tries a dict of
+# the ids this process looked up lately, at most RECENT_IDS of them (emptied when full:
+# bounded, and the hot ids of skewed traffic are back within a few calls). The hashed path
+# costs ~30 NumPy operations a call whatever its size (80 µs for one 10-item history).
+RECENT_QUERY, RECENT_IDS = 1_024, 65_536
 _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 _MIX, _S33 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(33)
 
@@ -87,6 +92,7 @@ class IdRows:
         """The hashed table's arrays (built, or mapped from the cache): ids sorted by hash,
         and ``starts`` (2**bits + 1 entries) where each hash prefix's run begins."""
         self._small = None
+        self._recent: dict[str, int] = {}  # id → row (or MISSING), see RECENT_IDS
         self._hashes, self._ids, self._rows, self._starts = hashes, ids, rows, starts
         self._dtype = ids.dtype
         self._bits = int(np.log2(len(starts) - 1))
@@ -169,7 +175,29 @@ class IdRows:
                                dtype=np.int64, count=query.size).reshape(shape)
         if query.size == 0 or len(self._ids) == 0:
             return np.full(shape, MISSING, dtype=np.int64)
-        query = query.ravel()
+        if query.size <= RECENT_QUERY:
+            return self._recent_rows(query.ravel().tolist()).reshape(shape)
+        return self._hashed_rows(query.ravel()).reshape(shape)
+
+    def _recent_rows(self, ids: list) -> np.ndarray:
+        """A few ids: from the dict of recent lookups, the others through the hashed table
+        (and then into the dict)."""
+        recent = self._recent
+        found = [recent.get(i) for i in ids]
+        unknown = [i for i, row in zip(ids, found, strict=True) if row is None]
+        if unknown:
+            looked_up = self._hashed_rows(np.asarray(unknown)).tolist()
+            if len(recent) + len(unknown) > RECENT_IDS:
+                recent.clear()  # (dict operations are atomic under the GIL: threads may share)
+            for i, row in zip(unknown, looked_up, strict=True):
+                if isinstance(i, str):
+                    recent[i] = row
+            new = dict(zip(unknown, looked_up, strict=True))
+            found = [new[i] if row is None else row for i, row in zip(ids, found, strict=True)]
+        return np.array(found, dtype=np.int64)
+
+    def _hashed_rows(self, query: np.ndarray) -> np.ndarray:
+        """1-d ids → int64 rows through the hashed arrays (see the module docstring)."""
         if query.dtype.kind != "U":
             query = query.astype(str)
         too_long = None
@@ -200,7 +228,7 @@ class IdRows:
                 j += 1
         if too_long is not None:
             found &= ~too_long
-        return np.where(found, self._rows[at], MISSING).reshape(shape)
+        return np.where(found, self._rows[at], MISSING)
 
 
 def _cast(ids: np.ndarray, dtype: np.dtype, chunk: int = 32_768) -> np.ndarray:

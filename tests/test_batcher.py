@@ -202,10 +202,12 @@ def test_the_next_batch_is_read_while_the_one_before_it_computes():
     """Two stages: prepare (the store read) of a batch overlaps fn of the batch before it,
     fn gets each item's prepared value, and the next read holds everything that arrived."""
     events: list[tuple[str, list, float]] = []
-    computing = threading.Event()
+    reading, computing = threading.Event(), threading.Event()
 
     def prepare(items):
         events.append(("read", list(items), time.monotonic()))
+        reading.set()
+        time.sleep(0.1 if items == [1] else 0)  # others queue while batch [1] is read
         return [f"user-{i}" for i in items]
 
     def fn(items, prepared):
@@ -218,7 +220,7 @@ def test_the_next_batch_is_read_while_the_one_before_it_computes():
     async def main():
         batcher = MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare)
         first = asyncio.create_task(batcher.submit(1))
-        await asyncio.to_thread(computing.wait, 5)
+        await asyncio.to_thread(reading.wait, 5)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 6)]
         results = await asyncio.gather(first, *rest)
         await batcher.close()
@@ -229,6 +231,29 @@ def test_the_next_batch_is_read_while_the_one_before_it_computes():
     first_done = next(t for kind, items, t in events if kind == "computed" and items == [1])
     assert [items for _, items, _ in reads] == [[1], [2, 3, 4, 5]]
     assert reads[1][2] < first_done  # read while batch [1] was still computing
+
+
+def test_a_lone_batch_is_computed_without_a_hand_off_and_the_compute_set_up_runs_there():
+    """Nothing else queued and the compute stage idle: the thread that read the batch
+    computes it (no second thread woken per call at low load), after running the compute
+    stage's set-up once, as the compute thread does."""
+    set_up, computed_by = [], []
+
+    def fn(items, prepared):
+        computed_by.append(threading.current_thread().name)
+        return [p + 1 for p in prepared]
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=8, max_wait_us=0, prepare=lambda items: items,
+                               on_compute_thread=lambda: set_up.append(
+                                   threading.current_thread().name), name="lone")
+        answers = [await batcher.submit(i) for i in range(3)]
+        await batcher.close()
+        return answers
+
+    assert run(main) == [1, 2, 3]
+    assert computed_by == ["lone-read"] * 3
+    assert sorted(set_up) == ["lone-compute", "lone-read"]
 
 
 def test_an_exception_of_prepare_reaches_every_caller_of_its_batch_only():

@@ -122,3 +122,23 @@ def test_two_processes_writing_one_array_both_map_the_first_ones_file(tmp_path, 
     assert path.stat().st_ino == inode and second.tolist() == first.tolist() == list(
         np.arange(10.0))
     assert not list((tmp_path / "arrays").glob(".*tmp"))
+
+
+def test_small_lookups_asked_again_answer_the_same_past_the_recent_ids_bound(monkeypatch):
+    """A serving batch's few ids go through a bounded dict of recent lookups first: asked
+    again (and after that dict was emptied for being full) they get the same rows, unknown
+    ids stay missing, and a large query answers the same as many small ones."""
+    monkeypatch.setattr(row_lookup, "RECENT_IDS", 7)
+    monkeypatch.setattr(row_lookup, "RECENT_QUERY", 64)
+    ids = [f"item-{n}" for n in range(40)]
+    table = IdRows(np.array(ids))
+    expected = [table.rows([i]).tolist()[0] for i in ids]
+    assert expected == list(range(40))
+    for _ in range(3):
+        for start in range(0, 40, 3):
+            query = ids[start : start + 3] + ["item-40"]
+            assert table.rows(np.array(query, dtype=object)).tolist() == (
+                expected[start : start + 3] + [MISSING])
+    big = ids * 3  # more than RECENT_QUERY ids: the hashed path alone
+    assert len(big) > row_lookup.RECENT_QUERY
+    assert table.rows(big).tolist() == expected * 3
