@@ -311,6 +311,10 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
         return next((r for r in rows if r.variant == variant and r.mode == mode
                      and (c is None or r.concurrency == c)), None)
 
+    def row_at(variant: str, rps: int) -> Row | None:  # an open-loop run at that rate
+        return next((r for r in rows if r.variant == variant and r.mode == "open"
+                     and r.target_rps == rps), None)
+
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
@@ -325,6 +329,14 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
                    f"{parts['ann_ms_per_query']:.3f} + tower {parts['tower_ms_per_user']:.3f} + "
                    f"Redis parse {parts['redis_parse_ms_per_user']:.3f}, batch "
                    f"{parts['batch']}): {ratio:.2f}x (<= 1.2: {verdict(ratio <= 1.2)})")
+        same_rate = row_at("echo@srv", max(1, round(_best(rows, "server"))))
+        if same_rate is not None:
+            rest = unavoidable - echo.cpu_ms_per_call
+            at_rate = same_rate.cpu_ms_per_call + rest
+            out.append(f"    with echo's CPU per call at the server's rate ({same_rate.rps:,.0f}/s, "
+                       f"echo {same_rate.cpu_ms_per_call:.3f} ms in place of "
+                       f"{echo.cpu_ms_per_call:.3f} at its own {echo.rps:,.0f}/s): parts "
+                       f"{at_rate:.3f}, {server.cpu_ms_per_call / at_rate:.2f}x")
     for variant in sorted({r.variant for r in rows if r.variant.startswith("workers")}):
         many = row(variant, "closed", top_c)
         if server and many:
@@ -334,7 +346,7 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
                        f"{server.pss_mib:.0f} MiB, {pss:.2f}x (<= 1.3: {verdict(pss <= 1.3)}), "
                        f"{many.rps:,.0f} against {server.rps:,.0f} calls/s")
     half = max(1, round(_best(rows, "server") * 0.5))
-    echo_half, one = row("echo@srv", "open"), row("server", "closed", 1)
+    echo_half, one = row_at("echo@srv", half), row("server", "closed", 1)
     at_half = next((r for r in rows if r.variant == "server" and r.mode == "open"
                     and r.target_rps == half), None)
     if at_half and echo_half and one:
@@ -560,10 +572,15 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
         rate = next(r.target_rps for r in rows if r.variant == "server" and r.mode == "open"
                     and r.target_rps == max(1, round(_best(rows, "server") * 0.5)))
         echo = next(v for v in variants if v.name == "echo")
+        # and at the server's best closed-loop rate: gRPC's CPU per call falls as the call
+        # rate rises (more calls a loop turn), so echo at its own maximum is a lower part
+        # than the server's gRPC work at the server's rate
+        top = max(1, round(_best(rows, "server")))
         extra, extra_lat = measure(ghz, echo, plan, data_file, args.workdir / "runs", args.warmup,
                                    opens=[Load("open", max(plan.concurrency), plan.duration,
-                                               rps=rate, total=plan.total,
-                                               connections=plan.connections)])
+                                               rps=r, total=plan.total,
+                                               connections=plan.connections)
+                                          for r in dict.fromkeys((rate, top))])
         rows += [dataclasses.replace(r, variant="echo@srv") for r in extra]
         latencies["echo@srv"] = extra_lat
     parts = {}

@@ -225,11 +225,14 @@ def test_the_targets_are_computed_from_the_rows_and_parts_of_the_run():
             with_cpu(_row("server", "closed", 50, 1000.0), 1.0),
             with_cpu(_row("workers2", "closed", 50, 1500.0), 1.05, pss=140.0),
             _row("server", "open", 50, 500.0, p99=3.0, target=500),
-            _row("echo@srv", "open", 50, 500.0, p99=1.0, target=500)]
+            _row("echo@srv", "open", 50, 500.0, p99=1.0, target=500),
+            with_cpu(_row("echo@srv", "open", 50, 1000.0, p99=1.5, target=1000), 0.6)]
     parts = {"batch": 8, "ann_ms_per_query": 0.3, "tower_ms_per_user": 0.05,
              "redis_parse_ms_per_user": 0.05}
     text = "\n".join(target_lines(rows, parts, 50))
     assert "server 1.000 ms against the parts' 0.800" in text and "1.25x (<= 1.2: NOT met)" in text
+    # gRPC's CPU per call at the server's own rate in place of echo's at its maximum
+    assert "echo 0.600 ms in place of 0.400 at its own 2,000/s): parts 1.000, 1.00x" in text
     assert "CPU per call 1.05x (<= 1.10: met)" in text and "1.40x (<= 1.3: NOT met)" in text
     assert "p99 3.00 ms against echo's 1.00 at that rate, 3.00x (<= 2: NOT met)" in text
     assert "p50 0.50 against 0.50 at c=1, 1.00x (<= 1.5: met)" in text
