@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrieval import long_lived
 from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
 from retrieval.circuit_breaker import BreakerConfig, CircuitBreaker
@@ -155,8 +156,11 @@ class Retriever:
         return self._pair
 
     def set_pair(self, pair: ServingPair) -> None:
+        swapped = self._pair is not None
         self._pair = pair  # one reference swap: a request uses the pair it started with
         self.metrics.set_serving(pair.model_version, pair.index_version)
+        if swapped:
+            long_lived.pair_changed()  # the old pair's cycles may be collected again
 
     async def retrieve(self, query: RetrieveQuery, deadline: float | None = None
                        ) -> RetrieveResult:

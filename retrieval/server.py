@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from retrieval import long_lived
 from retrieval.circuit_breaker import BreakerConfig
 from retrieval.feature_store import (
     DEFAULT_MAX_USERS, FeatureStore, InMemoryFeatureStore, RedisFeatureStore,
@@ -299,6 +300,7 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
         raise
     log.info("SERVING model %s with index %s", running.retriever.pair.model_version,
              running.retriever.pair.index_version)
+    long_lived.enable()  # full collections stop walking the pair (retrieval/long_lived.py)
     if port_file is not None:  # "PORT" or "PORT METRICS_PORT", written once SERVING
         ports = [running.port] + ([running.metrics_port] if running.metrics_port else [])
         tmp = port_file.with_name(port_file.name + ".tmp")
