@@ -5,9 +5,9 @@ a server with a 1M-item pair loaded it took 13 ms alone and 19-51 ms under load 
 with ``gc.callbacks`` at 500 calls/s: one every 15 s or so), and every call in flight
 waits it out: a pause of that length every few thousand calls is the p99.
 
-``enable()`` (``serve`` calls it once the first pair is loaded) moves everything alive
-then (imports, the pair, the server's objects) into the permanent generation
-(``gc.freeze``): later collections walk only what was made since. Reference counting still
+``enable()`` (``serve`` calls it once the first pair is loaded, before SERVING) moves
+everything alive then (imports, the pair, the server's objects) into the permanent
+generation (``gc.freeze``): later collections walk only what was made since. Reference counting still
 frees frozen objects; only cycles among them wait. So a swap (``pair_changed``) unfreezes
 them, the old pair's cycles are collected by the next full collection that runs at least
 ``settle_s`` after the swap (when calls still on the old pair are long done), and what is

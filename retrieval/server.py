@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,9 +144,11 @@ class RunningServer:
     watch_task: asyncio.Task | None = None
     refresh_task: asyncio.Task | None = None
 
-    async def load(self, config: ServerConfig) -> None:
+    async def load(self, config: ServerConfig,
+                   before_ready: Callable[[], None] | None = None) -> None:
         """Load the model/index pair (off the event loop), then report SERVING and start
-        watching the index pointer for new versions."""
+        watching the index pointer for new versions; ``before_ready`` runs just before
+        SERVING (``serve``: freezing the loaded heap, a pause of its own)."""
         model_dir, index_dir = await asyncio.to_thread(resolve_pair_dirs, config.model_dir,
                                                        config.index_dir)
         pair = await asyncio.to_thread(load_pair, model_dir, index_dir, config.user_tower)
@@ -156,6 +159,8 @@ class RunningServer:
                                   config.user_tower, config.watch_interval_s, index_dir,
                                   config.watch_unready_after_s, self.set_ready)
             self.watch_task = start_watching(watcher)
+        if before_ready is not None:
+            before_ready()
         await self.set_ready(True)
 
     async def set_ready(self, ready: bool) -> None:
@@ -292,7 +297,8 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
     sys.setswitchinterval(config.gil_switch_interval_s)
     running = await create_server(config)
     try:
-        await running.load(config)
+        # the cyclic GC kept off the loaded pair (retrieval/long_lived.py), before SERVING
+        await running.load(config, before_ready=long_lived.enable)
         if config.worker is not None:
             await running.listen(config)
     except BaseException:
@@ -300,7 +306,6 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
         raise
     log.info("SERVING model %s with index %s", running.retriever.pair.model_version,
              running.retriever.pair.index_version)
-    long_lived.enable()  # full collections stop walking the pair (retrieval/long_lived.py)
     if port_file is not None:  # "PORT" or "PORT METRICS_PORT", written once SERVING
         ports = [running.port] + ([running.metrics_port] if running.metrics_port else [])
         tmp = port_file.with_name(port_file.name + ".tmp")
