@@ -333,8 +333,9 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
         if same_rate is not None:
             rest = unavoidable - echo.cpu_ms_per_call
             at_rate = same_rate.cpu_ms_per_call + rest
-            out.append(f"    with echo's CPU per call at the server's rate ({same_rate.rps:,.0f}/s, "
-                       f"echo {same_rate.cpu_ms_per_call:.3f} ms in place of "
+            out.append(f"    with echo's CPU per call at the server's rate "
+                       f"({same_rate.rps:,.0f}/s, echo {same_rate.cpu_ms_per_call:.3f} ms "
+                       f"in place of "
                        f"{echo.cpu_ms_per_call:.3f} at its own {echo.rps:,.0f}/s): parts "
                        f"{at_rate:.3f}, {server.cpu_ms_per_call / at_rate:.2f}x")
     for variant in sorted({r.variant for r in rows if r.variant.startswith("workers")}):

@@ -228,10 +228,7 @@ class MicroBatcher(Generic[Item, Result]):
                     self._read_computes = True
                     if self._on_compute_thread is not None:
                         self._on_compute_thread()
-                self._working["read"] = batch
-                self._compute(batch, prepared)
-                with self._lock:
-                    self._computing = False
+                self._compute_releasing(batch, prepared)
 
     def _compute_stage(self) -> None:
         while True:
@@ -244,11 +241,16 @@ class MicroBatcher(Generic[Item, Result]):
                 self._working["compute"] = batch
                 self._computing = True
                 self._for_read.notify()
-            try:
-                self._compute(batch, prepared)
-            finally:
-                with self._lock:
-                    self._computing = False
+            self._compute_releasing(batch, prepared)
+
+    def _compute_releasing(self, batch: list[_Waiter],
+                           prepared: Sequence[Any] | BaseException) -> None:
+        """``_compute``, then the compute slot taken with ``_computing`` is free again."""
+        try:
+            self._compute(batch, prepared)
+        finally:
+            with self._lock:
+                self._computing = False
 
     def _compute(self, batch: list[_Waiter], prepared: Sequence[Any] | BaseException) -> None:
         """fn on a prepared batch's live requests, and the results sent to their callers."""

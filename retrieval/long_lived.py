@@ -7,12 +7,13 @@ waits it out: a pause of that length every few thousand calls is the p99.
 
 ``enable()`` (``serve`` calls it once the first pair is loaded, before SERVING) moves
 everything alive then (imports, the pair, the server's objects) into the permanent
-generation (``gc.freeze``): later collections walk only what was made since. Reference counting still
-frees frozen objects; only cycles among them wait. So a swap (``pair_changed``) unfreezes
-them, the old pair's cycles are collected by the next full collection that runs at least
-``settle_s`` after the swap (when calls still on the old pair are long done), and what is
-alive after it is frozen again. Outside a server (``enable`` never called) nothing here
-does anything: tests and tools keep the collector as Python sets it.
+generation (``gc.freeze``): later collections walk only what was made since. Reference
+counting still frees frozen objects; only cycles among them wait. So a swap
+(``pair_changed``) unfreezes them, the old pair's cycles are collected by the next full
+collection that runs at least ``settle_s`` after the swap (when calls still on the old
+pair are long done), and what is alive after it is frozen again. Outside a server
+(``enable`` never called) nothing here does anything: tests and tools keep the collector
+as Python sets it.
 """
 
 from __future__ import annotations

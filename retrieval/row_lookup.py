@@ -186,13 +186,11 @@ class IdRows:
         found = [recent.get(i) for i in ids]
         unknown = [i for i, row in zip(ids, found, strict=True) if row is None]
         if unknown:
-            looked_up = self._hashed_rows(np.asarray(unknown)).tolist()
-            if len(recent) + len(unknown) > RECENT_IDS:
+            new = dict(zip(unknown, self._hashed_rows(np.asarray(unknown)).tolist(), strict=True))
+            if len(recent) + len(new) > RECENT_IDS:
                 recent.clear()  # (dict operations are atomic under the GIL: threads may share)
-            for i, row in zip(unknown, looked_up, strict=True):
-                if isinstance(i, str):
-                    recent[i] = row
-            new = dict(zip(unknown, looked_up, strict=True))
+            # str keys only: 5 and 5.0 are one dict key but hash to different ids
+            recent.update((i, row) for i, row in new.items() if isinstance(i, str))
             found = [new[i] if row is None else row for i, row in zip(ids, found, strict=True)]
         return np.array(found, dtype=np.int64)
 
