@@ -1,6 +1,6 @@
 """The project's one error tree. Each class knows its gRPC status, by name so that this
 module needs no grpc, and, where it has one, the request field it is about. The service
-maps them in one place (retrieval.errors.status_of, called by its one interceptor); the
+maps them in one place (retrieval.errors.status_of, called by its one error boundary); the
 command line prints them with the file, line and column they name.
 
     TwoTowerError                  INTERNAL: not for callers; logged with its traceback

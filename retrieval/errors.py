@@ -1,6 +1,6 @@
 """The service's one mapping from exceptions to gRPC statuses (the tree: contracts.errors).
 
-``status_of`` is called by the server's one interceptor (retrieval.servicer). An error of
+``status_of`` is called by the server's one error boundary (retrieval.servicer). An error of
 ours carries its status by name; anything else is INTERNAL with a fixed message: its
 details go to the log, never to the caller.
 """

@@ -23,7 +23,7 @@ import hmac
 import logging
 import os
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,17 +250,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         reason = "missing" if token is None else "invalid"
         self.metrics.auth_failures.labels(reason).inc()
         log.debug("refused %s: %s token", method, reason)  # never the token itself
-        return _refusal(handler, MISSING_TOKEN if token is None else INVALID_TOKEN)
+        return _refusal(handler, MISSING_TOKEN if token is None else INVALID_TOKEN,
+                        lambda: self.metrics.count_request(method.rsplit("/", 1)[-1],
+                                                           "UNAUTHENTICATED"))
 
 
-def _refusal(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, details: str,
+             count: Callable[[], None]) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED without
     reading the request: its deserializer ignores the body, so a body that does not parse
     is refused for its credentials like any other, and an unauthenticated caller learns
-    nothing about the API (no field named, no parse cost). Whichever order the
-    interceptors run in, the error interceptor wraps this deserializer, not the service's."""
+    nothing about the API (no field named, no parse cost). It replaces the service's
+    handler, error boundary included (retrieval.servicer), so it counts the call by code
+    itself."""
 
     async def refuse(request_or_iterator, context):
+        count()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
 
     kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),

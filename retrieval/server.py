@@ -1,4 +1,4 @@
-"""The server factory: gRPC service, health, reflection, interceptor, graceful stop."""
+"""The server factory: gRPC service, health, reflection, error boundary, graceful stop."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from retrieval.seen_items import DEFAULT_SEEN_ITEMS_CAP, check_cap, iter_dataset
 from retrieval.retriever import BatchingConfig, Retriever
 from retrieval.security import AuthInterceptor, TlsConfig, TokenSet
 from retrieval.swap import PairWatcher, resolve_pair_dirs, start_watching, stop_watching
-from retrieval.servicer import ErrorInterceptor, RetrievalServicer, add_to_server
+from retrieval.servicer import ErrorBoundary, RetrievalServicer, add_to_server
 from retrieval.signals import stop_signalled
 from retrieval.v1 import retrieval_pb2 as pb
 
@@ -204,14 +204,17 @@ async def create_server(config: ServerConfig) -> RunningServer:
         # Explicit although grpcio sets it on Linux: workers of one host share the port.
         ("grpc.so_reuseport", 1),
         *config.streams.options()], maximum_concurrent_rpcs=config.streams.total)
-    add_to_server(RetrievalServicer(retriever), server)
+    # every service registers through the boundary, so each of its unary methods is
+    # wrapped once (statuses, counts, timing) rather than intercepted on every call
+    boundary = ErrorBoundary(server, metrics)
+    add_to_server(RetrievalServicer(retriever), boundary)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, boundary)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+         reflection.SERVICE_NAME), server)  # streaming only: the boundary wraps no method of it
     running = RunningServer(server, 0, retriever, health_servicer)
     if metrics.multiprocess:
         running.refresh_task = asyncio.create_task(_refresh(metrics), name="metrics-refresh")
@@ -236,10 +239,9 @@ async def _refresh(metrics: ServiceMetrics, every_s: float = 1.0) -> None:
 
 
 def _interceptors(config: ServerConfig, metrics: ServiceMetrics) -> list:
-    interceptors: list = [ErrorInterceptor(metrics)]
-    if config.auth is not None:  # inside ErrorInterceptor: refusals are counted by code too
-        interceptors.append(AuthInterceptor(config.auth, metrics))
-    return interceptors
+    """Only the token check runs on every call, and only when tokens are configured (its
+    refusals are counted by code too: retrieval.security)."""
+    return [] if config.auth is None else [AuthInterceptor(config.auth, metrics)]
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:

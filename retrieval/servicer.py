@@ -106,7 +106,8 @@ def encode_retrieve(result: RetrieveResult, request_id: str) -> bytes:
                           result.degraded)
 
 
-def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server | ErrorBoundary
+                  ) -> None:
     """Register the service as the generated code does, with replies that may be bytes."""
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
@@ -119,26 +120,41 @@ def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorBoundary:
     """The one place exceptions become statuses (retrieval.errors.status_of); it also
-    counts every finished call by code and times it."""
+    counts every finished call by code and times it.
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
-        self.metrics = metrics
+    It stands in for the server where services are registered (``add_to_server``, the
+    generated ``add_*_to_server`` functions, reflection) and wraps each unary method's
+    handler once, when it is first looked up. (As a grpc.aio interceptor it rebuilt the
+    handler on every call and put every call through the interceptor pipeline: 0.05-0.07
+    ms of server CPU a call at 1M items, 5-7 %.)
+    """
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
+    def __init__(self, server: grpc.aio.Server, metrics: ServiceMetrics) -> None:
+        self.server, self.metrics = server, metrics
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_Guarded(h, self) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: self.guard(f"/{service}/{name}", handler)
+                      for name, handler in handlers.items()})
+
+    def guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` with its errors mapped and its calls counted (unary-unary only)."""
         if handler is None or handler.unary_unary is None:
             return handler
-        inner, method = handler.unary_unary, handler_call_details.method
-        rpc = method.rsplit("/", 1)[-1]
+        inner, metrics, rpc = handler.unary_unary, self.metrics, method.rsplit("/", 1)[-1]
 
         async def guarded(request, context):
             code = grpc.StatusCode.OK
             try:
                 if isinstance(request, _Undecodable):
                     raise request.error()
-                with self.metrics.stage(rpc, "total"):
+                with metrics.stage(rpc, "total"):
                     return await inner(request, context)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -152,13 +168,31 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code = status[0]
                 await context.abort(*status)
             finally:
-                self.metrics.count_request(rpc, code.name)
+                metrics.count_request(rpc, code.name)
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
             request_deserializer=_tolerant(handler.request_deserializer, method),
             response_serializer=handler.response_serializer,
         )
+
+
+class _Guarded(grpc.GenericRpcHandler):
+    """A generic handler whose unary methods go through an ErrorBoundary, each wrapped
+    the first time it is asked for (a method name nobody serves is not remembered)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, boundary: ErrorBoundary) -> None:
+        self._inner, self._boundary = inner, boundary
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        handler = self._wrapped.get(method)
+        if handler is None:
+            handler = self._inner.service(handler_call_details)
+            if handler is not None:
+                handler = self._wrapped[method] = self._boundary.guard(method, handler)
+        return handler
 
 
 def _logged_request_id(request) -> str:
