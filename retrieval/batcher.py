@@ -3,28 +3,31 @@ function (the user tower, the index search) run in a thread of its own, never on
 event loop.
 
     batcher = MicroBatcher(embed_batch, max_batch=32, max_wait_us=0,
-                           prepare=read_users)          # optional I/O stage
+                           prepare=read_users)          # optional I/O step
     user_emb = await batcher.submit(request)           # in each handler
     await batcher.close()                              # at shutdown: drains what is queued
 
-Two stages, each a thread, one batch in each at a time:
+By default one thread works the batches: it takes every request queued (up to
+``max_batch``) as soon as it is free, runs ``prepare(items)`` (the batch's I/O: the
+feature-store read, waiting on its socket without the GIL), then ``fn(items, prepared)``
+(or ``fn(items)`` without ``prepare``), and hands the results back.
 
-* the **read** stage takes every request queued (up to ``max_batch``) as soon as it is
-  free, and runs ``prepare(items)`` (the batch's I/O: the feature-store read);
-* the **compute** stage runs ``fn(items, prepared)`` (or ``fn(items)`` without
-  ``prepare``) on the batch the read stage handed over, while the read stage already
-  reads the next one. When nothing else is queued and the compute stage is idle, the read
-  thread runs ``fn`` itself instead of handing the batch over: at low load a hand-off
-  only adds a thread wake-up to every call (``on_compute_thread`` then also runs once in
-  the read thread).
+``overlap=True`` splits that into two stages, each a thread, one batch in each at a time:
+the **read** stage prepares a batch while the **compute** stage runs ``fn`` on the one
+before it, so a slow store's round trip does not hold the compute. When nothing else is
+queued and the compute stage is idle, the read thread runs ``fn`` itself instead of
+handing the batch over (``on_compute_thread`` then also runs once in the read thread).
+With a store on the same host the second thread costs more than it saves: two threads
+taking turns at the GIL and waking each other (1M items, Redis on loopback, c=50: 1,288-
+1,326 calls/s at 0.83-0.86 ms of CPU a call with two stages, 1,397-1,482 at 0.73-0.79 with
+one; at 573 calls/s p99 14.0-15.5 against 10.2-11.7 ms).
 
-So a batch's round trip to the store never holds the compute stage, and the hand-offs cost
-no event-loop turn: ``submit`` queues the request for the read thread directly, and the
-compute thread hands a whole batch's results back with one ``call_soon_threadsafe``
-(an asyncio collector task and ``run_in_executor`` cost two loop turns each way, and at
-half load a loop turn waits behind other calls' gRPC work). ``max_wait_us`` > 0 holds a
-batch that long after its first request for more to arrive; at 0 a batch is whatever
-arrived while the one before it was being read.
+Either way the hand-offs cost no event-loop turn: ``submit`` queues the request for the
+working thread directly, and a whole batch's results go back with one
+``call_soon_threadsafe`` (an asyncio collector task and ``run_in_executor`` cost two loop
+turns each way, and at half load a loop turn waits behind other calls' gRPC work).
+``max_wait_us`` > 0 holds a batch that long after its first request for more to arrive;
+at 0 a batch is whatever arrived while the one before it was being worked on.
 
 A result that is an exception instance is raised to that request alone; an exception
 raised by ``prepare`` or ``fn`` reaches every request of the batch. A request whose caller
@@ -76,13 +79,14 @@ class MicroBatcher(Generic[Item, Result]):
                  max_batch: int, max_wait_us: int, *, max_queue: int = 1024,
                  prepare: Callable[[list[Item]], Sequence[Any]] | None = None,
                  on_compute_thread: Callable[[], None] | None = None,
-                 name: str = "batcher") -> None:
+                 name: str = "batcher", overlap: bool = False) -> None:
         for label, value, low in (("max_batch", max_batch, 1), ("max_wait_us", max_wait_us, 0),
                                   ("max_queue", max_queue, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{label} must be an integer >= {low} (got {value!r})")
         self._fn, self._prepare, self._on_compute_thread = fn, prepare, on_compute_thread
         self.max_batch, self.max_queue, self.name = max_batch, max_queue, name
+        self._overlap = overlap and prepare is not None  # two stages: read, then compute
         self._max_wait_s = max_wait_us / 1e6
         # one lock, a condition for each thread's waits: a wake-up goes to the one thread
         # that has something to do (notify_all on a shared condition woke both)
@@ -140,8 +144,8 @@ class MicroBatcher(Generic[Item, Result]):
         if self._loop is None:
             self._loop = loop
             stages = [("read", self._read_stage, False), ("compute", self._compute_stage, True)]
-            if self._prepare is None:  # one stage: take, compute, deliver
-                stages = [("compute", self._read_stage, True)]
+            if not self._overlap:  # one stage: take, prepare, compute, deliver
+                stages = [("work", self._read_stage, True)]
             for stage, target, computes in stages:
                 thread = threading.Thread(target=self._guarded, args=(target, computes),
                                           daemon=True, name=f"{self.name}-{stage}")
@@ -190,9 +194,10 @@ class MicroBatcher(Generic[Item, Result]):
             self._send(stranded, BatcherClosed("the micro-batcher stopped (see the server log)"))
 
     def _read_stage(self) -> None:
-        """Take batches; prepare them (two stages) or compute them (one stage)."""
+        """Take batches; prepare and compute them (one stage), or prepare them for the
+        compute stage (overlap), computing one here when that stage is idle and nothing waits."""
         while True:
-            if self._prepare is not None:
+            if self._overlap:
                 with self._lock:
                     # one batch waits for the compute stage at most: the next is taken only
                     # once that one is, so it holds everything that arrived meanwhile
@@ -212,6 +217,9 @@ class MicroBatcher(Generic[Item, Result]):
                 self._send(batch, self._call(self._fn, items))
                 continue
             prepared = self._call(self._prepare, items)
+            if not self._overlap:  # one stage: compute here
+                self._compute(batch, prepared)
+                continue
             with self._lock:
                 if self._dead is not None:
                     raise RuntimeError("the compute stage stopped")

@@ -86,12 +86,18 @@ class BatchingConfig:
     max_queue: int = 2048   # beyond this, RESOURCE_EXHAUSTED instead of unbounded latency
     threads: int = 1
     faiss_threads: int = field(default_factory=default_faiss_threads)  # of one batch's search
+    # the store read of a batch in a thread of its own, overlapping the batch before it's
+    # compute: for a store far away (a round trip near a batch's compute time); on the
+    # same host one thread for both costs less (retrieval.batcher)
+    overlap_reads: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "threads", "faiss_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+        if not isinstance(self.overlap_reads, bool):
+            raise ValueError(f"overlap_reads must be true or false (got {self.overlap_reads!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +140,9 @@ class Retriever:
         self.breaker = CircuitBreaker("feature store", breaker,
                                       on_change=self.metrics.breaker_state.set)
         self._pair: ServingPair | None = None
-        # Two stages a batch, each a thread of the batcher: the read stage reads the batch's
-        # users from the store (a network round trip, waiting without the GIL) while the
-        # compute stage runs the tower and Faiss on the batch before it. The event loop
+        # One thread of the batcher reads a batch's users from the store (a network round
+        # trip, waiting without the GIL), then runs the tower and Faiss on it; with
+        # overlap_reads a second thread reads the next batch meanwhile. The event loop
         # thread only decodes, validates and encodes.
         # OpenMP's thread count is per calling thread: set it in the compute thread itself,
         # or Faiss there forks a team of one per core whose spinning workers eat the core
@@ -145,7 +151,8 @@ class Retriever:
                                      batching.max_wait_us, max_queue=batching.max_queue,
                                      prepare=self._read_batch, name="retrieve",
                                      on_compute_thread=lambda: _set_faiss_threads(
-                                         batching.faiss_threads))
+                                         batching.faiss_threads),
+                                     overlap=batching.overlap_reads)
         # SimilarItems: no user to read, one search a call, on a thread of its own
         self._executor = ThreadPoolExecutor(batching.threads, thread_name_prefix="similar",
                                             initializer=_set_faiss_threads,

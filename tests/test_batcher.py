@@ -198,7 +198,41 @@ def test_options_are_validated():
         MicroBatcher(lambda items: items, max_batch=0, max_wait_us=0)
 
 
-def test_the_next_batch_is_read_while_the_one_before_it_computes():
+def test_by_default_one_thread_reads_then_computes_each_batch():
+    """prepare (the store read) and fn of a batch run in one thread, after each other, with
+    the compute set-up run once there; the next batch holds everything that arrived."""
+    events: list[tuple[str, list, str]] = []
+    set_up: list[str] = []
+    reading = threading.Event()
+
+    def prepare(items):
+        events.append(("read", list(items), threading.current_thread().name))
+        reading.set()
+        time.sleep(0.1 if items == [1] else 0)  # others queue while batch [1] is read
+        return [f"user-{i}" for i in items]
+
+    def fn(items, prepared):
+        events.append(("compute", list(items), threading.current_thread().name))
+        return [f"{p}:{i * i}" for i, p in zip(items, prepared)]
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare, name="one",
+                               on_compute_thread=lambda: set_up.append(
+                                   threading.current_thread().name))
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.to_thread(reading.wait, 5)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 6)]
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return results
+
+    assert run(main) == [f"user-{i}:{i * i}" for i in range(1, 6)]
+    assert events == [("read", [1], "one-work"), ("compute", [1], "one-work"),
+                      ("read", [2, 3, 4, 5], "one-work"), ("compute", [2, 3, 4, 5], "one-work")]
+    assert set_up == ["one-work"]
+
+
+def test_with_overlap_the_next_batch_is_read_while_the_one_before_it_computes():
     """Two stages: prepare (the store read) of a batch overlaps fn of the batch before it,
     fn gets each item's prepared value, and the next read holds everything that arrived."""
     events: list[tuple[str, list, float]] = []
@@ -218,7 +252,8 @@ def test_the_next_batch_is_read_while_the_one_before_it_computes():
         return [f"{p}:{i * i}" for i, p in zip(items, prepared)]
 
     async def main():
-        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare)
+        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare,
+                               overlap=True)
         first = asyncio.create_task(batcher.submit(1))
         await asyncio.to_thread(reading.wait, 5)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 6)]
@@ -233,7 +268,7 @@ def test_the_next_batch_is_read_while_the_one_before_it_computes():
     assert reads[1][2] < first_done  # read while batch [1] was still computing
 
 
-def test_a_lone_batch_is_computed_without_a_hand_off_and_the_compute_set_up_runs_there():
+def test_with_overlap_a_lone_batch_is_computed_without_a_hand_off_and_set_up_runs_there():
     """Nothing else queued and the compute stage idle: the thread that read the batch
     computes it (no second thread woken per call at low load), after running the compute
     stage's set-up once, as the compute thread does."""
@@ -246,7 +281,8 @@ def test_a_lone_batch_is_computed_without_a_hand_off_and_the_compute_set_up_runs
     async def main():
         batcher = MicroBatcher(fn, max_batch=8, max_wait_us=0, prepare=lambda items: items,
                                on_compute_thread=lambda: set_up.append(
-                                   threading.current_thread().name), name="lone")
+                                   threading.current_thread().name), name="lone",
+                               overlap=True)
         answers = [await batcher.submit(i) for i in range(3)]
         await batcher.close()
         return answers

@@ -46,3 +46,8 @@ def test_a_cgroup_cpu_quota_caps_the_usable_cores(monkeypatch, tmp_path, cpu_max
     (tmp_path / "cpu.max").write_text(cpu_max)
     assert usable_cores(tmp_path / "cpu.max") == cores
     assert usable_cores(tmp_path / "absent") == 4
+
+
+def test_overlap_reads_must_be_a_boolean():
+    with pytest.raises(ValueError, match="overlap_reads must be true or false"):
+        BatchingConfig(overlap_reads="yes")

@@ -92,6 +92,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how long the open breaker skips Redis before one probe call")
     p.add_argument("--max-message-bytes", type=int, default=4 << 20,
                    help="largest request message accepted (larger: RESOURCE_EXHAUSTED)")
+    p.add_argument("--overlap-reads", action="store_true",
+                   help="read a batch's users from the store in a second thread while the "
+                        "batch before it computes: for a store whose round trip is near a "
+                        "batch's compute time; one thread does both by default")
     p.add_argument("--faiss-threads", type=int, default=None,
                    help="OpenMP threads of one batched Faiss search (waiting passively); "
                         "default 2, or 1 on a single usable core")
@@ -217,6 +221,7 @@ def _serve(args) -> int | None:
                           batching=BatchingConfig(max_batch=args.max_batch,
                                                   max_wait_us=args.max_wait_us,
                                                   max_queue=args.max_queue,
+                                                  overlap_reads=args.overlap_reads,
                                                   faiss_threads=(
                                                       default_faiss_threads()
                                                       if args.faiss_threads is None
