@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,12 +119,21 @@ class FeatureSpec:
     features: tuple[Feature, ...]
 
     def tower(self, tower: Tower) -> tuple[Feature, ...]:
-        return tuple(f for f in self.features if f.tower == tower)
+        found = self._by_tower.get(tower)
+        return tuple(f for f in self.features if f.tower == tower) if found is None else found
 
-    @property
+    @cached_property
     def user_input_features(self) -> tuple[Feature, ...]:
         """Inputs of the exported user tower: user features, then context features."""
         return self.tower("user") + self.tower("context")
+
+    @cached_property
+    def _by_tower(self) -> dict[str, tuple[Feature, ...]]:
+        """Each tower's features, once: the server asks on every call (the spec is frozen)."""
+        towers: dict[str, tuple[Feature, ...]] = {}
+        for f in self.features:
+            towers[f.tower] = (*towers.get(f.tower, ()), f)
+        return towers
 
     def feature(self, name: str) -> Feature:
         for f in self.features:

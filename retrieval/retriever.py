@@ -273,7 +273,9 @@ class Retriever:
                 found = pair.index.search(user_emb, k, exclude, [jobs[r].query.rules for r in rows])
             tops = [candidates.top(jobs[r].query.k) for r, candidates in zip(rows, found,
                                                                              strict=True)]
-            wires = [top.wire() for top in tops]  # here, not on the event loop
+            # here, not on the event loop; one gather for the batch's replies
+            wires = pair.index.wire.records_many([t.rows for t in tops],
+                                                 [t.score_array for t in tops])
             finished = time.perf_counter()
             for r, top, wire in zip(rows, tops, wires, strict=True):
                 results[r] = _Answer(top, read[r][1], finished, wire)

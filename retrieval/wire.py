@@ -27,6 +27,8 @@ one copy (about 30 MB at 1M items) instead of each building its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from retrieval import mapped_cache
@@ -78,6 +80,23 @@ class CandidateWire:
         repeated ``candidates`` fields."""
         if len(rows) == 0:
             return b""
+        return self._gather(rows, scores)[0]
+
+    def records_many(self, rows: Sequence[np.ndarray], scores: Sequence[np.ndarray]
+                     ) -> list[bytes]:
+        """``records`` of each of several candidate lists (a batch's replies), with one
+        gather for all of them: a dozen NumPy calls a batch instead of a dozen a reply."""
+        if len(rows) < 2:
+            return [self.records(r, s) for r, s in zip(rows, scores, strict=True)]
+        counts = np.cumsum([len(r) for r in rows])
+        if counts[-1] == 0:
+            return [b""] * len(rows)
+        body, ends = self._gather(np.concatenate(rows), np.concatenate(scores))
+        stops = np.concatenate([[0], ends])[counts].tolist()
+        return [body[start:stop] for start, stop in zip([0, *stops[:-1]], stops, strict=True)]
+
+    def _gather(self, rows: np.ndarray, scores: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """The records of rows (m ≥ 1) with their scores, and where each record ends."""
         lengths = self._lengths[rows]
         ends = np.cumsum(lengths)
         # Byte j of the reply comes from byte (j - start of its record in the reply) of
@@ -87,7 +106,7 @@ class CandidateWire:
         out = self._buffer[source]
         score_at = (ends - 4)[:, None] + np.arange(4)
         out[score_at] = np.ascontiguousarray(scores, dtype="<f4").view(np.uint8).reshape(-1, 4)
-        return out.tobytes()
+        return out.tobytes(), ends
 
 
 def _record(item_id: bytes) -> bytes:

@@ -81,3 +81,17 @@ def test_batch_replies_are_repeated_retrieve_replies():
     got = pb.BatchRetrieveResponse.FromString(repeated_messages(1, replies))
     assert [r.request_id for r in got.responses] == ["r0", "r1", "r2", "r3"]
     assert [r.candidates[0].item_id for r in got.responses] == [str(i) for i in ITEM_IDS[:4]]
+
+
+@pytest.mark.parametrize("item_ids", [ITEM_IDS, ASCII_IDS], ids=["any", "ascii"])
+@pytest.mark.parametrize("sizes", [[], [0], [7], [0, 0], [3, 0, 100, 1], [0, 5], [200, 200]])
+def test_a_batch_of_replies_gathered_at_once_is_each_reply_gathered_alone(item_ids, sizes):
+    rng = np.random.default_rng(len(sizes))
+    rows = [rng.permutation(len(item_ids))[:m].astype(np.int64) for m in sizes]
+    scores = [rng.normal(size=m).astype(np.float32) for m in sizes]
+    wire = CandidateWire(item_ids)
+    got = wire.records_many(rows, scores)
+    assert got == [wire.records(r, s) for r, s in zip(rows, scores)]
+    for body, r, s in zip(got, rows, scores):
+        assert pb.RetrieveResponse.FromString(response_bytes(body, "m", "i")) == expected(
+            r, s, item_ids, model_version="m", index_version="i")
