@@ -198,6 +198,17 @@ def test_options_are_validated():
         MicroBatcher(lambda items: items, max_batch=0, max_wait_us=0)
 
 
+async def _one_then_four(batcher: MicroBatcher, reading: threading.Event) -> list:
+    """Submit 1, then, once its batch is being read, 2 to 5 (they queue meanwhile); the
+    answers, after closing the batcher."""
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.to_thread(reading.wait, 5)
+    rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 6)]
+    results = await asyncio.gather(first, *rest)
+    await batcher.close()
+    return results
+
+
 def test_by_default_one_thread_reads_then_computes_each_batch():
     """prepare (the store read) and fn of a batch run in one thread, after each other, with
     the compute set-up run once there; the next batch holds everything that arrived."""
@@ -216,15 +227,10 @@ def test_by_default_one_thread_reads_then_computes_each_batch():
         return [f"{p}:{i * i}" for i, p in zip(items, prepared)]
 
     async def main():
-        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare, name="one",
-                               on_compute_thread=lambda: set_up.append(
-                                   threading.current_thread().name))
-        first = asyncio.create_task(batcher.submit(1))
-        await asyncio.to_thread(reading.wait, 5)
-        rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 6)]
-        results = await asyncio.gather(first, *rest)
-        await batcher.close()
-        return results
+        return await _one_then_four(
+            MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare, name="one",
+                         on_compute_thread=lambda: set_up.append(
+                             threading.current_thread().name)), reading)
 
     assert run(main) == [f"user-{i}:{i * i}" for i in range(1, 6)]
     assert events == [("read", [1], "one-work"), ("compute", [1], "one-work"),
@@ -252,14 +258,9 @@ def test_with_overlap_the_next_batch_is_read_while_the_one_before_it_computes():
         return [f"{p}:{i * i}" for i, p in zip(items, prepared)]
 
     async def main():
-        batcher = MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare,
-                               overlap=True)
-        first = asyncio.create_task(batcher.submit(1))
-        await asyncio.to_thread(reading.wait, 5)
-        rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 6)]
-        results = await asyncio.gather(first, *rest)
-        await batcher.close()
-        return results
+        return await _one_then_four(
+            MicroBatcher(fn, max_batch=16, max_wait_us=0, prepare=prepare, overlap=True),
+            reading)
 
     assert run(main) == [f"user-{i}:{i * i}" for i in range(1, 6)]
     reads = [e for e in events if e[0] == "read"]
