@@ -18,9 +18,9 @@ before it, so a slow store's round trip does not hold the compute. When nothing 
 queued and the compute stage is idle, the read thread runs ``fn`` itself instead of
 handing the batch over (``on_compute_thread`` then also runs once in the read thread).
 With a store on the same host the second thread costs more than it saves: two threads
-taking turns at the GIL and waking each other (1M items, Redis on loopback, c=50: 1,288-
-1,326 calls/s at 0.83-0.86 ms of CPU a call with two stages, 1,397-1,482 at 0.73-0.79 with
-one; at 573 calls/s p99 14.0-15.5 against 10.2-11.7 ms).
+taking turns at the GIL and waking each other (1M items, Redis on loopback, c=50: 1,197-
+1,272 calls/s at 0.86-0.92 ms of CPU a call with two stages, 1,339-1,389 at 0.78-0.82 with
+one; at 573 calls/s p99 11.4-13.7 against 10.2-11.2 ms; docs/request-path.md).
 
 Either way the hand-offs cost no event-loop turn: ``submit`` queues the request for the
 working thread directly, and a whole batch's results go back with one
