@@ -348,8 +348,7 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
                        f"{many.rps:,.0f} against {server.rps:,.0f} calls/s")
     half = max(1, round(_best(rows, "server") * 0.5))
     echo_half, one = row_at("echo@srv", half), row("server", "closed", 1)
-    at_half = next((r for r in rows if r.variant == "server" and r.mode == "open"
-                    and r.target_rps == half), None)
+    at_half = row_at("server", half)
     if at_half and echo_half and one:
         p99, p50 = at_half.p99_ms / echo_half.p99_ms, at_half.p50_ms / one.p50_ms
         out.append(f"  half load ({half}/s): p99 {at_half.p99_ms:.2f} ms against echo's "

@@ -119,8 +119,7 @@ class FeatureSpec:
     features: tuple[Feature, ...]
 
     def tower(self, tower: Tower) -> tuple[Feature, ...]:
-        found = self._by_tower.get(tower)
-        return tuple(f for f in self.features if f.tower == tower) if found is None else found
+        return self._by_tower.get(tower, ())
 
     @cached_property
     def user_input_features(self) -> tuple[Feature, ...]:
