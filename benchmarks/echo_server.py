@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50052, help="0 = any free port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    parser.add_argument("--cpus", metavar="LIST",
+                   help="run every thread on these CPUs (e.g. 0 or 0-1), as serve --cpu-affinity")
     args = parser.parse_args(argv)
+    if args.cpus:
+        from retrieval.cpus import parse_cpu_list, pin_process
+
+        pin_process(parse_cpu_list(args.cpus))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(args.host, args.port, args.port_file))

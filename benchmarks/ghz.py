@@ -12,6 +12,7 @@ and targets the address it is given (127.0.0.1 in this project).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -138,12 +139,16 @@ def ghz_command(ghz: Path, address: str, load: Load, data_file: Path, out: Path,
     return [*cmd, address]
 
 
-def run_ghz(ghz: Path, address: str, load: Load, data_file: Path, out: Path) -> dict:
-    """Runs ghz once and returns its JSON report; raises RuntimeError with its stderr."""
+def run_ghz(ghz: Path, address: str, load: Load, data_file: Path, out: Path,
+            cpus: Sequence[int] | None = None) -> dict:
+    """Runs ghz once (on ``cpus`` when given) and returns its JSON report; raises
+    RuntimeError with its stderr."""
     cmd = ghz_command(ghz, address, load, data_file, out)
     limit = (60.0 + load.total / 10) if load.total > 0 else parse_duration(load.duration) + 60.0
     log.info("ghz %s → %s", load.label, address)
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
+    pin = None if cpus is None else functools.partial(os.sched_setaffinity, 0, set(cpus))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit,
+                          preexec_fn=pin)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"ghz exited with {done.returncode}: {done.stderr.strip()[-2000:]}\n"
                            f"command: {shlex.join(cmd)}")

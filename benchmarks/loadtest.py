@@ -29,6 +29,12 @@ cannot describe the methods to it, and ``--cpus 1`` (GOMAXPROCS=1) so the load g
 leaves the other core(s) to the server. Every run is bounded (``-z`` or
 ``-n``, per-request timeout, a hard subprocess timeout) and targets 127.0.0.1 only.
 
+Placement (``--placement``): ``split`` (the default on 2 or more CPUs) runs ghz on the
+last CPU and every server on the others, as a load generator on a host of its own would
+leave them (serve variants through ``--cpu-affinity``, which a variant's own flag
+overrides: ``--variant workers2="--workers 2 --cpu-affinity auto"`` takes every CPU);
+``shared`` pins nothing, as every run before stop 21 did.
+
 Without ``--model``/``--index`` the artifacts come from ``--workdir``: synthetic data
 (3000 users, ``--items`` items in ``--clusters`` taste clusters, ``--content-dims`` dense
 content features per item), a model trained there with ``MODEL_RECIPE`` (normalised
@@ -115,6 +121,27 @@ def serve_command(model: Path, index: Path, features: Path | None, redis_url: st
     return [*cmd, *extra]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the servers and ghz run on; None: unpinned."""
+
+    servers: tuple[int, ...] | None = None
+    ghz: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, mode: str, cpus: Sequence[int] | None = None) -> Placement:
+        """``split``: ghz on the last CPU, the servers on the others (``shared`` on one
+        CPU); ``shared``: nothing pinned."""
+        cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+        if mode == "shared" or len(cpus) < 2:
+            return cls()
+        return cls(tuple(cpus[:-1]), (cpus[-1],))
+
+    def describe(self) -> dict:
+        text = lambda cpus: "any" if cpus is None else ",".join(map(str, cpus))  # noqa: E731
+        return {"servers": text(self.servers), "ghz": text(self.ghz)}
+
+
 @contextmanager
 def running(variant: Variant, workdir: Path) -> Iterator[ServeProcess]:
     """Starts the variant on 127.0.0.1 and a free port; yields it; always stops it."""
@@ -139,31 +166,35 @@ def served_context(model: Path | None) -> tuple[str, ...]:
 
 
 def measure(ghz: Path, variant: Variant, plan: Plan, data_file: Path,
-            workdir: Path, warmup: int, opens: Sequence[Load] | None = None
+            workdir: Path, warmup: int, opens: Sequence[Load] | None = None,
+            ghz_cpus: Sequence[int] | None = None
             ) -> tuple[list[Row], dict[str, np.ndarray]]:
     """Every load of the plan against one fresh server of the variant (``opens``: these
-    open-loop loads instead of the plan's)."""
+    open-loop loads instead of the plan's), ghz on ``ghz_cpus`` when given."""
     rows: list[Row] = []
     latencies: dict[str, np.ndarray] = {}
     with running(variant, workdir) as server:
         if warmup > 0:
             run_ghz(ghz, server.address, Load("closed", 4, total=warmup), data_file,
-                    workdir / f"{variant.name}-warmup.json")
+                    workdir / f"{variant.name}-warmup.json", ghz_cpus)
         for load in plan.closed() if opens is None else []:
-            _measure_one(ghz, server, variant, load, data_file, workdir, rows, latencies)
+            _measure_one(ghz, server, variant, load, data_file, workdir, rows, latencies,
+                         ghz_cpus)
         for open_load in plan.opens(rows) if opens is None else opens:
-            _measure_one(ghz, server, variant, open_load, data_file, workdir, rows, latencies)
+            _measure_one(ghz, server, variant, open_load, data_file, workdir, rows, latencies,
+                         ghz_cpus)
     return rows, latencies
 
 
 def _measure_one(ghz: Path, server: ServeProcess, variant: Variant, load: Load,
                  data_file: Path, workdir: Path, rows: list[Row],
-                 latencies: dict[str, np.ndarray]) -> None:
+                 latencies: dict[str, np.ndarray],
+                 ghz_cpus: Sequence[int] | None = None) -> None:
     """One ghz run; around it, the server's CPU time (all its processes, /proc), its
     memory after it (PSS), and its stage timings (/metrics, when it has them)."""
     raw = workdir / f"{variant.name}-{load.label.replace('/', '_')}.json"
     metrics_before, cpu_before = scrape(server.metrics_port), server.cpu_seconds()
-    report = run_ghz(ghz, server.address, load, data_file, raw)
+    report = run_ghz(ghz, server.address, load, data_file, raw, ghz_cpus)
     cpu = server.cpu_seconds() - cpu_before
     row = parse_report(report, variant.name, load)
     rows.append(dataclasses.replace(
@@ -433,26 +464,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="ghz --connections for every measured run (at most the concurrency "
                         "in closed loop): serve --workers N shares its port by connection, so "
                         "one connection reaches one worker; give several to load them all")
+    p.add_argument("--placement", choices=("split", "shared"), default="split",
+                   help="split: ghz on the last CPU, every server on the others (serve "
+                        "--cpu-affinity, unless a variant gives its own); shared: nothing "
+                        "pinned (the runs before stop 21)")
     p.add_argument("--note", default="", help="stored with the results and on the plots")
     p.add_argument("--write-data", type=Path, metavar="FILE",
                    help="only write the ghz call data made from --users to FILE, and exit")
     return p
 
 
-def _variants(args, pair: tuple[Path, Path, Path | None] | None) -> list[Variant]:
+def _variants(args, pair: tuple[Path, Path, Path | None] | None,
+              placement: Placement = Placement()) -> list[Variant]:
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(chosen) - {"echo", "naive", "server"}
     if unknown:
         raise ValueError(f"--variants: expected some of echo, naive, server "
                          f"(got {sorted(unknown)})")
-    out = [Variant("echo", ECHO)] if "echo" in chosen else []
+    cpus = None if placement.servers is None else ",".join(map(str, placement.servers))
+    pinned = [] if cpus is None else ["--cpus", cpus]
+    out = [Variant("echo", [*ECHO, *pinned])] if "echo" in chosen else []
     if pair is None:
         return out
     base = shlex.split(args.server_args)
     model, index, features = pair
     if "naive" in chosen:
         out.append(Variant("naive", serve_command(model, index, features, args.redis_url,
-                                                  base=NAIVE)))
+                                                  pinned, base=NAIVE)))
     serve = [("server", [])] if "server" in chosen else []
     for spec in args.variant:
         name, sep, extra = spec.partition("=")
@@ -462,9 +500,10 @@ def _variants(args, pair: tuple[Path, Path, Path | None] | None) -> list[Variant
     # One serving process unless the variant's args say --workers (a later flag wins): the
     # default with Redis would be every usable core (retrieval.workers).
     # --metrics-port 0: its stage timings are read around each run
+    affinity = [] if cpus is None else ["--cpu-affinity", cpus]
     return out + [Variant(name, serve_command(model, index, features, args.redis_url,
                                               ["--workers", "1", "--metrics-port", "0",
-                                               *base, *extra]))
+                                               *affinity, *base, *extra]))
                   for name, extra in serve]
 
 
@@ -549,7 +588,8 @@ def _filled_redis(stack: ExitStack, workdir: Path, data: Path | None) -> str:
 
 
 def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[int]) -> int:
-    variants = _variants(args, pair)
+    placement = Placement.of(args.placement)
+    variants = _variants(args, pair, placement)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_file = args.workdir / "call-data.json"
     context = served_context(pair[0] if pair is not None else None)
@@ -561,7 +601,8 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     for variant in variants:
         try:
             variant_rows, latencies[variant.name] = measure(
-                ghz, variant, plan, data_file, args.workdir / "runs", args.warmup)
+                ghz, variant, plan, data_file, args.workdir / "runs", args.warmup,
+                ghz_cpus=placement.ghz)
         except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
             log.error("variant %s not measured: %s", variant.name, exc)
             failed.append(variant.name)
@@ -580,7 +621,8 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
                                    opens=[Load("open", max(plan.concurrency), plan.duration,
                                                rps=r, total=plan.total,
                                                connections=plan.connections)
-                                          for r in dict.fromkeys((rate, top))])
+                                          for r in dict.fromkeys((rate, top))],
+                                   ghz_cpus=placement.ghz)
         rows += [dataclasses.replace(r, variant="echo@srv") for r in extra]
         latencies["echo@srv"] = extra_lat
     parts = {}
@@ -594,7 +636,8 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     print(format_stages(rows))
     lines = summary(rows) + target_lines(rows, parts, max(plan.concurrency))
     print("\n".join(lines))
-    meta = {**_meta(ghz, variants, args.note), "summary": lines, "cpu_parts": parts}
+    meta = {**_meta(ghz, variants, args.note), "placement": placement.describe(),
+            "summary": lines, "cpu_parts": parts}
     for path in write_results(rows, latencies, meta, args.out):
         log.info("wrote %s", path)
     if pair is None and wants_server(args):

@@ -132,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50053, help="0 = any free port")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    p.add_argument("--cpus", metavar="LIST",
+                   help="run every thread on these CPUs (e.g. 0 or 0-1), as serve --cpu-affinity")
     args = p.parse_args(argv)
+    if args.cpus:
+        from retrieval.cpus import parse_cpu_list, pin_process
+
+        pin_process(parse_cpu_list(args.cpus))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(args))

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from retrieval import long_lived
 from retrieval.batcher import MicroBatcher
 from retrieval.candidate_index import Candidates
 from retrieval.circuit_breaker import BreakerConfig, CircuitBreaker
+from retrieval.cpus import usable_cores
 from contracts.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -55,28 +54,16 @@ class RetrieveResult:
     candidate_bytes: bytes | None = None
 
 
-def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
-    (a container limited to ``cpu: "1"`` sees every core of its node in its affinity)."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota == "max":
-            return cores
-        return max(1, min(cores, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 file, or not one we know
-        return cores
-
-
-def default_faiss_threads() -> int:
-    """Two OpenMP threads for a batch's search, one on a single usable core.
+def default_faiss_threads(cpus: Sequence[int] | None = None) -> int:
+    """Two OpenMP threads for a batch's search, one on a single usable core (or a worker
+    pinned to one CPU: ``cpus``, retrieval.cpus).
 
     Measured with the load test (Redis on, ghz on the same 2 cores, c=50): two threads
     served +19-20 % calls/s with a 1M-item IVF index (two runs) and +6-7 % at 50k items,
     with open-loop p99 at the same share of the maximum unchanged. While the compute thread
     searches, the event loop's core is often idle; more threads than two only queue behind
     the loop and the load generator for the same cores."""
-    return min(2, usable_cores())
+    return min(2, len(cpus) if cpus else usable_cores())
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from retrieval import long_lived
 from retrieval.circuit_breaker import BreakerConfig
+from retrieval.cpus import pin_process
 from retrieval.feature_store import (
     DEFAULT_MAX_USERS, FeatureStore, InMemoryFeatureStore, RedisFeatureStore,
     users_from_dataset,
@@ -113,8 +114,16 @@ class ServerConfig:
     # worker shares the port with the others (SO_REUSEPORT) and binds it only once loaded,
     # so the kernel never hands a connection to a worker that cannot answer yet.
     worker: int | None = None
+    # The CPUs every thread of this process runs on (retrieval.cpus: serve --cpu-affinity);
+    # None: wherever the kernel puts them.
+    cpus: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        c = self.cpus
+        if c is not None and (not isinstance(c, tuple) or not c or not all(
+                isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in c)):
+            raise ValueError(f"cpus must be a non-empty tuple of CPU numbers or None "
+                             f"(got {c!r:.60})")
         t = self.redis_timeout_s
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 60:
             raise ValueError(f"redis_timeout_s must be in (0, 60] seconds (got {t!r})")
@@ -296,6 +305,8 @@ async def _feature_store(config: ServerConfig, metrics: ServiceMetrics) -> Featu
 
 async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
     """Run until SIGTERM/SIGINT: load, serve, then drain in-flight calls and stop."""
+    if config.cpus is not None:  # first: the threads started from here on inherit it
+        pin_process(config.cpus)
     sys.setswitchinterval(config.gil_switch_interval_s)
     running = await create_server(config)
     try:

@@ -45,7 +45,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
 import os
 import selectors
 import shutil
@@ -69,36 +68,21 @@ STOP_MARGIN_S = 15.0   # past the drain grace, time for a worker's loop and thre
 POLL_S = 0.2           # how often exits are checked when no signal arrives
 
 
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota
-    (a container's CPU limit, which the affinity does not show), at least 1."""
-    cores = len(os.sched_getaffinity(0))
-    quota = _cgroup_cpu_quota()
-    return max(1, min(cores, math.ceil(quota)) if quota else cores)
-
-
-def _cgroup_cpu_quota() -> float | None:
-    try:  # cgroup v2: "max 100000" or "200000 100000"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:  # cgroup v1
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return None if quota <= 0 else quota / period
-    except (OSError, ValueError):
-        return None
-
-
 @dataclass(frozen=True)
 class SupervisorConfig:
     workers: int
     max_restarts: int = 5        # unasked exits tolerated within the window …
     restart_window_s: float = 60.0  # … beyond that, a crash loop: stop and exit 1
     log_format: str = "text"
+    # worker i runs on placement[i]'s CPUs (retrieval.cpus.place_workers); (): no pinning
+    placement: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        # JSON (exec_supervisor) brings the placement back as lists
+        object.__setattr__(self, "placement", tuple(tuple(g) for g in self.placement))
+        if self.placement and len(self.placement) != self.workers:
+            raise ValueError(f"placement must name the CPUs of each of the {self.workers} "
+                             f"workers (got {len(self.placement)} groups)")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
                 1 <= self.workers <= 256):
             raise ValueError(f"workers must be an integer in [1, 256] (got {self.workers!r})")
@@ -124,10 +108,13 @@ class Serving:
         return cls(encode_config(server), server.host, port, server.metrics_port,
                    server.grace_seconds)
 
-    def worker_config(self, index: int) -> dict:
-        """Worker ``index``'s configuration (encoded): the server's, without /metrics."""
-        return {**self.config,
-                "fields": {**self.config["fields"], "worker": index, "metrics_port": None}}
+    def worker_config(self, index: int, cpus: tuple[int, ...] | None = None) -> dict:
+        """Worker ``index``'s configuration (encoded): the server's, without /metrics, on
+        ``cpus`` when given."""
+        fields = {**self.config["fields"], "worker": index, "metrics_port": None}
+        if cpus:
+            fields["cpus"] = encode_config(tuple(cpus))
+        return {**self.config, "fields": fields}
 
 
 @dataclass
@@ -165,10 +152,15 @@ class Supervisor:
         assert process.stdin is not None
         with process.stdin:
             process.stdin.write(json.dumps({
-                "config": self.server.worker_config(index), "port_file": str(port_file),
+                "config": self.server.worker_config(index, self._cpus(index)),
+                "port_file": str(port_file),
                 "log_format": self.supervision.log_format, "parent": os.getpid()}).encode())
         self.workers[index] = _Worker(index, process, port_file)
         log.info("worker %d started (pid %d)", index, process.pid)
+
+    def _cpus(self, index: int) -> tuple[int, ...] | None:
+        placement = self.supervision.placement
+        return placement[index] if placement else None
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / "metrics")}

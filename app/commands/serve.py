@@ -126,6 +126,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "EXPIRE; in-process: the recorded user is dropped); 0 = never")
     p.add_argument("--grace-seconds", type=float, default=5.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
+    p.add_argument("--cpu-affinity", default="off", metavar="off|auto|LIST",
+                   help="run each worker's threads on CPUs of its own: auto = this "
+                        "process's CPUs split among the workers (not under a CPU quota "
+                        "narrower than them: a shared pool), or a list such as 0,2-3; "
+                        "off = wherever the kernel puts them (retrieval.cpus)")
     p.add_argument("--workers", type=int, default=None,
                    help="serving processes on the one port, each with its own GIL "
                         "(retrieval.workers); default: the usable cores with --redis-url, "
@@ -189,7 +194,7 @@ def _client_channel(args):
 def _workers(args) -> int:
     """--workers, or its default; more than one needs Redis: each in-process store would be
     one worker's alone, and a history recorded by one unseen by the others."""
-    from retrieval.workers import usable_cores
+    from retrieval.cpus import usable_cores
 
     if args.workers is None:
         return usable_cores() if args.redis_url else 1
@@ -211,8 +216,16 @@ def _serve(args) -> int | None:
     # thread; benchmarks/sequence_tower.py). The serving threads are the parallelism.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from retrieval.circuit_breaker import BreakerConfig
+    from retrieval.cpus import place_workers
     from retrieval.retriever import BatchingConfig, default_faiss_threads
     from retrieval.server import ServerConfig, StreamLimits, serve
+
+    workers = _workers(args)
+    try:
+        placement = place_workers(args.cpu_affinity, workers)
+    except ValueError as exc:
+        raise ValueError(f"--cpu-affinity: {exc}") from None
+    fewest_cpus = min(placement, key=len) if placement else None
 
     config = ServerConfig(model_dir=args.model, index_dir=args.index, host=args.host,
                           **_serve_security(args),
@@ -223,7 +236,7 @@ def _serve(args) -> int | None:
                                                   max_queue=args.max_queue,
                                                   overlap_reads=args.overlap_reads,
                                                   faiss_threads=(
-                                                      default_faiss_threads()
+                                                      default_faiss_threads(fewest_cpus)
                                                       if args.faiss_threads is None
                                                       else args.faiss_threads)),
                           user_tower=args.user_tower,
@@ -241,13 +254,14 @@ def _serve(args) -> int | None:
                                                args.max_connection_age_seconds or None,
                                                args.max_connection_age_grace_seconds),
                           history_ttl_s=args.history_ttl_seconds or None,
-                          grace_seconds=args.grace_seconds)
-    workers = _workers(args)
+                          grace_seconds=args.grace_seconds,
+                          cpus=placement[0] if placement and workers == 1 else None)
     if workers > 1:
         from retrieval.workers import SupervisorConfig, exec_supervisor
 
         # the supervisor replaces this process: it keeps none of what was imported here
-        exec_supervisor(config, SupervisorConfig(workers, log_format=args.log_format),
+        exec_supervisor(config, SupervisorConfig(workers, log_format=args.log_format,
+                                                 placement=placement or ()),
                         args.port_file)
     asyncio.run(serve(config, args.port_file))
     return None
