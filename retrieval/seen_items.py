@@ -84,8 +84,9 @@ def queue_add(pipe: Any, key: str, items: Mapping[str, float], cap: int,
         pipe.expire(key, ttl_s)
 
 
-def queue_read(pipe: Any, key: str, cap: int) -> None:
-    pipe.zrange(key, -cap, -1)
+def read_command(key: str, cap: int) -> tuple[str, str, int, int]:
+    """The command that reads a user's seen set (its newest ``cap`` items)."""
+    return ("ZRANGE", key, -cap, -1)
 
 
 def decode(reply: Sequence[str | bytes]) -> frozenset[str]:

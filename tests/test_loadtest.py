@@ -127,6 +127,25 @@ def test_without_a_model_index_pair_only_the_echo_server_is_measured(monkeypatch
                            (tmp_path, tmp_path, None))
 
 
+def test_split_placement_gives_ghz_the_last_cpu_and_every_server_the_others(tmp_path):
+    from benchmarks import loadtest
+
+    placement = loadtest.Placement.of("split", [0, 1, 2])
+    assert (placement.servers, placement.ghz) == ((0, 1), (2,))
+    assert loadtest.Placement.of("shared", [0, 1]) == loadtest.Placement()
+    assert loadtest.Placement.of("split", [0]) == loadtest.Placement()  # nothing to split
+    args = loadtest._parser().parse_args(["--variant", "workers2=--workers 2 --cpu-affinity "
+                                          "auto"])
+    variants = {v.name: v.command for v in loadtest._variants(
+        args, (tmp_path / "m", tmp_path / "i", None), placement)}
+    assert variants["echo"][-2:] == ["--cpus", "0,1"]
+    assert variants["naive"][-2:] == ["--cpus", "0,1"]
+    server = variants["server"]
+    assert server[server.index("--cpu-affinity") + 1] == "0,1"
+    workers = variants["workers2"]  # its own flag comes later, so it wins
+    assert workers[-2:] == ["--cpu-affinity", "auto"]
+
+
 def test_a_pair_made_with_another_index_spec_keeps_its_model_and_gets_a_new_index(
         pipeline, tmp_path):
     """`--index-spec` is part of what a made pair is: asking for another index rebuilds the
