@@ -55,6 +55,7 @@ from benchmarks.ghz import (
 from benchmarks.loadtest import (
     DEFAULT_USERS,
     ArtifactsUnavailable,
+    Placement,
     Variant,
     _filled_redis,
     _two_tower,
@@ -115,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--swap-after", type=float, default=4.0,
                    help="seconds into the second run at which CURRENT moves")
     p.add_argument("--users", type=Path, default=DEFAULT_USERS)
+    p.add_argument("--placement", choices=("split", "shared"), default="split",
+                   help="split: ghz on the last CPU, the server on the others (serve "
+                        "--cpu-affinity), as in the load test; shared: nothing pinned")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return p
 
@@ -174,12 +178,16 @@ def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: 
     move_pointer(store, first.name)
     data_file = work / "call-data.json"
     data_file.write_text(json.dumps(call_data(read_user_ids(args.users))))
+    placement = Placement.of(args.placement)
+    pinned = ([] if placement.servers is None
+              else ["--cpu-affinity", ",".join(map(str, placement.servers))])
     variant = Variant("server", serve_command(model, store, None, redis_url,
-                                              ["--watch-interval", str(POLL_S)]))
+                                              ["--watch-interval", str(POLL_S), *pinned]))
     runs, moved_at = [], None
     with running(variant, work) as server:
         address = server.address
-        run_ghz(ghz, address, Load("closed", 4, total=600), data_file, work / "warmup.json")
+        run_ghz(ghz, address, Load("closed", 4, total=600), data_file, work / "warmup.json",
+                placement.ghz)
         for swap in (False, True):
             timer = None
             if swap:
@@ -192,7 +200,8 @@ def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: 
             if timer:
                 timer.start()
             report = run_ghz(ghz, address, Load("open", 1, args.duration, rps=args.rate),
-                             data_file, work / f"ghz-{'swap' if swap else 'steady'}.json")
+                             data_file, work / f"ghz-{'swap' if swap else 'steady'}.json",
+                             placement.ghz)
             if timer:
                 timer.join()
             runs.append(_run_summary("swap" if swap else "steady", report, started))
@@ -200,6 +209,7 @@ def measure(ghz: Path, args, model: Path, first: Path, second: Path, redis_url: 
     swapped_at = _swap_time(work / "server.log", second.name)
     return {"utc": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": shlex.join(["python", "-m", "benchmarks.swap_load", *sys.argv[1:]]),
+            "placement": placement.describe(),
             "model": model.name, "first": first.name, "second": second.name,
             "rate": args.rate, "duration": args.duration, "runs": runs,
             "moved_s": None if moved_at is None else round(moved_at - runs[1]["started"], 3),
