@@ -335,9 +335,9 @@ def _best(rows: Sequence[Row], variant: str) -> float:
                default=0.0)
 
 
-def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> list[str]:
-    """The service's targets (issue: serving at its own limit), each with the figures it
-    is computed from in this run and whether it holds."""
+def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> dict:
+    """The figures the service's targets (issue: serving at its own limit) are computed
+    from in this run, each ratio beside them; a target whose rows the run lacks is absent."""
     def row(variant: str, mode: str, c: int | None = None) -> Row | None:
         return next((r for r in rows if r.variant == variant and r.mode == mode
                      and (c is None or r.concurrency == c)), None)
@@ -346,49 +346,81 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
         return next((r for r in rows if r.variant == variant and r.mode == "open"
                      and r.target_rps == rps), None)
 
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
-    out = ["", "targets:"]
+    out: dict = {}
     server, echo = row("server", "closed", top_c), row("echo", "closed", top_c)
     if server and echo and parts:
         unavoidable = (echo.cpu_ms_per_call + parts["ann_ms_per_query"]
                        + parts["tower_ms_per_user"] + parts["redis_parse_ms_per_user"])
-        ratio = server.cpu_ms_per_call / unavoidable
-        out.append(f"  CPU per call at c={top_c}: server {server.cpu_ms_per_call:.3f} ms against "
-                   f"the parts' {unavoidable:.3f} (echo {echo.cpu_ms_per_call:.3f} + ANN "
-                   f"{parts['ann_ms_per_query']:.3f} + tower {parts['tower_ms_per_user']:.3f} + "
-                   f"Redis parse {parts['redis_parse_ms_per_user']:.3f}, batch "
-                   f"{parts['batch']}): {ratio:.2f}x (<= 1.2: {verdict(ratio <= 1.2)})")
+        out["cpu"] = {"server": server.cpu_ms_per_call, "echo": echo.cpu_ms_per_call,
+                      "echo_rps": echo.rps, "parts": unavoidable,
+                      "ratio": server.cpu_ms_per_call / unavoidable}
         same_rate = row_at("echo@srv", max(1, round(_best(rows, "server"))))
         if same_rate is not None:
-            rest = unavoidable - echo.cpu_ms_per_call
-            at_rate = same_rate.cpu_ms_per_call + rest
-            out.append(f"    with echo's CPU per call at the server's rate "
-                       f"({same_rate.rps:,.0f}/s, echo {same_rate.cpu_ms_per_call:.3f} ms "
-                       f"in place of "
-                       f"{echo.cpu_ms_per_call:.3f} at its own {echo.rps:,.0f}/s): parts "
-                       f"{at_rate:.3f}, {server.cpu_ms_per_call / at_rate:.2f}x")
+            at_rate = same_rate.cpu_ms_per_call + unavoidable - echo.cpu_ms_per_call
+            out["cpu_at_rate"] = {"rps": same_rate.rps, "echo": same_rate.cpu_ms_per_call,
+                                  "parts": at_rate,
+                                  "ratio": server.cpu_ms_per_call / at_rate}
     for variant in sorted({r.variant for r in rows if r.variant.startswith("workers")}):
         many = row(variant, "closed", top_c)
         if server and many:
-            cpu, pss = many.cpu_ms_per_call / server.cpu_ms_per_call, many.pss_mib / server.pss_mib
-            out.append(f"  {variant} against 1 worker at c={top_c}: CPU per call {cpu:.2f}x "
-                       f"(<= 1.10: {verdict(cpu <= 1.10)}), PSS {many.pss_mib:.0f} against "
-                       f"{server.pss_mib:.0f} MiB, {pss:.2f}x (<= 1.3: {verdict(pss <= 1.3)}), "
-                       f"{many.rps:,.0f} against {server.rps:,.0f} calls/s")
+            out[variant] = {"cpu_ratio": many.cpu_ms_per_call / server.cpu_ms_per_call,
+                            "pss_ratio": many.pss_mib / server.pss_mib,
+                            "pss": many.pss_mib, "server_pss": server.pss_mib,
+                            "rps": many.rps, "server_rps": server.rps}
     half = max(1, round(_best(rows, "server") * 0.5))
     echo_half, one = row_at("echo@srv", half), row("server", "closed", 1)
     at_half = row_at("server", half)
     if at_half and echo_half and one:
-        p99, p50 = at_half.p99_ms / echo_half.p99_ms, at_half.p50_ms / one.p50_ms
-        out.append(f"  half load ({half}/s): p99 {at_half.p99_ms:.2f} ms against echo's "
-                   f"{echo_half.p99_ms:.2f} at that rate, {p99:.2f}x (<= 2: {verdict(p99 <= 2)}); "
-                   f"p50 {at_half.p50_ms:.2f} against {one.p50_ms:.2f} at c=1, {p50:.2f}x "
-                   f"(<= 1.5: {verdict(p50 <= 1.5)}); errors {at_half.error_text}")
+        out["half"] = {"rps": half, "p99": at_half.p99_ms, "echo_p99": echo_half.p99_ms,
+                       "p99_ratio": at_half.p99_ms / echo_half.p99_ms, "p50": at_half.p50_ms,
+                       "c1_p50": one.p50_ms, "p50_ratio": at_half.p50_ms / one.p50_ms,
+                       "errors": at_half.error_text}
     if _best(rows, "server") and _best(rows, "naive"):
-        x = _best(rows, "server") / _best(rows, "naive")
-        out.append(f"  server against naive (best closed loop): {x:.2f}x (>= 3: {verdict(x >= 3)})")
+        out["naive"] = {"server": _best(rows, "server"), "naive": _best(rows, "naive"),
+                        "ratio": _best(rows, "server") / _best(rows, "naive")}
+    return out
+
+
+def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> list[str]:
+    """The service's targets, each with the figures it is computed from in this run and
+    whether it holds."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    f = target_figures(rows, parts, top_c)
+    out = ["", "targets:"]
+    if "cpu" in f:
+        cpu = f["cpu"]
+        out.append(f"  CPU per call at c={top_c}: server {cpu['server']:.3f} ms against "
+                   f"the parts' {cpu['parts']:.3f} (echo {cpu['echo']:.3f} + ANN "
+                   f"{parts['ann_ms_per_query']:.3f} + tower {parts['tower_ms_per_user']:.3f} + "
+                   f"Redis parse {parts['redis_parse_ms_per_user']:.3f}, batch "
+                   f"{parts['batch']}): {cpu['ratio']:.2f}x (<= 1.2: "
+                   f"{verdict(cpu['ratio'] <= 1.2)})")
+        if "cpu_at_rate" in f:
+            at = f["cpu_at_rate"]
+            out.append(f"    with echo's CPU per call at the server's rate "
+                       f"({at['rps']:,.0f}/s, echo {at['echo']:.3f} ms in place of "
+                       f"{cpu['echo']:.3f} at its own {cpu['echo_rps']:,.0f}/s): parts "
+                       f"{at['parts']:.3f}, {at['ratio']:.2f}x")
+    for variant in sorted(k for k in f if k.startswith("workers")):
+        w = f[variant]
+        out.append(f"  {variant} against 1 worker at c={top_c}: CPU per call "
+                   f"{w['cpu_ratio']:.2f}x (<= 1.10: {verdict(w['cpu_ratio'] <= 1.10)}), PSS "
+                   f"{w['pss']:.0f} against {w['server_pss']:.0f} MiB, {w['pss_ratio']:.2f}x "
+                   f"(<= 1.3: {verdict(w['pss_ratio'] <= 1.3)}), {w['rps']:,.0f} against "
+                   f"{w['server_rps']:,.0f} calls/s")
+    if "half" in f:
+        h = f["half"]
+        out.append(f"  half load ({h['rps']}/s): p99 {h['p99']:.2f} ms against echo's "
+                   f"{h['echo_p99']:.2f} at that rate, {h['p99_ratio']:.2f}x (<= 2: "
+                   f"{verdict(h['p99_ratio'] <= 2)}); p50 {h['p50']:.2f} against "
+                   f"{h['c1_p50']:.2f} at c=1, {h['p50_ratio']:.2f}x (<= 1.5: "
+                   f"{verdict(h['p50_ratio'] <= 1.5)}); errors {h['errors']}")
+    if "naive" in f:
+        x = f["naive"]["ratio"]
+        out.append(f"  server against naive (best closed loop): {x:.2f}x (>= 3: "
+                   f"{verdict(x >= 3)})")
     return out if len(out) > 2 else []
 
 

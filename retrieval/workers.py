@@ -25,6 +25,8 @@ connection, with every call on it, stays with the worker that accepted it).
   more than ``max_restarts`` such exits within ``restart_window_s`` (a crash loop) stop
   every worker and exit 1. A worker that fails before the first all-SERVING start stops
   the whole start with its exit status.
+- CPUs: with ``serve --cpu-affinity``, worker i runs every thread on the CPUs of
+  ``SupervisorConfig.placement[i]`` (retrieval.cpus), a worker started again on the same.
 - Version swaps: each worker follows CURRENT on its own, so for a moment two workers may
   serve different pairs; each reply names its model and index version, and within a worker
   a call is answered by one consistent pair (retrieval.swap).

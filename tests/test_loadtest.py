@@ -232,22 +232,28 @@ def test_summary_gives_the_ratios_the_targets_are_stated_in():
     assert "server: open loop at 750/s: p99 3.50 ms, errors -" in lines
 
 
-def test_the_targets_are_computed_from_the_rows_and_parts_of_the_run():
-    from benchmarks.loadtest import target_lines
+PARTS = {"batch": 8, "ann_ms_per_query": 0.3, "tower_ms_per_user": 0.05,
+         "redis_parse_ms_per_user": 0.05}
 
+
+def _target_rows(server_p99: float = 3.0) -> list[Row]:
     def with_cpu(row, cpu, pss=100.0):
         return dataclasses.replace(row, cpu_ms_per_call=cpu, pss_mib=pss)
 
-    rows = [with_cpu(_row("echo", "closed", 50, 2000.0), 0.4),
+    return [with_cpu(_row("echo", "closed", 50, 2000.0), 0.4),
             with_cpu(_row("naive", "closed", 50, 300.0), 3.0),
             with_cpu(_row("server", "closed", 1, 300.0), 1.5),
             with_cpu(_row("server", "closed", 50, 1000.0), 1.0),
             with_cpu(_row("workers2", "closed", 50, 1500.0), 1.05, pss=140.0),
-            _row("server", "open", 50, 500.0, p99=3.0, target=500),
+            _row("server", "open", 50, 500.0, p99=server_p99, target=500),
             _row("echo@srv", "open", 50, 500.0, p99=1.0, target=500),
             with_cpu(_row("echo@srv", "open", 50, 1000.0, p99=1.5, target=1000), 0.6)]
-    parts = {"batch": 8, "ann_ms_per_query": 0.3, "tower_ms_per_user": 0.05,
-             "redis_parse_ms_per_user": 0.05}
+
+
+def test_the_targets_are_computed_from_the_rows_and_parts_of_the_run():
+    from benchmarks.loadtest import target_lines
+
+    rows, parts = _target_rows(), PARTS
     text = "\n".join(target_lines(rows, parts, 50))
     assert "server 1.000 ms against the parts' 0.800" in text and "1.25x (<= 1.2: NOT met)" in text
     # gRPC's CPU per call at the server's own rate in place of echo's at its maximum
@@ -256,6 +262,27 @@ def test_the_targets_are_computed_from_the_rows_and_parts_of_the_run():
     assert "p99 3.00 ms against echo's 1.00 at that rate, 3.00x (<= 2: NOT met)" in text
     assert "p50 0.50 against 0.50 at c=1, 1.00x (<= 1.5: met)" in text
     assert "3.33x (>= 3: met)" in text
+
+
+def test_runs_side_by_side_give_each_targets_ratio_and_the_median_of_each_placement(
+        tmp_path, capsys):
+    from benchmarks import loadtest_runs
+
+    for name, ghz_cpu, p99 in (("a", "1", 2.0), ("b", "any", 4.0), ("c", "1", 3.0)):
+        (tmp_path / name).mkdir()
+        meta = {"placement": {"servers": "0", "ghz": ghz_cpu}, "cpu_parts": PARTS}
+        rows = [dataclasses.asdict(r) for r in _target_rows(server_p99=p99)]
+        (tmp_path / name / "loadtest.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    assert loadtest_runs.main([str(tmp_path / n) for n in "abc"] + ["--out",
+                                                                   str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # the half-load p99 over echo's (1.0 ms): 2, 4 and 3; split's median of runs a and c
+    assert lines[2].startswith("a | split |") and " | 2.00 | " in lines[2]
+    assert lines[-3].startswith("median of 1 | shared |") and " | 4.00 | " in lines[-3]
+    assert lines[-2].startswith("median of 2 | split |") and " | 2.50 | " in lines[-2]
+    saved = json.loads((tmp_path / "loadtest_runs.json").read_text())
+    assert [r["measures"]["× naive"] for r in saved["runs"]] == [1000 / 300] * 3
+    assert (tmp_path / "loadtest_runs.png").stat().st_size > 0
 
 
 def test_the_swap_benchmark_swaps_under_load_without_a_failed_call(pipeline, tmp_path):
