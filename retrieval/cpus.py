@@ -14,9 +14,10 @@ Why: one worker is one GIL, so its threads take turns anyway. Spread over every 
 hand-off between them (a call to the compute thread and its reply back, a Faiss search
 and the GIL after it) wakes a thread on another core, queued behind whatever else runs
 there (on this 2-core machine, the load generator). Kept on one core, a hand-off is a
-switch on the same core. Measured with ghz on CPU 1 and the 1M-item pair (docs/
-benchmarks.md, "Stop 21"): the worker on CPU 0 alone served more calls a second at
-c=50 and its open-loop tail at half of its maximum was about a third shorter.
+switch on the same core. Measured on the 1M-item pair, one worker on CPU 0 and ghz on
+CPU 1 against both floating (docs/benchmarks.md, "Stop 21", medians of 3 and 2 alternated
+runs): 0.50 against 0.68 ms of CPU a call at c=50; at half the maximum rate p50 2.7×
+against 3.3× the c=1 p50, p99 2.3× against 3.8× echo's.
 
 ``auto`` pins only where the process's CPUs are its own: a CPU quota (cgroup) below the
 number of CPUs in its affinity means a shared pool (Kubernetes without the static CPU
