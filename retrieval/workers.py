@@ -80,17 +80,18 @@ class SupervisorConfig:
     placement: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
-        # JSON (exec_supervisor) brings the placement back as lists
-        object.__setattr__(self, "placement", tuple(tuple(g) for g in self.placement))
-        if self.placement and len(self.placement) != self.workers:
-            raise ValueError(f"placement must name the CPUs of each of the {self.workers} "
-                             f"workers (got {len(self.placement)} groups)")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
                 1 <= self.workers <= 256):
             raise ValueError(f"workers must be an integer in [1, 256] (got {self.workers!r})")
         if self.max_restarts < 0 or self.restart_window_s <= 0:
             raise ValueError("max_restarts must be >= 0 and restart_window_s > 0 (got "
                              f"{self.max_restarts!r}, {self.restart_window_s!r})")
+        # JSON (exec_supervisor) brings the placement back as lists
+        object.__setattr__(self, "placement", tuple(tuple(g) for g in self.placement))
+        if self.placement and (len(self.placement) != self.workers
+                               or not all(self.placement)):
+            raise ValueError(f"placement must name the CPUs of each of the {self.workers} "
+                             f"workers (got {len(self.placement)} groups)")
 
 
 @dataclass(frozen=True)

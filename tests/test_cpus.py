@@ -146,3 +146,12 @@ def _answers(address: str, context: dict) -> None:
             return await retrieve(channel, build_request("u1", 5, context, 1_700_611_200), 20)
 
     assert len(asyncio.run(call()).response.candidates) == 5
+
+
+def test_the_supervisor_refuses_a_placement_that_does_not_name_each_worker():
+    from retrieval.workers import SupervisorConfig
+
+    assert SupervisorConfig(2, placement=[[0], [1]]).placement == ((0,), (1,))  # from JSON
+    for placement in (((0,),), ((0,), ())):
+        with pytest.raises(ValueError, match="placement must name the CPUs of each of the 2"):
+            SupervisorConfig(2, placement=placement)
