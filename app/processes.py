@@ -83,6 +83,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+MAIN_THREAD = "main"  # a process's first thread: in serve, the event loop's
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU time of each thread of ``pid`` alive now, summed by the thread's
+    OS name (/proc/PID/task/TID/comm): ``main`` for the process's first thread (in
+    ``serve``, the event loop), else e.g. ``retrieve-work`` (retrieval.thread_names) or
+    gRPC's ``event_engine``. {} once it has exited."""
+    out: dict[str, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        name = MAIN_THREAD if task.name == str(pid) else stat[stat.index("(") + 1:
+                                                              stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + seconds
+    return out
+
+
 def stop_process(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
     """SIGTERM (after SIGCONT: a paused process would not act on it), then SIGKILL after
     ``timeout_s``; returns the exit code."""
@@ -254,6 +280,15 @@ class ServeProcess:
     def cpu_seconds(self) -> float:
         """CPU time used by the server's processes alive now (exited ones not counted)."""
         return sum(cpu_seconds(pid) for pid in self.pids())
+
+    def thread_cpu_seconds(self) -> dict[str, float]:
+        """CPU time of the server's threads by name (thread_cpu_seconds), summed over
+        its processes alive now: the workers' event loops together under ``main``."""
+        out: dict[str, float] = {}
+        for pid in self.pids():
+            for name, seconds in thread_cpu_seconds(pid).items():
+                out[name] = out.get(name, 0.0) + seconds
+        return out
 
     def pss_kib(self) -> int:
         """Proportional memory of all the server's processes together."""

@@ -74,6 +74,9 @@ class Row:
     cpu_ms_per_call: float = math.nan  # CPU of all its processes (/proc) / completed calls
     pss_mib: float = math.nan          # proportional memory of its processes, after the run
     stages: dict[str, float] = field(default_factory=dict)  # mean ms a stage (/metrics)
+    # cpu_ms_per_call split by thread name (app.processes.thread_cpu_seconds): main (the
+    # event loops), retrieve-work (the batches), event_engine (gRPC's), ...
+    cpu_by_thread: dict[str, float] = field(default_factory=dict)
 
     @property
     def error_text(self) -> str:

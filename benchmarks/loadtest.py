@@ -194,13 +194,18 @@ def _measure_one(ghz: Path, server: ServeProcess, variant: Variant, load: Load,
     memory after it (PSS), and its stage timings (/metrics, when it has them)."""
     raw = workdir / f"{variant.name}-{load.label.replace('/', '_')}.json"
     metrics_before, cpu_before = scrape(server.metrics_port), server.cpu_seconds()
+    threads_before = server.thread_cpu_seconds()
     report = run_ghz(ghz, server.address, load, data_file, raw, ghz_cpus)
     cpu = server.cpu_seconds() - cpu_before
+    threads = server.thread_cpu_seconds()
     row = parse_report(report, variant.name, load)
+    per_call = (lambda seconds: 1e3 * seconds / row.count) if row.count else (lambda _: math.nan)
     rows.append(dataclasses.replace(
-        row, cpu_ms_per_call=1e3 * cpu / row.count if row.count else math.nan,
-        pss_mib=server.pss_kib() / 1024,
-        stages=stage_means_ms(metrics_before, scrape(server.metrics_port))))
+        row, cpu_ms_per_call=per_call(cpu), pss_mib=server.pss_kib() / 1024,
+        stages=stage_means_ms(metrics_before, scrape(server.metrics_port)),
+        cpu_by_thread={name: per_call(seconds - threads_before.get(name, 0.0))
+                       for name, seconds in sorted(threads.items())
+                       if seconds > threads_before.get(name, 0.0)}))
     latencies[load.label] = ok_latencies_ms(report)
 
 
@@ -375,10 +380,43 @@ def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> 
                        "p99_ratio": at_half.p99_ms / echo_half.p99_ms, "p50": at_half.p50_ms,
                        "c1_p50": one.p50_ms, "p50_ratio": at_half.p50_ms / one.p50_ms,
                        "errors": at_half.error_text}
+    fixed = batch_cost(row("server", "closed", 1), server)
+    if fixed:
+        out["fixed"] = fixed
+        if at_half and at_half.stages.get("batch"):
+            # the worker's share of a core at half load: what its queue waits behind
+            out["fixed"]["half"] = {"rps": at_half.rps, "batch": at_half.stages["batch"],
+                                    "cpu": at_half.cpu_ms_per_call,
+                                    "busy": at_half.rps * at_half.cpu_ms_per_call / 1e3}
     if _best(rows, "server") and _best(rows, "naive"):
         out["naive"] = {"server": _best(rows, "server"), "naive": _best(rows, "naive"),
                         "ratio": _best(rows, "server") / _best(rows, "naive")}
     return out
+
+
+def batch_cost(small: Row | None, large: Row | None) -> dict | None:
+    """A batch's fixed CPU and a call's own, from two closed-loop runs of one worker whose
+    mean batch sizes differ (c=1 and the top concurrency): with CPU a call = F / b + m,
+    ``fixed_ms`` is F (a batch) and ``per_call_ms`` m, each also by thread name
+    (``by_thread``: Row.cpu_by_thread). None without both rows' batch sizes, or with equal
+    ones."""
+    if small is None or large is None:
+        return None
+    b_small, b_large = small.stages.get("batch"), large.stages.get("batch")
+    if not b_small or not b_large or abs(1 / b_small - 1 / b_large) < 1e-9:
+        return None
+
+    def fit(cpu_small: float, cpu_large: float) -> tuple[float, float]:
+        fixed = (cpu_small - cpu_large) / (1 / b_small - 1 / b_large)
+        return fixed, cpu_small - fixed / b_small
+
+    fixed, per_call = fit(small.cpu_ms_per_call, large.cpu_ms_per_call)
+    by_thread = {}
+    for name in sorted(set(small.cpu_by_thread) | set(large.cpu_by_thread)):
+        f, m = fit(small.cpu_by_thread.get(name, 0.0), large.cpu_by_thread.get(name, 0.0))
+        by_thread[name] = {"fixed_ms": f, "per_call_ms": m}
+    return {"fixed_ms": fixed, "per_call_ms": per_call, "batches": (b_small, b_large),
+            "by_thread": by_thread}
 
 
 def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> list[str]:
@@ -417,6 +455,18 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
                    f"{verdict(h['p99_ratio'] <= 2)}); p50 {h['p50']:.2f} against "
                    f"{h['c1_p50']:.2f} at c=1, {h['p50_ratio']:.2f}x (<= 1.5: "
                    f"{verdict(h['p50_ratio'] <= 1.5)}); errors {h['errors']}")
+    if "fixed" in f:
+        fx = f["fixed"]
+        threads = sorted(fx["by_thread"].items(), key=lambda kv: -kv[1]["fixed_ms"])
+        out.append(f"  why: CPU a call = F/b + m over batches of b (c=1: "
+                   f"{fx['batches'][0]:.1f}, c={top_c}: {fx['batches'][1]:.1f}): F "
+                   f"{fx['fixed_ms']:.3f} ms a batch ("
+                   + ", ".join(f"{name} {v['fixed_ms']:.3f}" for name, v in threads[:4])
+                   + f"), m {fx['per_call_ms']:.3f} ms a call")
+        if "half" in fx:
+            h = fx["half"]
+            out.append(f"    at half load ({h['rps']:,.0f}/s) batches of {h['batch']:.1f} at "
+                       f"{h['cpu']:.3f} ms a call: the worker {100 * h['busy']:.0f} % busy")
     if "naive" in f:
         x = f["naive"]["ratio"]
         out.append(f"  server against naive (best closed loop): {x:.2f}x (>= 3: "

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from contracts.errors import ResourceExhausted, Unavailable
+from retrieval.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class MicroBatcher(Generic[Item, Result]):
     def _guarded(self, stage: Callable[[], None], computes: bool) -> None:
         """A bug in a stage must not leave callers waiting forever: fail them, refuse
         new calls, log it."""
+        name_os_thread()  # retrieve-work in top -H, perf and /proc, not "two-tower"
         try:
             if computes and self._on_compute_thread is not None:
                 self._on_compute_thread()

@@ -29,6 +29,7 @@ from retrieval.feature_store import (
 )
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
+from retrieval.thread_names import name_os_thread
 from retrieval.query import (
     Limits,
     RetrieveQuery,
@@ -142,7 +143,7 @@ class Retriever:
                                      overlap=batching.overlap_reads)
         # SimilarItems: no user to read, one search a call, on a thread of its own
         self._executor = ThreadPoolExecutor(batching.threads, thread_name_prefix="similar",
-                                            initializer=_set_faiss_threads,
+                                            initializer=_start_similar_thread,
                                             initargs=(batching.faiss_threads,))
 
     @property
@@ -342,6 +343,11 @@ def _set_faiss_threads(n: int) -> None:
     import faiss
 
     faiss.omp_set_num_threads(n)
+
+
+def _start_similar_thread(faiss_threads: int) -> None:
+    name_os_thread()
+    _set_faiss_threads(faiss_threads)
 
 
 def _similar(pair: ServingPair, item_id: str, k: int, exclude: frozenset[str]) -> Candidates:

@@ -38,6 +38,7 @@ from contracts.index_store import POINTER, resolve_index_dir
 from contracts.model_manifest import MANIFEST, check_inside, read_json
 from retrieval.pair import ServingPair, load_pair
 from retrieval.retriever import Retriever
+from retrieval.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ def _lower_this_threads_priority() -> None:
 
 def _run_into(loop: asyncio.AbstractEventLoop, future: asyncio.Future,
               fn: Callable[..., Any], args: tuple) -> None:
+    name_os_thread()  # pair-watcher-io
     try:
         result, error = fn(*args), None
     except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side whole
