@@ -83,6 +83,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pids_mapping(directories: Sequence[str | Path], exclude: Sequence[int] = ()
+                 ) -> dict[int, str]:
+    """Processes that map a file under one of ``directories`` (/proc/PID/maps), each with
+    the first such file: the sharers a proportional memory (PSS) divides pages with.
+    Processes this user may not read are skipped."""
+    prefixes = tuple(str(Path(d).resolve()).rstrip("/") + "/" for d in directories)
+    skip = {os.getpid(), *exclude}
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            maps = (entry / "maps").read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+            path = fields[5] if len(fields) == 6 else ""
+            if path.startswith(prefixes):
+                found[int(entry.name)] = path
+                break
+    return found
+
+
 MAIN_THREAD = "main"  # a process's first thread: in serve, the event loop's
 
 

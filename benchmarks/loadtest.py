@@ -88,7 +88,7 @@ from benchmarks.ghz import (
     run_ghz,
     summary,
 )
-from app.processes import ProcessStartError, ServeProcess, redis_server
+from app.processes import ProcessStartError, ServeProcess, pids_mapping, redis_server
 from contracts.model_manifest import load_model_manifest
 
 log = logging.getLogger("benchmarks.loadtest")
@@ -659,6 +659,21 @@ def _run(args: argparse.Namespace, ghz: Path) -> int:
         return _measure_all(args, ghz, pair, concurrency)
 
 
+def _sharers(pair) -> dict[int, str]:
+    """Processes (not this run's) that map the pair's files or the serving cache: a server
+    left running from an earlier run shares those pages and lowers every server's PSS, one
+    worker's more than two workers' (a stray 1M-item server turned 1.18x into 1.61x)."""
+    if pair is None:
+        return {}
+    from retrieval import mapped_cache
+
+    found = pids_mapping([d for d in (*pair[:2], mapped_cache.cache_dir()) if d is not None])
+    for pid, path in sorted(found.items()):
+        log.warning("process %d maps %s: PSS divides those pages with it (stop it for the "
+                    "memory figures)", pid, path)
+    return found
+
+
 def _filled_redis(stack: ExitStack, workdir: Path, data: Path | None) -> str:
     """A private redis-server holding the users of ``data``; stopped with ``stack``."""
     if data is None:
@@ -680,6 +695,7 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     plan = Plan(tuple(concurrency), parse_rates(args.rate), args.duration, args.total,
                 args.connections)
     rows, latencies, failed = [], {}, []
+    sharers = _sharers(pair)
     for variant in variants:
         try:
             variant_rows, latencies[variant.name] = measure(
@@ -718,8 +734,13 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     print(format_stages(rows))
     lines = summary(rows) + target_lines(rows, parts, max(plan.concurrency))
     print("\n".join(lines))
+    if sharers:
+        lines.append(f"  note: {len(sharers)} other processes mapped the pair's files (pids "
+                     f"{', '.join(map(str, sorted(sharers)))}): the PSS figures are shares "
+                     "with them, not the servers' own")
+        print(lines[-1])
     meta = {**_meta(ghz, variants, args.note), "placement": placement.describe(),
-            "summary": lines, "cpu_parts": parts}
+            "summary": lines, "cpu_parts": parts, "other_mappers": sorted(sharers)}
     for path in write_results(rows, latencies, meta, args.out):
         log.info("wrote %s", path)
     if pair is None and wants_server(args):

@@ -133,3 +133,33 @@ def test_the_targets_say_how_busy_the_worker_is_at_half_load_and_why():
     assert ("why: CPU a call = F/b + m over batches of b (c=1: 1.0, c=50: 20.0): F 1.100 ms "
             "a batch (retrieve-work 0.800, main 0.200, event_engine 0.100), m 0.500") in text
     assert "at half load (400/s) batches of 2.0 at 1.050 ms a call: the worker 42 % busy" in text
+
+
+@linux_only
+def test_the_processes_mapping_a_directorys_files_are_found(tmp_path):
+    """The sharers a PSS figure divides pages with: a process holding a mapped array."""
+    import numpy as np
+
+    from app.processes import pids_mapping
+
+    np.save(tmp_path / "table.npy", np.zeros(100_000, np.float32))
+    code = ("import sys, numpy as np; t = np.load(sys.argv[1], mmap_mode='r'); "
+            "print(float(t.sum()), flush=True); sys.stdin.readline()")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "table.npy")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "0.0"
+        assert pids_mapping([tmp_path]) == {child.pid: str(tmp_path / "table.npy")}
+        assert pids_mapping([tmp_path], exclude=[child.pid]) == {}
+        assert pids_mapping([tmp_path / "elsewhere"]) == {}
+    finally:
+        child.communicate("\n", timeout=30)
+    assert pids_mapping([tmp_path]) == {}
+
+
+@linux_only
+@pytest.mark.slow
+def test_the_load_test_names_a_server_left_running_on_the_pair(server, pipeline):
+    from benchmarks.loadtest import _sharers
+
+    assert server.process.pid in _sharers((pipeline.model_dir, pipeline.index_dir, None))
