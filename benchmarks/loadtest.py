@@ -231,8 +231,9 @@ def write_results(rows: Sequence[Row], latencies: dict[str, dict[str, np.ndarray
 
 def save_plots(rows: Sequence[Row], latencies: dict[str, dict[str, np.ndarray]], meta: dict,
                out: Path) -> list[Path]:
-    """Latency histogram (each variant at its highest closed-loop concurrency, log x) and
-    OK replies per second against concurrency, one line per variant."""
+    """Latency histogram (each variant at its highest closed-loop concurrency, log x), OK
+    replies per second against concurrency, one line per variant, and each run's CPU per
+    call stacked by thread name (where rows have it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +275,38 @@ def save_plots(rows: Sequence[Row], latencies: dict[str, dict[str, np.ndarray]],
     fig.tight_layout()
     fig.savefig(thr, dpi=120)
     plt.close(fig)
-    return [hist, thr]
+    threads = save_thread_plot(rows, note, out)
+    return [hist, thr] if threads is None else [hist, thr, threads]
+
+
+def save_thread_plot(rows: Sequence[Row], note: str, out: Path) -> Path | None:
+    """loadtest_cpu_threads.png: each run's server CPU per call stacked by thread name
+    (Row.cpu_by_thread); None when no row has the split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = [r for r in rows if r.cpu_by_thread]
+    if not split:
+        return None
+    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(split)), 4))
+    bottoms = np.zeros(len(split))
+    for name in sorted({n for r in split for n in r.cpu_by_thread},
+                       key=lambda n: -sum(r.cpu_by_thread.get(n, 0.0) for r in split)):
+        heights = np.array([r.cpu_by_thread.get(name, 0.0) for r in split])
+        ax.bar(range(len(split)), heights, bottom=bottoms, label=name)
+        bottoms += heights
+    labels = [f"{r.variant} " + (f"open@{r.target_rps}/s" if r.mode == "open"
+                                 else f"c={r.concurrency}") for r in split]
+    ax.set_xticks(range(len(split)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="server CPU ms per call", title=f"Where a call's CPU goes, by thread ({note})")
+    ax.legend(fontsize=7)
+    path = out / "loadtest_cpu_threads.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # --- artifacts ----------------------------------------------------------------------------

@@ -189,6 +189,7 @@ def test_the_harness_serves_from_a_redis_of_its_own(pipeline, tmp_path):
     # and which of its threads spent the CPU: the event loop and the batches' thread
     assert all({"main", "retrieve-work"} <= r["cpu_by_thread"].keys() for r in rows)
     assert all(0 < sum(r["cpu_by_thread"].values()) <= r["cpu_ms_per_call"] * 1.1 for r in rows)
+    assert (tmp_path / "out" / "loadtest_cpu_threads.png").stat().st_size > 0
     parts = json.loads((tmp_path / "out" / "loadtest.json").read_text())["meta"]["cpu_parts"]
     assert {"ann_ms_per_query", "tower_ms_per_user", "redis_parse_ms_per_user"} <= parts.keys()
     assert all(v > 0 for v in parts.values())
