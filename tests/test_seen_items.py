@@ -154,3 +154,16 @@ def test_k_come_back_whatever_the_exclusions_and_match_exact_search(factory, sea
         assert not set(got) & exclude[r] and len(set(got)) == len(got)
         overlap = len(set(got) & set(want)) / len(want)
         assert overlap == 1.0 if factory != "HNSW32" else overlap >= 0.9, (r, overlap)
+
+
+def test_searches_of_different_depths_on_one_index_each_get_their_own_depth():
+    """The index keeps its search parameters per depth (fetch_k): HNSW's efSearch (16 here)
+    must rise to a deeper search's k after a shallower one, and a shallow one after it
+    must not pay for the deep one's depth."""
+    index, xb = _index("HNSW32", {"ef_search": 16})
+    xq = np.random.default_rng(3).normal(size=(1, D)).astype(np.float32)
+    exact = index.item_ids[np.argsort(-(xq @ xb.T)[0], kind="stable")]
+    for k in (10, 200, 10, 200):
+        got = index.search(xq, k, [frozenset()])[0].item_ids
+        assert len(got) == k and len(set(got)) == k
+        assert len(set(got) & set(exact[:k])) / k >= 0.9
