@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrieval.os_threads import thread_times
+
 REDIS_START_TIMEOUT_S = 10.0
 SERVE_START_TIMEOUT_S = 120.0
 CLI = (sys.executable, "-m", "app.cli")
@@ -107,28 +109,13 @@ def pids_mapping(directories: Sequence[str | Path], exclude: Sequence[int] = ()
     return found
 
 
-MAIN_THREAD = "main"  # a process's first thread: in serve, the event loop's
-
-
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """User + system CPU time of each thread of ``pid`` alive now, summed by the thread's
-    OS name (/proc/PID/task/TID/comm): ``main`` for the process's first thread (in
-    ``serve``, the event loop), else e.g. ``retrieve-work`` (retrieval.thread_names) or
-    gRPC's ``event_engine``. {} once it has exited."""
+    OS name (retrieval.os_threads.thread_times): ``main`` for the process's first thread
+    (in ``serve``, the event loop), else e.g. ``retrieve-work`` or gRPC's
+    ``event_engine``. {} once it has exited."""
     out: dict[str, float] = {}
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except (FileNotFoundError, ProcessLookupError):
-        return out
-    for task in tasks:
-        try:
-            stat = (task / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread ended meanwhile
-        name = MAIN_THREAD if task.name == str(pid) else stat[stat.index("(") + 1:
-                                                              stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for name, seconds in thread_times(pid).values():
         out[name] = out.get(name, 0.0) + seconds
     return out
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from contracts.errors import ResourceExhausted, Unavailable
-from retrieval.thread_names import name_os_thread
+from retrieval.os_threads import name_os_thread
 
 log = logging.getLogger(__name__)
 

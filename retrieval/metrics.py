@@ -29,6 +29,10 @@
                                              dropped: lru (over --store-max-users), ttl
     two_tower_unsent_replies_total           replies gRPC could not send: the caller reset
                                              the stream or its connection closed first
+    two_tower_thread_cpu_seconds_total{thread}   CPU time of the server's threads by name
+                                             (retrieval.os_threads): main (the event loop),
+                                             retrieve-work (the batches), event_engine
+                                             (gRPC's), similar_0, ...; updated once a second
     two_tower_worker_requests_total{worker}  `serve --workers N` only: finished calls by
                                              worker index (0 … N-1), to see how connections
                                              spread over the workers
@@ -50,6 +54,8 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import values as _values
+
+from retrieval.os_threads import CpuByThread
 
 # 50 µs … 2.5 s: the stages of one call span four orders of magnitude.
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
@@ -109,6 +115,12 @@ class ServiceMetrics:
                                        "lru (over its cap), ttl (history expired)",
                                        ("reason",), registry=self.registry)
 
+        self.thread_cpu = Counter("two_tower_thread_cpu_seconds",
+                                  "CPU time of the server's threads by name: main (the event "
+                                  "loop), retrieve-work (the batches), event_engine (gRPC's)",
+                                  ("thread",), registry=self.registry)
+        self._cpu_by_thread = CpuByThread()
+
         self._worker_requests = None
         if worker is not None:
             self._worker_requests = Counter(
@@ -159,8 +171,12 @@ class ServiceMetrics:
             gauge.set_function(value)
 
     def refresh(self) -> None:
+        """Once a second (the server's refresh task): the computed gauges of multiprocess
+        mode, and the CPU each thread used since the last refresh."""
         for gauge, value in self._functions:
             gauge.set(value())
+        for thread, seconds in self._cpu_by_thread.update().items():
+            self.thread_cpu.labels(thread).inc(seconds)
 
     def count_store_evictions(self, reason: str, n: int) -> None:
         self.store_evictions.labels(reason).inc(n)

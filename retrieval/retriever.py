@@ -29,7 +29,7 @@ from retrieval.feature_store import (
 )
 from retrieval.metrics import ServiceMetrics
 from retrieval.pair import ServingPair
-from retrieval.thread_names import name_os_thread
+from retrieval.os_threads import name_os_thread
 from retrieval.query import (
     Limits,
     RetrieveQuery,

@@ -225,8 +225,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)  # streaming only: the boundary wraps no method of it
     running = RunningServer(server, 0, retriever, health_servicer)
-    if metrics.multiprocess:
-        running.refresh_task = asyncio.create_task(_refresh(metrics), name="metrics-refresh")
+    running.refresh_task = asyncio.create_task(_refresh(metrics), name="metrics-refresh")
     if config.worker is not None:
         return running
     await running.listen(config)
@@ -238,7 +237,8 @@ async def create_server(config: ServerConfig) -> RunningServer:
 
 
 async def _refresh(metrics: ServiceMetrics, every_s: float = 1.0) -> None:
-    """Multiprocess mode: the scrape reads files, so computed gauges are written here."""
+    """The CPU by thread, and in multiprocess mode (where the scrape reads files) the
+    computed gauges, written once a second."""
     while True:
         try:
             metrics.refresh()

@@ -1,5 +1,5 @@
 """Which thread of a server spends its CPU: threads named for the tools outside the
-process (retrieval.thread_names), CPU time read per thread from /proc
+process (retrieval.os_threads), CPU time read per thread from /proc
 (app.processes.thread_cpu_seconds), and the load test's split of a call's CPU into a
 batch's fixed part and a call's own (benchmarks.loadtest.batch_cost)."""
 
@@ -10,16 +10,17 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from app.processes import MAIN_THREAD, thread_cpu_seconds
+from app.processes import thread_cpu_seconds
 from benchmarks.ghz import Row
 from benchmarks.loadtest import batch_cost, target_lines
 from retrieval.client import build_request
-from retrieval.thread_names import name_os_thread
+from retrieval.os_threads import MAIN_THREAD, CpuByThread, name_os_thread
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 from tests.test_workers import NIGHT
@@ -55,7 +56,7 @@ def test_cpu_time_is_told_apart_by_thread_name():
     """A process whose named thread has spun while its main thread waited."""
     code = textwrap.dedent("""
         import sys, threading, time
-        from retrieval.thread_names import name_os_thread
+        from retrieval.os_threads import name_os_thread
         spun = threading.Event()
         def spin():
             name_os_thread()
@@ -93,6 +94,38 @@ def test_a_servers_batches_and_similar_items_run_on_threads_named_for_them(serve
     assert {"retrieve-work", "similar_0"} <= names
     seconds = server.thread_cpu_seconds()
     assert seconds["retrieve-work"] > 0 and seconds[MAIN_THREAD] > 0
+    # and the server says so on /metrics, refreshed once a second
+    from tests.test_workers import _metrics, _wait_for
+
+    exported = _wait_for(lambda: _metrics(server.metrics_port).get(
+        'two_tower_thread_cpu_seconds_total{thread="retrieve-work"}', 0),
+        what="the batch thread's CPU on /metrics")
+    assert 0 < exported <= seconds["retrieve-work"] + 0.05
+
+
+@linux_only
+def test_cpu_by_thread_only_rises_and_keeps_what_an_ended_thread_used():
+    counted = CpuByThread()
+    counted.update()  # what ran before this test
+    spun, finish = threading.Event(), threading.Event()
+
+    def spin():
+        name_os_thread("cpu-spinner")
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        spun.set()
+        finish.wait()
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    spun.wait()
+    first = counted.update()
+    assert first["cpu-spinner"] >= 0.25
+    finish.set()
+    thread.join()
+    later = counted.update()  # the thread is gone: nothing added, nothing taken back
+    assert later.get("cpu-spinner", 0.0) < 0.05 and all(v > 0 for v in later.values())
 
 
 def _row(c: int, batch: float, cpu: float, by_thread: dict[str, float]) -> Row:
