@@ -86,7 +86,7 @@ def test_cpu_time_is_told_apart_by_thread_name():
 def test_a_servers_batches_and_similar_items_run_on_threads_named_for_them(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.RetrievalServiceStub(channel)
-        for i in range(30):
+        for i in range(100):
             stub.Retrieve(build_request(f"u{i % 5}", 10, NIGHT, 1_700_611_200), timeout=10)
         stub.SimilarItems(pb.SimilarItemsRequest(item_id="i5", k=10), timeout=10)
     names = {Path(task, "comm").read_text().strip()
