@@ -73,7 +73,7 @@ class CandidateIndex:
         # fetch_k → Faiss search parameters with self._selector: read-only once made, so
         # shared by every search. Made per search (a downcast and a SWIG object) they took
         # 5 µs alone and about 47 µs a one-user batch in the server (py-spy samples of the
-        # batch thread at c=1, 1M items: caches emptied by the gRPC work between batches)
+        # batch thread at c=1, 1M items; cold caches, most likely)
         self._params: dict[int, faiss.SearchParameters | None] = {}
         self._rows_by_value = _metadata_rows(artifact)
         self.wire = CandidateWire(artifact.item_ids, ids_key)
