@@ -86,4 +86,4 @@ def _tune_if_open(index: faiss.Index, spec: IndexSpec, xq: np.ndarray, truth: np
     param = tunable_parameter(index)
     if param is None or param in spec.search or len(xq) == 0:
         return None
-    return tune(index, spec, xq, truth, config.target_recall, clock)
+    return tune(index, spec, xq, truth, config.target_recall, clock, config.gate_queries)
