@@ -32,6 +32,10 @@ MEASURES = (
     ("½ max p99 ÷ echo's p99", lambda f: f["half"]["p99_ratio"], 2.0, True),
     ("2 workers' CPU ÷ 1", lambda f: f["workers2"]["cpu_ratio"], 1.1, True),
     ("× naive", lambda f: f["naive"]["ratio"], 3.0, False),
+    # what the half-load and 2-worker targets hang on (loadtest.batch_cost): a batch's fixed
+    # CPU and a call's own, from the c=1 and c=50 rows
+    ("F: a batch's fixed CPU ms", lambda f: f["fixed"]["fixed_ms"], None, True),
+    ("m: a call's own CPU ms", lambda f: f["fixed"]["per_call_ms"], None, True),
 )
 
 

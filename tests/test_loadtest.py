@@ -246,8 +246,10 @@ def _target_rows(server_p99: float = 3.0) -> list[Row]:
 
     return [with_cpu(_row("echo", "closed", 50, 2000.0), 0.4),
             with_cpu(_row("naive", "closed", 50, 300.0), 3.0),
-            with_cpu(_row("server", "closed", 1, 300.0), 1.5),
-            with_cpu(_row("server", "closed", 50, 1000.0), 1.0),
+            dataclasses.replace(with_cpu(_row("server", "closed", 1, 300.0), 1.5),
+                                stages={"batch": 1.0}),
+            dataclasses.replace(with_cpu(_row("server", "closed", 50, 1000.0), 1.0),
+                                stages={"batch": 10.0}),
             with_cpu(_row("workers2", "closed", 50, 1500.0), 1.05, pss=140.0),
             _row("server", "open", 50, 500.0, p99=server_p99, target=500),
             _row("echo@srv", "open", 50, 500.0, p99=1.0, target=500),
@@ -284,6 +286,9 @@ def test_runs_side_by_side_give_each_targets_ratio_and_the_median_of_each_placem
     assert lines[2].startswith("a | split |") and " | 2.00 | " in lines[2]
     assert lines[-3].startswith("median of 1 | shared |") and " | 4.00 | " in lines[-3]
     assert lines[-2].startswith("median of 2 | split |") and " | 2.50 | " in lines[-2]
+    # and a batch's fixed CPU beside a call's own: 1.5 ms at batches of 1, 1.0 at 10
+    assert "F: a batch's fixed CPU ms | m: a call's own CPU ms" in lines[0]
+    assert lines[2].endswith(" | 0.56 | 0.94")
     saved = json.loads((tmp_path / "loadtest_runs.json").read_text())
     assert [r["measures"]["× naive"] for r in saved["runs"]] == [1000 / 300] * 3
     assert (tmp_path / "loadtest_runs.png").stat().st_size > 0
