@@ -109,14 +109,15 @@ def pids_mapping(directories: Sequence[str | Path], exclude: Sequence[int] = ()
     return found
 
 
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """User + system CPU time of each thread of ``pid`` alive now, summed by the thread's
-    OS name (retrieval.os_threads.thread_times): ``main`` for the process's first thread
-    (in ``serve``, the event loop), else e.g. ``retrieve-work`` or gRPC's
-    ``event_engine``. {} once it has exited."""
+def thread_cpu_seconds(*pids: int) -> dict[str, float]:
+    """CPU time of the threads of ``pids`` alive now, summed by the thread's OS name
+    (retrieval.os_threads.thread_times): ``main`` for a process's first thread (in
+    ``serve``, the event loop), else e.g. ``retrieve-work`` or gRPC's ``event_engine``.
+    {} once they have exited."""
     out: dict[str, float] = {}
-    for name, seconds in thread_times(pid).values():
-        out[name] = out.get(name, 0.0) + seconds
+    for pid in pids:
+        for name, seconds in thread_times(pid).values():
+            out[name] = out.get(name, 0.0) + seconds
     return out
 
 
@@ -295,11 +296,7 @@ class ServeProcess:
     def thread_cpu_seconds(self) -> dict[str, float]:
         """CPU time of the server's threads by name (thread_cpu_seconds), summed over
         its processes alive now: the workers' event loops together under ``main``."""
-        out: dict[str, float] = {}
-        for pid in self.pids():
-            for name, seconds in thread_cpu_seconds(pid).items():
-                out[name] = out.get(name, 0.0) + seconds
-        return out
+        return thread_cpu_seconds(*self.pids())
 
     def pss_kib(self) -> int:
         """Proportional memory of all the server's processes together."""

@@ -28,8 +28,8 @@ from retrieval.feature_store import (
     StoredUser,
 )
 from retrieval.metrics import ServiceMetrics
-from retrieval.pair import ServingPair
 from retrieval.os_threads import name_os_thread
+from retrieval.pair import ServingPair
 from retrieval.query import (
     Limits,
     RetrieveQuery,

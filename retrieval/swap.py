@@ -36,9 +36,9 @@ from typing import Any
 from contracts.errors import ArtifactError
 from contracts.index_store import POINTER, resolve_index_dir
 from contracts.model_manifest import MANIFEST, check_inside, read_json
+from retrieval.os_threads import name_os_thread
 from retrieval.pair import ServingPair, load_pair
 from retrieval.retriever import Retriever
-from retrieval.os_threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
