@@ -404,14 +404,24 @@ def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> 
                             "pss_ratio": many.pss_mib / server.pss_mib,
                             "pss": many.pss_mib, "server_pss": server.pss_mib,
                             "rps": many.rps, "server_rps": server.rps}
+    def tail(variant: str) -> dict | None:  # at its own half-max, echo at that rate
+        half = max(1, round(_best(rows, variant) * 0.5))
+        echo_half, one, at_half = (row_at("echo@srv", half), row(variant, "closed", 1),
+                                   row_at(variant, half))
+        if not (at_half and echo_half and one):
+            return None
+        return {"rps": half, "p99": at_half.p99_ms, "echo_p99": echo_half.p99_ms,
+                "p99_ratio": at_half.p99_ms / echo_half.p99_ms, "p50": at_half.p50_ms,
+                "c1_p50": one.p50_ms, "p50_ratio": at_half.p50_ms / one.p50_ms,
+                "errors": at_half.error_text}
+
     half = max(1, round(_best(rows, "server") * 0.5))
-    echo_half, one = row_at("echo@srv", half), row("server", "closed", 1)
     at_half = row_at("server", half)
-    if at_half and echo_half and one:
-        out["half"] = {"rps": half, "p99": at_half.p99_ms, "echo_p99": echo_half.p99_ms,
-                       "p99_ratio": at_half.p99_ms / echo_half.p99_ms, "p50": at_half.p50_ms,
-                       "c1_p50": one.p50_ms, "p50_ratio": at_half.p50_ms / one.p50_ms,
-                       "errors": at_half.error_text}
+    if (h := tail("server")) is not None:
+        out["half"] = h
+    for variant in sorted({r.variant for r in rows if r.variant.startswith("workers")}):
+        if (h := tail(variant)) is not None:
+            out.setdefault(variant, {})["half"] = h
     fixed = batch_cost(row("server", "closed", 1), server)
     if fixed:
         out["fixed"] = fixed
@@ -473,20 +483,25 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
                        f"({at['rps']:,.0f}/s, echo {at['echo']:.3f} ms in place of "
                        f"{cpu['echo']:.3f} at its own {cpu['echo_rps']:,.0f}/s): parts "
                        f"{at['parts']:.3f}, {at['ratio']:.2f}x")
+    def half_line(who: str, h: dict) -> str:
+        return (f"  half load{who} ({h['rps']}/s): p99 {h['p99']:.2f} ms against echo's "
+                f"{h['echo_p99']:.2f} at that rate, {h['p99_ratio']:.2f}x (<= 2: "
+                f"{verdict(h['p99_ratio'] <= 2)}); p50 {h['p50']:.2f} against "
+                f"{h['c1_p50']:.2f} at c=1, {h['p50_ratio']:.2f}x (<= 1.5: "
+                f"{verdict(h['p50_ratio'] <= 1.5)}); errors {h['errors']}")
+
     for variant in sorted(k for k in f if k.startswith("workers")):
         w = f[variant]
-        out.append(f"  {variant} against 1 worker at c={top_c}: CPU per call "
-                   f"{w['cpu_ratio']:.2f}x (<= 1.10: {verdict(w['cpu_ratio'] <= 1.10)}), PSS "
-                   f"{w['pss']:.0f} against {w['server_pss']:.0f} MiB, {w['pss_ratio']:.2f}x "
-                   f"(<= 1.3: {verdict(w['pss_ratio'] <= 1.3)}), {w['rps']:,.0f} against "
-                   f"{w['server_rps']:,.0f} calls/s")
+        if "cpu_ratio" in w:
+            out.append(f"  {variant} against 1 worker at c={top_c}: CPU per call "
+                       f"{w['cpu_ratio']:.2f}x (<= 1.10: {verdict(w['cpu_ratio'] <= 1.10)}), "
+                       f"PSS {w['pss']:.0f} against {w['server_pss']:.0f} MiB, "
+                       f"{w['pss_ratio']:.2f}x (<= 1.3: {verdict(w['pss_ratio'] <= 1.3)}), "
+                       f"{w['rps']:,.0f} against {w['server_rps']:,.0f} calls/s")
     if "half" in f:
-        h = f["half"]
-        out.append(f"  half load ({h['rps']}/s): p99 {h['p99']:.2f} ms against echo's "
-                   f"{h['echo_p99']:.2f} at that rate, {h['p99_ratio']:.2f}x (<= 2: "
-                   f"{verdict(h['p99_ratio'] <= 2)}); p50 {h['p50']:.2f} against "
-                   f"{h['c1_p50']:.2f} at c=1, {h['p50_ratio']:.2f}x (<= 1.5: "
-                   f"{verdict(h['p50_ratio'] <= 1.5)}); errors {h['errors']}")
+        out.append(half_line("", f["half"]))
+    for variant in sorted(k for k in f if k.startswith("workers") and "half" in f[k]):
+        out.append(half_line(f", {variant} at its own", f[variant]["half"]))
     if "fixed" in f:
         fx = f["fixed"]
         threads = sorted(fx["by_thread"].items(), key=lambda kv: -kv[1]["fixed_ms"])
@@ -687,7 +702,7 @@ def _run(args: argparse.Namespace, ghz: Path) -> int:
     pair = _pair(args)
     with ExitStack() as stack:
         if args.redis and pair is not None:
-            args.redis_url = _filled_redis(stack, args.workdir, pair[2])
+            args.redis_url = filled_redis(stack, args.workdir, pair[2])
         return _measure_all(args, ghz, pair, concurrency)
 
 
@@ -706,7 +721,7 @@ def _sharers(pair) -> dict[int, str]:
     return found
 
 
-def _filled_redis(stack: ExitStack, workdir: Path, data: Path | None) -> str:
+def filled_redis(stack: ExitStack, workdir: Path, data: Path | None) -> str:
     """A private redis-server holding the users of ``data``; stopped with ``stack``."""
     if data is None:
         raise ValueError("--redis needs the users' data: pass --features DIR (or no --model)")
@@ -739,9 +754,10 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
             continue
         rows += variant_rows
     if "echo" in latencies and "server" in latencies and 0.5 in plan.rates:
-        # the tail target compares with echo at the server's own half-max rate
-        rate = next(r.target_rps for r in rows if r.variant == "server" and r.mode == "open"
-                    and r.target_rps == max(1, round(_best(rows, "server") * 0.5)))
+        # the tail target compares with echo at each serving variant's own half-max rate
+        halves = [r.target_rps for r in rows if r.mode == "open" and r.variant not in
+                  ("echo", "naive") and r.target_rps == max(1, round(_best(rows, r.variant)
+                                                                     * 0.5))]
         echo = next(v for v in variants if v.name == "echo")
         # and at the server's best closed-loop rate: gRPC's CPU per call falls as the call
         # rate rises (more calls a loop turn), so echo at its own maximum is a lower part
@@ -751,7 +767,7 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
                                    opens=[Load("open", max(plan.concurrency), plan.duration,
                                                rps=r, total=plan.total,
                                                connections=plan.connections)
-                                          for r in dict.fromkeys((rate, top))],
+                                          for r in dict.fromkeys((*halves, top))],
                                    ghz_cpus=placement.ghz)
         rows += [dataclasses.replace(r, variant="echo@srv") for r in extra]
         latencies["echo@srv"] = extra_lat

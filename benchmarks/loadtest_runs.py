@@ -31,6 +31,9 @@ MEASURES = (
     ("½ max p50 ÷ c=1 p50", lambda f: f["half"]["p50_ratio"], 1.5, True),
     ("½ max p99 ÷ echo's p99", lambda f: f["half"]["p99_ratio"], 2.0, True),
     ("2 workers' CPU ÷ 1", lambda f: f["workers2"]["cpu_ratio"], 1.1, True),
+    # the same tail targets for 2 workers, at their own half-max rate
+    ("2 workers ½ max p50 ÷ c=1 p50", lambda f: f["workers2"]["half"]["p50_ratio"], 1.5, True),
+    ("2 workers ½ max p99 ÷ echo's", lambda f: f["workers2"]["half"]["p99_ratio"], 2.0, True),
     ("× naive", lambda f: f["naive"]["ratio"], 3.0, False),
     # what the half-load and 2-worker targets hang on (loadtest.batch_cost): a batch's fixed
     # CPU and a call's own, from the c=1 and c=50 rows

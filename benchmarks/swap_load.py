@@ -57,7 +57,7 @@ from benchmarks.loadtest import (
     ArtifactsUnavailable,
     Placement,
     Variant,
-    _filled_redis,
+    filled_redis,
     _two_tower,
     ensure_artifacts,
     running,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--swap-after must be inside --duration (got {args.swap_after})")
         model, first, second, data = _pair(args)
         with ExitStack() as stack:
-            url = _filled_redis(stack, args.workdir, data)
+            url = filled_redis(stack, args.workdir, data)
             result = measure(ghz, args, model, first, second, url)
     except (ValueError, OSError, ProcessStartError, ArtifactsUnavailable) as exc:
         print(f"swap_load: error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from retrieval import long_lived
 from retrieval.batcher import MicroBatcher
-from retrieval.candidate_index import Candidates
+from retrieval.candidate_index import Candidates, use_search_threads
 from retrieval.circuit_breaker import BreakerConfig, CircuitBreaker
 from retrieval.cpus import usable_cores
 from contracts.errors import (
@@ -340,9 +340,7 @@ def _excluded(query: RetrieveQuery, request: UserRequest, stored: StoredUser | N
 
 
 def _set_faiss_threads(n: int) -> None:
-    import faiss
-
-    faiss.omp_set_num_threads(n)
+    use_search_threads(n)  # n for a batch of PARALLEL_QUERIES or more, 1 for fewer
 
 
 def _start_similar_thread(faiss_threads: int) -> None:

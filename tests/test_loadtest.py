@@ -199,8 +199,8 @@ def test_the_harness_serves_from_a_redis_of_its_own(pipeline, tmp_path):
     assert redis_logs and "ready to accept connections" in redis_logs[0].read_text().lower()
 
 
-def _row(variant, mode, c, rps, p99=1.0, target=0):
-    return Row(variant, mode, c, target, count=100, ok=100, rps=rps, p50_ms=0.5, p90_ms=0.8,
+def _row(variant, mode, c, rps, p99=1.0, target=0, p50=0.5):
+    return Row(variant, mode, c, target, count=100, ok=100, rps=rps, p50_ms=p50, p90_ms=0.8,
                p99_ms=p99, p999_ms=p99)
 
 
@@ -268,6 +268,22 @@ def test_the_targets_are_computed_from_the_rows_and_parts_of_the_run():
     assert "p99 3.00 ms against echo's 1.00 at that rate, 3.00x (<= 2: NOT met)" in text
     assert "p50 0.50 against 0.50 at c=1, 1.00x (<= 1.5: met)" in text
     assert "3.33x (>= 3: met)" in text
+
+
+def test_each_worker_variant_is_held_to_the_tail_targets_at_its_own_half_max_rate():
+    """2 workers, best 1,500/s: their half load is 750/s, against echo at 750/s and their
+    own c=1 p50, not the one-worker server's."""
+    from benchmarks.loadtest import target_lines
+
+    rows = _target_rows() + [
+        _row("workers2", "closed", 1, 400.0, p50=0.8),
+        _row("workers2", "open", 50, 750.0, p99=2.4, p50=1.6, target=750),
+        _row("echo@srv", "open", 50, 750.0, p99=1.6, target=750)]
+    lines = [line for line in target_lines(rows, PARTS, 50) if "half load" in line]
+    assert lines[0].startswith("  half load (500/s): p99 3.00 ms")  # the server's, as before
+    assert lines[1] == ("  half load, workers2 at its own (750/s): p99 2.40 ms against echo's "
+                        "1.60 at that rate, 1.50x (<= 2: met); p50 1.60 against 0.80 at c=1, "
+                        "2.00x (<= 1.5: NOT met); errors -")
 
 
 def test_runs_side_by_side_give_each_targets_ratio_and_the_median_of_each_placement(
