@@ -19,7 +19,9 @@ thread, in this process: each batch size's batches are the real ``Retriever`` st
 * ``batch``: ``_read_batch`` then ``_compute_batch`` as the server runs them (its glue and
   metrics too), measured apart from the stages above.
 
-Thread CPU (time.thread_time) per batch, the median over ``--rounds`` batches a size; F
+Thread CPU (time.thread_time) per batch, the median over ``--rounds`` batches a size (the
+sizes take turns, one batch each, so that a machine that slows down meanwhile slows every
+size alike); F
 and m of each stage are the least-squares line through its CPU per batch against the
 batch size. The load test fits the same F and m from its c=1 and c=50 rows
 (loadtest.batch_cost), where gRPC, the event loop and the other process on the core add
@@ -77,10 +79,9 @@ def measure(model: Path, index: Path, redis_url: str, user_ids: list[str],
             request_id=""),
             None) for _ in range(n)]
 
-    per_size = {}
-    for n in sizes:
-        times: dict[str, list[float]] = {name: [] for name in (*STAGES, "batch")}
-        for i in range(rounds + 20):
+    times = {n: {name: [] for name in (*STAGES, "batch")} for n in sizes}
+    for i in range(rounds + 20):  # the sizes take turns: a drift of the machine hits all
+        for n in sizes:
             batch = jobs(n)
             t0 = clock()
             read = retriever._read_batch(batch)
@@ -104,8 +105,9 @@ def measure(model: Path, index: Path, redis_url: str, user_ids: list[str],
             if i >= 20:  # warm-up
                 for name, (a, b) in zip((*STAGES, "batch"), ((t0, t1), (t1, t2), (t2, t3),
                                                             (t3, t4), (t4, t5), (t6, t7))):
-                    times[name].append(1e3 * (b - a))
-        per_size[n] = {name: statistics.median(v) for name, v in times.items()}
+                    times[n][name].append(1e3 * (b - a))
+    per_size = {n: {name: statistics.median(v) for name, v in times[n].items()} for n in sizes}
+    for n in sizes:
         log.info("batch of %d: %s", n, ", ".join(f"{k} {v:.3f}" for k, v in per_size[n].items()))
     fits = {}
     for name in (*STAGES, "batch"):

@@ -59,6 +59,11 @@ from retrieval.row_lookup import MISSING, IdRows
 from retrieval.sequence_tower import SequenceEncoder
 
 L2_EPSILON = 1e-12  # tf.math.l2_normalize's floor on the squared norm
+# A small vocabulary's lookup of at most this many ids runs in Python, a pooled feature of
+# at most FEW_ROWS rows pools each row apart: below these, NumPy's per-call overhead is
+# most of the cost (benchmarks/batch_cost.py, the "tower" column at batches of 1-4).
+FEW_IDS, FEW_ROWS = 64, 3
+_FIRST = np.zeros(1, dtype=np.intp)  # reduceat of one run: the sum reduceat gives a batch
 
 
 class NumpyUserTower:
@@ -137,6 +142,8 @@ class _Lookup:
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids: object array of str, any shape → int64 rows of the same shape."""
+        if self.rows.small is not None and ids.size <= FEW_IDS:
+            return self._few(ids)
         rows = self.rows.rows(ids)
         if self.pad_row is not None:
             rows[ids == PAD] = self.pad_row
@@ -146,6 +153,20 @@ class _Lookup:
             flat[unknown] = (0 if self.num_oov == 1 else
                              oov_buckets(ids.reshape(-1)[unknown].tolist(), self.num_oov))
         return rows
+
+    def _few(self, ids: np.ndarray) -> np.ndarray:
+        """``__call__`` for a few ids of a small vocabulary, in Python: the same rows
+        without the half-dozen NumPy calls (a serving batch's categorical features)."""
+        get, pad_row, num_oov = self.rows.small.get, self.pad_row, self.num_oov
+        out = []
+        for i in ids.ravel().tolist():
+            if pad_row is not None and i == PAD:
+                out.append(pad_row)
+            elif (row := get(i) if isinstance(i, str) else None) is not None:
+                out.append(row)
+            else:
+                out.append(0 if num_oov == 1 else farmhash.fingerprint64(str(i)) % num_oov)
+        return np.array(out, dtype=np.int64).reshape(ids.shape)
 
 
 def oov_buckets(ids: list[str], num_oov: int) -> np.ndarray:
@@ -194,6 +215,8 @@ class _Embedded:
             raise ValueError(f"input {self.name!r}: expected shape {shape} (got {ids.shape})")
         if not self.pooled:
             return self._table.take(self.lookup(ids), axis=0)
+        if len(ids) <= FEW_ROWS:
+            return self._pool_rows(ids)
         real = ids != PAD  # [n, L]: the padding "" counts for nothing and is not looked up
         n_real = real.sum(axis=1)  # (a history's cap may be thousands, most of it padding)
         embedded = self._table.take(self.lookup(ids[real]), axis=0)  # [m, d], row-major
@@ -206,6 +229,26 @@ class _Embedded:
         if self.pooling == "sum":
             return total
         pooled = total / (count if self.pooling == "mean" else np.sqrt(count))
+        return np.tanh(pooled) if self.tanh else pooled
+
+    def _pool_rows(self, ids: np.ndarray) -> np.ndarray:
+        """``__call__`` of a pooled feature for a few rows: each row's real ids summed
+        apart, by ``reduceat`` as in a batch (``add.reduce`` rounds differently)."""
+        rows = [[i for i in row if i != PAD] for row in ids.tolist()]
+        out = np.zeros((len(rows), self._table.shape[1]), dtype=self._table.dtype)
+        found = [i for row in rows for i in row]
+        if not found:
+            return out
+        embedded = self._table.take(self.lookup(np.array(found, dtype=object)), axis=0)
+        start = 0
+        for r, row in enumerate(rows):
+            if row:
+                out[r] = np.add.reduceat(embedded[start : start + len(row)], _FIRST, axis=0)
+                start += len(row)
+        if self.pooling == "sum":
+            return out
+        count = np.array([[max(len(row), 1)] for row in rows], dtype=np.float32)
+        pooled = out / (count if self.pooling == "mean" else np.sqrt(count))
         return np.tanh(pooled) if self.tanh else pooled
 
 

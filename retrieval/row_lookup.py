@@ -161,6 +161,12 @@ class IdRows:
     def __len__(self) -> int:
         return len(self._small) if self._small is not None else len(self._ids)
 
+    @property
+    def small(self) -> dict[str, int] | None:
+        """The id → row dict of a table of at most SMALL ids (None for a larger one), for
+        callers that look up a few ids without NumPy; not to be changed."""
+        return self._small
+
     def get(self, item_id: str, default: int | None = None) -> int | None:
         row = int(self.rows([item_id])[0])
         return default if row == MISSING else row

@@ -105,6 +105,32 @@ def test_hashed_oov_matches_string_lookup():
     for num_oov in (1, 2, 3, 7):
         layer = keras.layers.StringLookup(vocabulary=vocabulary, num_oov_indices=num_oov)
         np.testing.assert_array_equal(_Lookup(vocabulary, num_oov)(ids), layer(ids).numpy())
+        # a serving batch's few ids take the lookup's Python path (FEW_IDS): the same rows
+        for one in (ids[i : i + 1] for i in range(len(ids))):
+            np.testing.assert_array_equal(_Lookup(vocabulary, num_oov)(one), layer(one).numpy())
+
+
+def test_a_few_rows_encode_exactly_as_they_do_in_a_large_batch(exported):
+    """Batches of 1 to FEW_ROWS rows (pooled features row by row, small vocabularies looked
+    up in Python) encode bit for bit as the same rows inside a large batch, with empty,
+    partial and unknown histories among them."""
+    from retrieval.numpy_tower import FEW_ROWS
+
+    inputs = training_inputs(exported, 40)
+    history = next(f.name for f in exported.spec.user_input_features if f.kind == "history")
+    inputs[history][1] = PAD  # an empty history
+    inputs[history][2, 1:] = PAD  # one item
+    inputs[history][3, 0] = "no-such-item"
+    tower = exported.numpy_tower
+    for encode, names in zip(tower._encoders, tower._takes, strict=True):
+        whole = encode(*(inputs[name] for name in names))
+        for start in range(0, 8):
+            for n in range(1, FEW_ROWS + 2):  # and one row more, the batch path
+                few = encode(*(inputs[name][start : start + n] for name in names))
+                np.testing.assert_array_equal(few, whole[start : start + n], err_msg=names)
+    # the whole tower too, to BLAS's rounding (a 1-row product is a gemv, not a gemm)
+    np.testing.assert_allclose(tower({k: v[:1] for k, v in inputs.items()}),
+                               tower(inputs)[:1], rtol=0, atol=1e-6)
 
 
 def test_fingerprint64_is_tensorflows_on_every_length_path():
