@@ -136,6 +136,19 @@ class StoredUser:
         known = any(t != UNKNOWN_TIME for t in times)
         object.__setattr__(self, "history_times", times if known else ())  # () is shared
 
+    @classmethod
+    def decoded(cls, features: dict[str, FeatureValue], history: tuple[str, ...],
+                history_times: array | tuple = ()) -> StoredUser:
+        """A user whose parts are already what construction would make of them (the
+        feature store's decoding: values checked, ids str, times an int64 array with a
+        known time or ``()``), without normalising them again: a serving batch decodes a
+        user or more a call."""
+        user = cls.__new__(cls)
+        for name, value in (("features", MappingProxyType(features)), ("history", history),
+                            ("seen", frozenset()), ("history_times", history_times)):
+            object.__setattr__(user, name, value)
+        return user
+
     @property
     def times(self) -> tuple[int | None, ...]:
         """history_times as a tuple, None where unknown (empty when all are)."""
@@ -687,15 +700,18 @@ def _time_entry(item_id: str, at: float | None) -> str:
     return f"{'-' if at is None or at == UNKNOWN_TIME else int(at)} {item_id}"
 
 
-def _decode_times(history: tuple[str, ...], entries: list[Any]) -> tuple[int | None, ...]:
+def _decode_times(history: tuple[str, ...], entries: list[Any]) -> array | tuple:
     """Each history item's time from the history_time entries: where the entry at the same
     position names the same item; anything else (no list, an older writer's history that
-    moved ahead of it, a malformed entry) is an unknown time, never an error."""
-    times: list[int | None] = []
+    moved ahead of it, a malformed entry) is an unknown time, never an error. As
+    StoredUser.history_times keeps them: an int64 array, or () when none is known."""
+    if not entries:
+        return ()
+    times = array("q")
     for j, item in enumerate(history):
         seconds, _, named = _text(entries[j]).partition(" ") if j < len(entries) else ("", "", "")
-        times.append(int(seconds) if named == item and seconds.isdigit() else None)
-    return tuple(times)
+        times.append(int(seconds) if named == item and seconds.isdigit() else UNKNOWN_TIME)
+    return times if any(t != UNKNOWN_TIME for t in times) else ()
 
 
 def _decode_user(user_key: str, fields: Mapping[Any, Any], history: list[Any],
@@ -710,7 +726,7 @@ def _decode_user(user_key: str, fields: Mapping[Any, Any], history: list[Any],
                 f"({exc}); expected JSON text: a number, a string or a list of strings"
             ) from exc
     items = tuple(_text(i) for i in history)
-    return StoredUser(features, items, history_times=_decode_times(items, list(times)))
+    return StoredUser.decoded(features, items, _decode_times(items, list(times)))
 
 
 def _fields(reply: Any) -> Any:

@@ -97,6 +97,22 @@ def test_a_stored_user_reads_back_equal(open_store: OpenStore, user_id: str,
     assert put_then_get(open_store, [{user_id: user}], user_id) == user
 
 
+@pytest.mark.parametrize("times", [(1_700_000_000, None, 1_600_000_000), (None, None, None),
+                                   ()])
+def test_a_user_read_back_is_the_user_construction_makes(open_store: OpenStore, times) -> None:
+    """What a read decodes (StoredUser.decoded, without normalising again) has the types
+    and the history times that construction gives the same user."""
+    user = StoredUser({"age": 7, "genres": ["a"], "country": "fr"}, ("i3", "i2", "i1"),
+                      history_times=times)
+    read = put_then_get(open_store, [{"u": user}], "u")
+    assert read == user and dict(read.features) == {"age": 7.0, "genres": ("a",),
+                                                     "country": "fr"}
+    assert {k: type(v) for k, v in read.features.items()} == {
+        k: type(v) for k, v in user.features.items()}
+    assert read.times == user.times and type(read.history_times) is type(user.history_times)
+    assert type(read.history) is tuple and read.seen == frozenset()
+
+
 def test_an_unknown_user_reads_as_none(open_store: OpenStore) -> None:
     assert put_then_get(open_store, [{"alice": ALICE}], "bob") is None
 
