@@ -137,14 +137,16 @@ def save_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = result["sizes"]
+    at = np.arange(len(sizes))  # one bar a size, evenly spaced
     fig, ax = plt.subplots(figsize=(7, 3.8))
     bottom = np.zeros(len(sizes))
     for name in STAGES:
         per_call = np.array([result["ms_per_batch"][n][name] / n for n in sizes])
-        ax.bar([str(n) for n in sizes], per_call, bottom=bottom, label=name)
+        ax.bar(at, per_call, bottom=bottom, label=name)
         bottom += per_call
-    ax.plot([str(n) for n in sizes], [result["ms_per_batch"][n]["batch"] / n for n in sizes],
-            "k.-", label="whole batch (server's code)")
+    ax.plot(at, [result["ms_per_batch"][n]["batch"] / n for n in sizes], "k.-",
+            label="whole batch (the server's code)")
+    ax.set_xticks(at, [str(n) for n in sizes])
     ax.set(xlabel="batch size", ylabel="compute thread CPU ms a call",
            title="A batch's cost by stage (one thread)")
     ax.legend(fontsize=8)
