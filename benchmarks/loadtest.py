@@ -419,6 +419,11 @@ def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> 
     at_half = row_at("server", half)
     if (h := tail("server")) is not None:
         out["half"] = h
+        # the same ratio for echo at half its own maximum: the queueing gRPC alone has there
+        echo_at_half = row_at("echo", max(1, round(_best(rows, "echo") * 0.5)))
+        echo_c1 = row("echo", "closed", 1)
+        if echo_at_half and echo_c1:
+            h["echo_own_p50_ratio"] = echo_at_half.p50_ms / echo_c1.p50_ms
     for variant in sorted({r.variant for r in rows if r.variant.startswith("workers")}):
         if (h := tail(variant)) is not None:
             out.setdefault(variant, {})["half"] = h
@@ -500,6 +505,9 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
                        f"{w['rps']:,.0f} against {w['server_rps']:,.0f} calls/s")
     if "half" in f:
         out.append(half_line("", f["half"]))
+        if "echo_own_p50_ratio" in f["half"]:
+            out.append(f"    (echo at half its own maximum: p50 "
+                       f"{f['half']['echo_own_p50_ratio']:.2f}x its c=1 p50)")
     for variant in sorted(k for k in f if k.startswith("workers") and "half" in f[k]):
         out.append(half_line(f", {variant} at its own", f[variant]["half"]))
     if "fixed" in f:

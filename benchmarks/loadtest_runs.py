@@ -30,6 +30,8 @@ MEASURES = (
     ("CPU ÷ parts (echo at server's rate)", lambda f: f["cpu_at_rate"]["ratio"], 1.2, True),
     ("½ max p50 ÷ c=1 p50", lambda f: f["half"]["p50_ratio"], 1.5, True),
     ("½ max p99 ÷ echo's p99", lambda f: f["half"]["p99_ratio"], 2.0, True),
+    # gRPC alone: echo's p50 at half its own maximum over its c=1 p50
+    ("echo's own ½ max p50 ÷ c=1 p50", lambda f: f["half"]["echo_own_p50_ratio"], None, True),
     ("2 workers' CPU ÷ 1", lambda f: f["workers2"]["cpu_ratio"], 1.1, True),
     # the same tail targets for 2 workers, at their own half-max rate
     ("2 workers ½ max p50 ÷ c=1 p50", lambda f: f["workers2"]["half"]["p50_ratio"], 1.5, True),

@@ -8,6 +8,7 @@ replies and INVALID_ARGUMENT errors.
 from __future__ import annotations
 
 import dataclasses
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -281,6 +282,11 @@ def test_each_worker_variant_is_held_to_the_tail_targets_at_its_own_half_max_rat
         _row("echo@srv", "open", 50, 750.0, p99=1.6, target=750)]
     lines = [line for line in target_lines(rows, PARTS, 50) if "half load" in line]
     assert lines[0].startswith("  half load (500/s): p99 3.00 ms")  # the server's, as before
+    # beside it, echo's own queueing at half its maximum (1,000/s): p50 0.9 against 0.6
+    echo_rows = [_row("echo", "closed", 1, 1500.0, p50=0.6),
+                 _row("echo", "open", 50, 1000.0, p50=0.9, target=1000)]
+    text = "\n".join(target_lines(rows + echo_rows, PARTS, 50))
+    assert "(echo at half its own maximum: p50 1.50x its c=1 p50)" in text
     assert lines[1] == ("  half load, workers2 at its own (750/s): p99 2.40 ms against echo's "
                         "1.60 at that rate, 1.50x (<= 2: met); p50 1.60 against 0.80 at c=1, "
                         "2.00x (<= 1.5: NOT met); errors -")
@@ -402,3 +408,36 @@ def test_runs_spread_their_calls_over_the_connections_asked_for(tmp_path):
         report = run_ghz(ghz, server.address, load, data_file, tmp_path / "r.json")
     assert report["options"]["connections"] == 4
     assert parse_report(report, "echo", load).ok == 80
+
+
+def test_the_batch_cost_benchmark_prices_each_stage_of_a_batch_by_its_size(pipeline,
+                                                                          redis_url, tmp_path):
+    """benchmarks.batch_cost on the pipeline's pair, its users in a real Redis: each stage's
+    CPU a batch at each size, a fixed part and a part a call for each, table, JSON, plot."""
+    from benchmarks import batch_cost
+    from retrieval.feature_store import RedisFeatureStore, users_from_dataset
+    from contracts.dataset import load_dataset
+
+    stored = users_from_dataset(load_dataset(pipeline.data_dir))
+
+    async def fill() -> None:
+        store = RedisFeatureStore.from_url(redis_url)
+        await store.put_users(stored)
+        await store.close()
+
+    asyncio.run(fill())
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(sorted(stored)[:20]) + "\n")
+    code = batch_cost.main(["--model", str(pipeline.model_dir), "--index",
+                            str(pipeline.index_dir), "--data", str(pipeline.data_dir),
+                            "--redis-url", redis_url, "--users", str(users), "--sizes", "1,4",
+                            "--rounds", "10", "--out", str(tmp_path / "out")])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "batch_cost.json").read_text())
+    per = {int(n): row for n, row in result["ms_per_batch"].items()}
+    assert per.keys() == {1, 4}
+    assert all(per[n][stage] > 0 for n in per for stage in (*batch_cost.STAGES, "batch"))
+    # four users' search costs more than one's
+    assert per[4]["search"] > per[1]["search"]
+    assert set(result["fits"]) == {*batch_cost.STAGES, "batch"}
+    assert (tmp_path / "out" / "batch_cost.png").stat().st_size > 0
