@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(s) for s in args.sizes.split(","))
     with ExitStack() as stack:
         url = args.redis_url or filled_redis(stack, args.workdir or args.out, data)
-        result = measure(model, index, url, read_user_ids(args.users or DEFAULT_USERS), sizes, args.rounds)
+        users = read_user_ids(args.users or DEFAULT_USERS)
+        result = measure(model, index, url, users, sizes, args.rounds)
     result.update(model=str(model), index=str(index))
     print(format_table(result))
     args.out.mkdir(parents=True, exist_ok=True)
