@@ -259,3 +259,25 @@ def test_large_arrays_of_the_tower_file_are_memory_mapped_aligned_and_equal(tmp_
     np.savez_compressed(tmp_path / "packed.npz", big=big)
     packed = numpy_tower._load_npz(tmp_path / "packed.npz", cache_key="p")["big"]
     assert not isinstance(packed.base, np.memmap) and np.array_equal(packed, big)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "normalized_sum", "sum"])
+@pytest.mark.parametrize("activation", ["linear", "tanh"])
+def test_every_pooling_of_a_few_rows_is_the_batchs_bit_for_bit(pooling, activation):
+    """Format 4/5 histories (sum / n, sum / sqrt(n) or the sum; tanh or not), hashed ids:
+    1-3 rows pooled row by row give what the same rows give in a batch of 12."""
+    from retrieval.numpy_tower import FEW_ROWS, _Embedded
+
+    rng = np.random.default_rng(11)
+    entry = {"name": "h", "kind": "history", "max_length": 6, "pooling": pooling,
+             "activation": activation, "hash_buckets": 50, "embedding": "h.table"}
+    encode = _Embedded(entry, {"h.table": rng.normal(size=(50, 8)).astype(np.float32)})
+    ids = np.full((12, 6), PAD, dtype=object)
+    for r in range(12):
+        n = r % 7  # 0 to 6 ids, the rest padding
+        ids[r, :n] = [f"item-{rng.integers(1000)}" for _ in range(n)]
+    whole = encode(ids)
+    for start in range(9):
+        for n in range(1, FEW_ROWS + 1):
+            np.testing.assert_array_equal(encode(ids[start : start + n]),
+                                          whole[start : start + n])
