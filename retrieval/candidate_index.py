@@ -300,7 +300,6 @@ def _unflatten(arrays: dict[str, np.ndarray], n_rows: int) -> dict[str, dict[str
 
 
 SHARED_EXCLUSIONS = 256  # over-fetching by more costs the whole batch a deeper search
-
 EXACT_FALLBACK = 20_000  # items left at most for an exact scan when the index came back short
 MAX_CACHED_PARAMS = 64  # distinct fetch_k (k + a batch's most exclusions) kept at once
 _UNMADE = object()
@@ -309,7 +308,7 @@ _NO_SCORES = np.zeros(0, dtype=np.float32)
 
 # Queries in one Faiss call from which a second OpenMP thread is woken for it. With
 # OMP_WAIT_POLICY=passive (serve sets it) a woken thread pays a futex wake-up: measured on
-# the 1M-item IVF4096,SQ8 at nprobe 80, one thread against two, ms a call (CPU / wall):
+# the 1M-item IVF4096,SQ8 at nprobe 96, one thread against two, ms a call (CPU / wall):
 # 2 queries 0.66/0.68 against 0.76/0.73, 3 0.96/0.97 against 1.08/1.08, 4 1.26/1.27
 # against 1.43/1.00, 8 2.54/2.55 against 2.50/1.48. Half-load batches are of 1-3.
 PARALLEL_QUERIES = 4
