@@ -196,3 +196,30 @@ def test_the_load_test_names_a_server_left_running_on_the_pair(server, pipeline)
     from benchmarks.loadtest import _sharers
 
     assert server.process.pid in _sharers((pipeline.model_dir, pipeline.index_dir, None))
+
+
+def test_the_metrics_refresh_reads_proc_off_the_event_loop_and_survives_a_failure():
+    """Reading /proc for every thread takes ~1 ms: on the loop it would hold the calls
+    that arrive meanwhile, once a second. A refresh that raises is logged and retried."""
+    import asyncio
+
+    from retrieval.metrics import ServiceMetrics
+    from retrieval.server import _refresh
+
+    on_loop_thread, calls = [], []
+
+    class Recording(ServiceMetrics):
+        def refresh(self) -> None:
+            on_loop_thread.append(threading.current_thread() is threading.main_thread())
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("a gauge's bug")
+            super().refresh()
+
+    async def run() -> None:
+        task = asyncio.create_task(_refresh(Recording(), every_s=0.01))
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(calls) >= 4 and not any(on_loop_thread)
