@@ -165,14 +165,19 @@ class _Lookup:
             elif (row := get(i) if isinstance(i, str) else None) is not None:
                 out.append(row)
             else:
-                out.append(0 if num_oov == 1 else farmhash.fingerprint64(str(i)) % num_oov)
+                out.append(0 if num_oov == 1 else oov_bucket(i, num_oov))
         return np.array(out, dtype=np.int64).reshape(ids.shape)
 
 
 def oov_buckets(ids: list[str], num_oov: int) -> np.ndarray:
     """FarmHash Fingerprint64(utf-8 id) mod num_oov, as StringLookup hashes unknown ids
     (pyfarmhash's C fingerprint64 equals TensorFlow's; tests/test_numpy_tower.py)."""
-    return np.array([farmhash.fingerprint64(str(s)) % num_oov for s in ids], np.int64)
+    return np.array([oov_bucket(s, num_oov) for s in ids], np.int64)
+
+
+def oov_bucket(id_: object, num_oov: int) -> int:
+    """One id's bucket (oov_buckets)."""
+    return farmhash.fingerprint64(str(id_)) % num_oov
 
 
 class _Embedded:

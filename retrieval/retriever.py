@@ -138,7 +138,7 @@ class Retriever:
         self._batcher = MicroBatcher(self._compute_batch, batching.max_batch,
                                      batching.max_wait_us, max_queue=batching.max_queue,
                                      prepare=self._read_batch, name="retrieve",
-                                     on_compute_thread=lambda: _set_faiss_threads(
+                                     on_compute_thread=lambda: use_search_threads(
                                          batching.faiss_threads),
                                      overlap=batching.overlap_reads)
         # SimilarItems: no user to read, one search a call, on a thread of its own
@@ -339,13 +339,9 @@ def _excluded(query: RetrieveQuery, request: UserRequest, stored: StoredUser | N
     return query.exclude_item_ids | seen | frozenset(request.history)
 
 
-def _set_faiss_threads(n: int) -> None:
-    use_search_threads(n)  # n for a batch of PARALLEL_QUERIES or more, 1 for fewer
-
-
 def _start_similar_thread(faiss_threads: int) -> None:
     name_os_thread()
-    _set_faiss_threads(faiss_threads)
+    use_search_threads(faiss_threads)
 
 
 def _similar(pair: ServingPair, item_id: str, k: int, exclude: frozenset[str]) -> Candidates:
