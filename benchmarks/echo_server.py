@@ -5,7 +5,10 @@ No model, no index, no feature store: each call copies a prebuilt RetrieveRespon
 the real size) and echoes the request id. What the load test measures against it is the
 cost of grpc.aio, protobuf and the event loop alone, which the real server cannot beat.
 
-    python -m benchmarks.echo_server --port 0 --port-file /tmp/port
+    python -m benchmarks.echo_server --port 0 --port-file /tmp/port [--sync]
+
+``--sync`` serves the same reply from gRPC's thread-pool server (``grpc.server``) instead
+of grpc.aio: the other Python stack, for ``benchmarks.echo_stacks``.
 
 Same command-line contract as `two-tower serve`: ``--port 0`` binds any free loopback
 port, which is written to ``--port-file`` once serving; SIGTERM stops it gracefully.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -54,6 +58,37 @@ class EchoServicer(pb_grpc.RetrievalServiceServicer):
         return reply
 
 
+class SyncEchoServicer(pb_grpc.RetrievalServiceServicer):
+    """EchoServicer's reply from a thread of grpc.server's pool."""
+
+    def __init__(self) -> None:
+        self._replies: dict[int, pb.RetrieveResponse] = {}
+
+    def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
+        k = min(max(request.k, 1), MAX_K)
+        canned = self._replies.get(k)
+        if canned is None:
+            canned = self._replies[k] = canned_reply(k)
+        reply = pb.RetrieveResponse()
+        reply.CopyFrom(canned)
+        reply.request_id = request.request_id
+        return reply
+
+
+def serve_sync(host: str, port: int, port_file: Path | None, threads: int = 8) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
+    pb_grpc.add_RetrievalServiceServicer_to_server(SyncEchoServicer(), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    server.start()
+    log.info("echo server (grpc.server, %d threads) listening on %s:%d", threads, host, bound)
+    if port_file is not None:
+        port_file.write_text(str(bound))
+    asyncio.run(stop_signalled())  # the main thread only waits for SIGTERM / SIGINT
+    server.stop(2.0).wait()
+
+
 async def serve(host: str, port: int, port_file: Path | None) -> None:
     server = grpc.aio.server()
     pb_grpc.add_RetrievalServiceServicer_to_server(EchoServicer(), server)
@@ -76,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     parser.add_argument("--cpus", metavar="LIST",
                    help="run every thread on these CPUs (e.g. 0 or 0-1), as serve --cpu-affinity")
+    parser.add_argument("--sync", action="store_true",
+                        help="gRPC's thread-pool server (grpc.server) instead of grpc.aio")
     args = parser.parse_args(argv)
     if args.cpus:
         from retrieval.cpus import parse_cpu_list, pin_process
@@ -83,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         pin_process(parse_cpu_list(args.cpus))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.port_file))
+    if args.sync:
+        serve_sync(args.host, args.port, args.port_file)
+    else:
+        asyncio.run(serve(args.host, args.port, args.port_file))
     return 0
 
 

@@ -97,6 +97,50 @@ def test_ghz_open_loop_against_the_echo_server(tmp_path):
     assert np.isfinite(row.p999_ms)
 
 
+def test_the_thread_pool_echo_server_answers_like_the_asyncio_one(tmp_path):
+    ghz = _ghz()
+    data_file = tmp_path / "call-data.json"
+    data_file.write_text(json.dumps(call_data(["u1", "u2"])))
+    replies = {}
+    for name, flags in (("aio", []), ("sync", ["--sync"])):
+        with running(Variant(name, [*ECHO, *flags]), tmp_path / name) as server:
+            load = Load("closed", 2, total=50)
+            row = parse_report(run_ghz(ghz, server.address, load, data_file,
+                                       tmp_path / f"{name}.json"), name, load)
+            assert (row.ok, row.errors) == (50, {})
+            replies[name] = _retrieve(server.address)
+    assert replies["aio"] == replies["sync"]
+    assert len(replies["sync"].candidates) == 100 and replies["sync"].request_id == "r-1"
+
+
+def _retrieve(address: str):
+    import grpc
+
+    from retrieval.v1 import retrieval_pb2 as pb
+    from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.RetrievalServiceStub(channel).Retrieve(
+            pb.RetrieveRequest(user_id="u1", k=100, request_id="r-1"), timeout=10)
+
+
+def test_the_echo_stacks_benchmark_gives_how_busy_half_the_maximum_keeps_the_core():
+    """At c=50 a call costs 0.25 ms and the maximum is 3,000/s; at half of it (1,500/s) a
+    call costs 0.40 ms, 1.6 times as much, so the core is 60 % busy and not 50 %."""
+    from benchmarks.echo_stacks import stack_figures
+
+    rows = [dataclasses.replace(_row("aio", "closed", 1, 1200.0, p50=0.6), cpu_ms_per_call=0.45),
+            dataclasses.replace(_row("aio", "closed", 50, 3000.0, p50=15.0),
+                                cpu_ms_per_call=0.25),
+            dataclasses.replace(_row("aio", "open", 50, 1500.0, p50=0.9, target=1500),
+                                cpu_ms_per_call=0.40)]
+    f = stack_figures(rows)
+    assert f["half_over_max_cpu"] == pytest.approx(1.6)
+    assert f["half_busy"] == pytest.approx(0.6)
+    assert f["p50_ratio"] == pytest.approx(1.5)
+    assert (f["cpu_c1"], f["max_rps"], f["half_rps"]) == (0.45, 3000.0, 1500.0)
+
+
 def test_naive_baseline_serves_the_pipeline_pair_without_errors(pipeline, tmp_path):
     ghz = _ghz()
     data_file = tmp_path / "call-data.json"
