@@ -15,7 +15,7 @@ hand-off between them (a call to the compute thread and its reply back, a Faiss 
 and the GIL after it) wakes a thread on another core, queued behind whatever else runs
 there (on this 2-core machine, the load generator). Kept on one core, a hand-off is a
 switch on the same core. Measured on the 1M-item pair, one worker on CPU 0 and ghz on
-CPU 1 against both floating (docs/benchmarks.md, "Stop 21", medians of 3 and 2 alternated
+CPU 1 against both floating (docs/serving-history.md, "Stop 21", medians of 3 and 2 alternated
 runs): 0.50 against 0.68 ms of CPU a call at c=50; at half the maximum rate p50 2.7×
 against 3.3× the c=1 p50, p99 2.3× against 3.8× echo's.
 

@@ -241,7 +241,7 @@ async def _refresh(metrics: ServiceMetrics, every_s: float = 1.0) -> None:
     computed gauges, written once a second, in a thread of the default executor: reading
     /proc for each of the process's ~15 threads takes 0.8 ms, which on the event loop
     held every call that arrived meanwhile (loop lag p99 1.5-1.7 against 0.9-1.0 ms with
-    the refresh 20 times a second, benchmarks.md "Stop 23")."""
+    the refresh 20 times a second, docs/serving-history.md "Stop 23")."""
     while True:
         try:
             await asyncio.to_thread(metrics.refresh)
