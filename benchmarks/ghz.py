@@ -245,7 +245,21 @@ def format_stages(rows: Sequence[Row]) -> str:
 
 
 HALF_MAX = "half-max"
-Rate = int | float  # arrivals per second (int), or a share of the best closed-loop RPS (float)
+# the rate at which the variant's CPU per call at c=1 (its dearest: batches of one) adds
+# up to half of its CPUs: a rate that leaves them at least half idle, however much batching
+# gains at higher concurrency
+HALF_BUSY = "half-busy"
+# arrivals per second (int), a share of the best closed-loop RPS (float), or HALF_BUSY
+Rate = int | float | str
+
+
+def half_busy_rps(closed_rows: Sequence[Row], cpus: int = 1) -> int | None:
+    """HALF_BUSY's rate from a variant's closed-loop rows: ``cpus`` / 2 over the CPU per
+    call of its lowest-concurrency run; None without that run's CPU."""
+    runs = sorted((r for r in closed_rows if r.mode == "closed"), key=lambda r: r.concurrency)
+    if not runs or not runs[0].cpu_ms_per_call > 0:
+        return None
+    return max(1, round(500.0 * cpus / runs[0].cpu_ms_per_call))
 
 
 @dataclass(frozen=True)
@@ -259,6 +273,7 @@ class Plan:
     duration: str
     total: int = 0
     connections: int = 1  # Load.connections of every run
+    cpus: int = 1  # the CPUs a variant runs on, for HALF_BUSY
 
     def closed(self) -> list[Load]:
         return [Load("closed", c, self.duration, total=self.total,
@@ -268,7 +283,10 @@ class Plan:
         best = max((r.rps for r in closed_rows), default=2.0)
         loads = []
         for rate in self.rates:
-            rps = max(1, round(best * rate)) if isinstance(rate, float) else rate
+            if rate == HALF_BUSY:
+                rps = half_busy_rps(closed_rows, self.cpus) or 0
+            else:
+                rps = max(1, round(best * rate)) if isinstance(rate, float) else rate
             if rps > 0:  # open loop: --async sends on schedule; -c spreads it over workers
                 loads.append(Load("open", max(self.concurrency), self.duration, rps=rps,
                                   total=self.total, connections=self.connections))
@@ -277,18 +295,22 @@ class Plan:
 
 def parse_rates(text: str) -> tuple[Rate, ...]:
     """``--rate``: comma-separated entries, each arrivals per second (``700``), a share of
-    the best closed-loop RPS (``0.25max``), or ``half-max`` (= ``0.5max``)."""
+    the best closed-loop RPS (``0.25max``), ``half-max`` (= ``0.5max``) or ``half-busy``
+    (``half_busy_rps``)."""
     return tuple(_parse_rate(entry.strip()) for entry in text.split(","))
 
 
 def _parse_rate(text: str) -> Rate:
     if text == HALF_MAX:
         return 0.5
+    if text == HALF_BUSY:
+        return HALF_BUSY
     try:
         rate: Rate = float(text[:-3]) if text.endswith("max") else int(text)
     except ValueError:
         rate = -1
     if rate < 0 or (isinstance(rate, float) and not 0 < rate <= 4):
         raise ValueError(f"--rate: expected arrivals per second >= 0, a share of the best "
-                         f"closed-loop RPS like 0.25max, or {HALF_MAX!r} (got {text!r})")
+                         f"closed-loop RPS like 0.25max, {HALF_MAX!r} or {HALF_BUSY!r} "
+                         f"(got {text!r})")
     return rate

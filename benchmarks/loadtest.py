@@ -71,6 +71,7 @@ import numpy as np
 from benchmarks.cpu_parts import measure_parts, scrape, stage_means_ms
 from benchmarks.ghz import (
     CONTEXT,
+    HALF_BUSY,
     HALF_MAX,
     Load,
     Plan,
@@ -81,6 +82,7 @@ from benchmarks.ghz import (
     find_ghz,
     format_stages,
     format_table,
+    half_busy_rps,
     ok_latencies_ms,
     parse_rates,
     parse_report,
@@ -372,9 +374,12 @@ def _best(rows: Sequence[Row], variant: str) -> float:
                default=0.0)
 
 
-def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> dict:
+def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int,
+                   cpus: int = 1) -> dict:
     """The figures the service's targets (issue: serving at its own limit) are computed
-    from in this run, each ratio beside them; a target whose rows the run lacks is absent."""
+    from in this run, each ratio beside them; a target whose rows the run lacks is absent.
+    ``cpus``: the CPUs each serving variant ran on, for the tail at the half-busy rate
+    (``half_busy``: the same ratios where the CPUs are at least half idle)."""
     def row(variant: str, mode: str, c: int | None = None) -> Row | None:
         return next((r for r in rows if r.variant == variant and r.mode == mode
                      and (c is None or r.concurrency == c)), None)
@@ -404,8 +409,9 @@ def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> 
                             "pss_ratio": many.pss_mib / server.pss_mib,
                             "pss": many.pss_mib, "server_pss": server.pss_mib,
                             "rps": many.rps, "server_rps": server.rps}
-    def tail(variant: str) -> dict | None:  # at its own half-max, echo at that rate
-        half = max(1, round(_best(rows, variant) * 0.5))
+    def tail(variant: str, rate: int | None = None) -> dict | None:
+        """At ``rate`` (default: its own half-max), echo at that rate beside it."""
+        half = max(1, round(_best(rows, variant) * 0.5)) if rate is None else rate
         echo_half, one, at_half = (row_at("echo@srv", half), row(variant, "closed", 1),
                                    row_at(variant, half))
         if not (at_half and echo_half and one):
@@ -413,6 +419,7 @@ def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> 
         return {"rps": half, "p99": at_half.p99_ms, "echo_p99": echo_half.p99_ms,
                 "p99_ratio": at_half.p99_ms / echo_half.p99_ms, "p50": at_half.p50_ms,
                 "c1_p50": one.p50_ms, "p50_ratio": at_half.p50_ms / one.p50_ms,
+                "busy": at_half.rps * at_half.cpu_ms_per_call / 1e3 / cpus,
                 "errors": at_half.error_text}
 
     half = max(1, round(_best(rows, "server") * 0.5))
@@ -427,6 +434,9 @@ def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> 
     for variant in sorted({r.variant for r in rows if r.variant.startswith("workers")}):
         if (h := tail(variant)) is not None:
             out.setdefault(variant, {})["half"] = h
+    busy_rate = half_busy_rps([r for r in rows if r.variant == "server"], cpus)
+    if busy_rate is not None and (h := tail("server", busy_rate)) is not None:
+        out["half_busy"] = h
     fixed = batch_cost(row("server", "closed", 1), server)
     if fixed:
         out["fixed"] = fixed
@@ -466,13 +476,14 @@ def batch_cost(small: Row | None, large: Row | None) -> dict | None:
             "by_thread": by_thread}
 
 
-def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> list[str]:
+def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int,
+                 cpus: int = 1) -> list[str]:
     """The service's targets, each with the figures it is computed from in this run and
     whether it holds."""
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
-    f = target_figures(rows, parts, top_c)
+    f = target_figures(rows, parts, top_c, cpus)
     out = ["", "targets:"]
     if "cpu" in f:
         cpu = f["cpu"]
@@ -510,6 +521,12 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int) -> li
                        f"{f['half']['echo_own_p50_ratio']:.2f}x its c=1 p50)")
     for variant in sorted(k for k in f if k.startswith("workers") and "half" in f[k]):
         out.append(half_line(f", {variant} at its own", f[variant]["half"]))
+    if "half_busy" in f:
+        h = f["half_busy"]
+        out.append(f"  not a target, the same ratios where the server is at least half idle "
+                   f"({h['rps']}/s, {100 * h['busy']:.0f} % of {cpus} CPU busy): p99 "
+                   f"{h['p99']:.2f} ms, {h['p99_ratio']:.2f}x echo's {h['echo_p99']:.2f}; "
+                   f"p50 {h['p50']:.2f}, {h['p50_ratio']:.2f}x c=1's; errors {h['errors']}")
     if "fixed" in f:
         fx = f["fixed"]
         threads = sorted(fx["by_thread"].items(), key=lambda kv: -kv[1]["fixed_ms"])
@@ -578,7 +595,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", default="100",
                    help="comma-separated open-loop arrival rates: per second (0: no "
                         f"open-loop run), a share of each variant's best closed-loop RPS in "
-                        f"this run (0.25max), or {HALF_MAX} (= 0.5max)")
+                        f"this run (0.25max), {HALF_MAX} (= 0.5max), or {HALF_BUSY}: the "
+                        "rate at which each variant's CPU per call at c=1 adds up to half of "
+                        "its CPUs (at least half idle, however much batching gains)")
     p.add_argument("--duration", default="10s", help="length of each ghz run (ghz -z)")
     p.add_argument("--total", type=int, default=0,
                    help="requests per ghz run instead of --duration (ghz -n)")
@@ -747,8 +766,9 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     context = served_context(pair[0] if pair is not None else None)
     log.info("requests carry context %s (the served model's)", ", ".join(context) or "none")
     data_file.write_text(json.dumps(call_data(read_user_ids(args.users), context=context)))
+    server_cpus = 1 if placement.servers is None else len(placement.servers)
     plan = Plan(tuple(concurrency), parse_rates(args.rate), args.duration, args.total,
-                args.connections)
+                args.connections, server_cpus)
     rows, latencies, failed = [], {}, []
     sharers = _sharers(pair)
     for variant in variants:
@@ -761,11 +781,16 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
             failed.append(variant.name)
             continue
         rows += variant_rows
-    if "echo" in latencies and "server" in latencies and 0.5 in plan.rates:
+    if "echo" in latencies and "server" in latencies and (0.5 in plan.rates
+                                                          or HALF_BUSY in plan.rates):
         # the tail target compares with echo at each serving variant's own half-max rate
-        halves = [r.target_rps for r in rows if r.mode == "open" and r.variant not in
-                  ("echo", "naive") and r.target_rps == max(1, round(_best(rows, r.variant)
-                                                                     * 0.5))]
+        # (and half-busy rate)
+        serving = {r.variant for r in rows if r.variant not in ("echo", "naive")}
+        wanted = {v: {max(1, round(_best(rows, v) * 0.5)),
+                      half_busy_rps([r for r in rows if r.variant == v], server_cpus)}
+                  for v in serving}
+        halves = [r.target_rps for r in rows if r.mode == "open" and r.variant in serving
+                  and r.target_rps in wanted[r.variant]]
         echo = next(v for v in variants if v.name == "echo")
         # and at the server's best closed-loop rate: gRPC's CPU per call falls as the call
         # rate rises (more calls a loop turn), so echo at its own maximum is a lower part
@@ -788,7 +813,7 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
     print(format_table(rows))
     print("\nwhere a call's time goes (server /metrics, mean ms):")
     print(format_stages(rows))
-    lines = summary(rows) + target_lines(rows, parts, max(plan.concurrency))
+    lines = summary(rows) + target_lines(rows, parts, max(plan.concurrency), server_cpus)
     print("\n".join(lines))
     if sharers:
         lines.append(f"  note: {len(sharers)} other processes mapped the pair's files (pids "
@@ -796,6 +821,7 @@ def _measure_all(args: argparse.Namespace, ghz: Path, pair, concurrency: list[in
                      "with them, not the servers' own")
         print(lines[-1])
     meta = {**_meta(ghz, variants, args.note), "placement": placement.describe(),
+            "server_cpus": server_cpus,
             "summary": lines, "cpu_parts": parts, "other_mappers": sorted(sharers)}
     for path in write_results(rows, latencies, meta, args.out):
         log.info("wrote %s", path)

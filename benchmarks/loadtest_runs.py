@@ -37,6 +37,11 @@ MEASURES = (
     ("2 workers ½ max p50 ÷ c=1 p50", lambda f: f["workers2"]["half"]["p50_ratio"], 1.5, True),
     ("2 workers ½ max p99 ÷ echo's", lambda f: f["workers2"]["half"]["p99_ratio"], 2.0, True),
     ("× naive", lambda f: f["naive"]["ratio"], 3.0, False),
+    # how busy the server's CPU is at half its maximum, and the tail ratios at the rate
+    # where it is at least half idle (--rate half-busy; not a target, for comparison)
+    ("core busy at ½ max", lambda f: f["fixed"]["half"]["busy"], None, True),
+    ("half-busy p50 ÷ c=1 p50", lambda f: f["half_busy"]["p50_ratio"], 1.5, True),
+    ("half-busy p99 ÷ echo's", lambda f: f["half_busy"]["p99_ratio"], 2.0, True),
     # what the half-load and 2-worker targets hang on (loadtest.batch_cost): a batch's fixed
     # CPU and a call's own, from the c=1 and c=50 rows
     ("F: a batch's fixed CPU ms", lambda f: f["fixed"]["fixed_ms"], None, True),
@@ -54,7 +59,8 @@ def load_run(path: Path) -> dict:
     placement = data["meta"].get("placement", {})
     group = "shared" if placement.get("ghz", "any") == "any" else "split"
     return {"run": file.parent.name, "placement": group,
-            "figures": target_figures(rows, data["meta"].get("cpu_parts") or {}, top_c)}
+            "figures": target_figures(rows, data["meta"].get("cpu_parts") or {}, top_c,
+                                      data["meta"].get("server_cpus", 1))}
 
 
 def measures(run: dict) -> dict[str, float]:

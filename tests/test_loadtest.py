@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from benchmarks.ghz import (
-    HALF_MAX, Load, Plan, Row, call_data, find_ghz, format_table, parse_rates, parse_report,
+    HALF_BUSY, HALF_MAX, Load, Plan, Row, call_data, find_ghz, format_table, parse_rates, parse_report,
     run_ghz, summary,
 )
 from benchmarks.loadtest import ECHO, NAIVE, Variant, running, serve_command
@@ -264,6 +264,35 @@ def test_several_open_loop_rates_run_in_the_order_given_as_shares_or_per_second(
     assert [load.rps for load in plan.opens(rows)] == [300, 600, 700, 900]
     assert {load.label for load in plan.opens(rows)} == {"open@300/s", "open@600/s",
                                                          "open@700/s", "open@900/s"}
+
+
+def test_half_busy_rate_is_where_the_c1_cpu_per_call_fills_half_the_cpus():
+    """A call costs 2 ms of CPU at c=1 (its dearest, in batches of one): 250 of them a
+    second keep one CPU half busy, 500 two CPUs; batching only makes them cheaper."""
+    rows = [dataclasses.replace(_row("server", "closed", 1, 400.0), cpu_ms_per_call=2.0),
+            dataclasses.replace(_row("server", "closed", 50, 1200.0), cpu_ms_per_call=0.8)]
+    assert parse_rates("half-busy,half-max") == (HALF_BUSY, 0.5)
+    assert [load.rps for load in Plan((1, 50), (HALF_BUSY, 0.5), "2s").opens(rows)] == [250, 600]
+    assert [load.rps for load in Plan((1, 50), (HALF_BUSY,), "2s", cpus=2).opens(rows)] == [500]
+    # without the c=1 run's CPU (echo's CPU unmeasured, say) there is no such run
+    assert Plan((1, 50), (HALF_BUSY,), "2s").opens([_row("echo", "closed", 1, 900.0)]) == []
+
+
+def test_the_tail_ratios_are_also_given_where_the_server_is_at_least_half_idle():
+    from benchmarks.loadtest import target_figures, target_lines
+
+    rows = [dataclasses.replace(r, cpu_ms_per_call=2.0) if r.variant == "server"
+            and r.concurrency == 1 and r.mode == "closed" else r for r in _target_rows()]
+    rows += [dataclasses.replace(_row("server", "open", 50, 250.0, p99=2.0, p50=0.6,
+                                      target=250), cpu_ms_per_call=1.6),
+             _row("echo@srv", "open", 50, 250.0, p99=1.25, target=250)]
+    f = target_figures(rows, PARTS, 50)
+    assert f["half_busy"]["rps"] == 250 and f["half_busy"]["busy"] == pytest.approx(0.4)
+    text = "\n".join(target_lines(rows, PARTS, 50))
+    assert ("not a target, the same ratios where the server is at least half idle (250/s, "
+            "40 % of 1 CPU busy): p99 2.00 ms, 1.60x echo's 1.25; p50 0.60, 1.20x c=1's") in text
+    # the half-max verdicts are printed as before
+    assert "half load (500/s): p99 3.00 ms against echo's 1.00" in text
 
 
 @pytest.mark.parametrize("text", ["-5", "fast", "1.5", "0max", "-1max", "100,fast", "5max"])
