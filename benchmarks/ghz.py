@@ -245,9 +245,10 @@ def format_stages(rows: Sequence[Row]) -> str:
 
 
 HALF_MAX = "half-max"
-# the rate at which the variant's CPU per call at c=1 (its dearest: batches of one) adds
-# up to half of its CPUs: a rate that leaves them at least half idle, however much batching
-# gains at higher concurrency
+# the rate at which the variant's CPU per call at c=1 (batches of one) adds up to half of
+# its CPUs: nominally half busy, whatever batching gains at higher concurrency (calls spaced
+# out by an open loop cost somewhat more than back to back, so the load test prints how
+# busy they really were)
 HALF_BUSY = "half-busy"
 # arrivals per second (int), a share of the best closed-loop RPS (float), or HALF_BUSY
 Rate = int | float | str

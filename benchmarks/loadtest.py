@@ -379,7 +379,7 @@ def target_figures(rows: Sequence[Row], parts: dict[str, float], top_c: int,
     """The figures the service's targets (issue: serving at its own limit) are computed
     from in this run, each ratio beside them; a target whose rows the run lacks is absent.
     ``cpus``: the CPUs each serving variant ran on, for the tail at the half-busy rate
-    (``half_busy``: the same ratios where the CPUs are at least half idle)."""
+    (``half_busy``: the same ratios where the CPUs are nominally half busy)."""
     def row(variant: str, mode: str, c: int | None = None) -> Row | None:
         return next((r for r in rows if r.variant == variant and r.mode == mode
                      and (c is None or r.concurrency == c)), None)
@@ -523,8 +523,8 @@ def target_lines(rows: Sequence[Row], parts: dict[str, float], top_c: int,
         out.append(half_line(f", {variant} at its own", f[variant]["half"]))
     if "half_busy" in f:
         h = f["half_busy"]
-        out.append(f"  not a target, the same ratios where the server is at least half idle "
-                   f"({h['rps']}/s, {100 * h['busy']:.0f} % of {cpus} CPU busy): p99 "
+        out.append(f"  not a target, the same ratios at the nominally half-busy rate "
+                   f"({h['rps']}/s; measured {100 * h['busy']:.0f} % of {cpus} CPU busy): p99 "
                    f"{h['p99']:.2f} ms, {h['p99_ratio']:.2f}x echo's {h['echo_p99']:.2f}; "
                    f"p50 {h['p50']:.2f}, {h['p50_ratio']:.2f}x c=1's; errors {h['errors']}")
     if "fixed" in f:
@@ -597,7 +597,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"open-loop run), a share of each variant's best closed-loop RPS in "
                         f"this run (0.25max), {HALF_MAX} (= 0.5max), or {HALF_BUSY}: the "
                         "rate at which each variant's CPU per call at c=1 adds up to half of "
-                        "its CPUs (at least half idle, however much batching gains)")
+                        "its CPUs (nominally half busy, whatever batching gains)")
     p.add_argument("--duration", default="10s", help="length of each ghz run (ghz -z)")
     p.add_argument("--total", type=int, default=0,
                    help="requests per ghz run instead of --duration (ghz -n)")
