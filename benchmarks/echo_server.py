@@ -43,11 +43,13 @@ def canned_reply(k: int) -> pb.RetrieveResponse:
         model_version=MODEL_VERSION, index_version=INDEX_VERSION)
 
 
-class EchoServicer(pb_grpc.RetrievalServiceServicer):
+class CannedReplies:
+    """One prebuilt reply a k, copied for each call with the request's id."""
+
     def __init__(self) -> None:
         self._replies: dict[int, pb.RetrieveResponse] = {}
 
-    async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
+    def reply(self, request: pb.RetrieveRequest) -> pb.RetrieveResponse:
         k = min(max(request.k, 1), MAX_K)
         canned = self._replies.get(k)
         if canned is None:
@@ -58,21 +60,22 @@ class EchoServicer(pb_grpc.RetrievalServiceServicer):
         return reply
 
 
+class EchoServicer(pb_grpc.RetrievalServiceServicer):
+    def __init__(self) -> None:
+        self._canned = CannedReplies()
+
+    async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
+        return self._canned.reply(request)
+
+
 class SyncEchoServicer(pb_grpc.RetrievalServiceServicer):
     """EchoServicer's reply from a thread of grpc.server's pool."""
 
     def __init__(self) -> None:
-        self._replies: dict[int, pb.RetrieveResponse] = {}
+        self._canned = CannedReplies()
 
     def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
-        k = min(max(request.k, 1), MAX_K)
-        canned = self._replies.get(k)
-        if canned is None:
-            canned = self._replies[k] = canned_reply(k)
-        reply = pb.RetrieveResponse()
-        reply.CopyFrom(canned)
-        reply.request_id = request.request_id
-        return reply
+        return self._canned.reply(request)
 
 
 def serve_sync(host: str, port: int, port_file: Path | None, threads: int = 8) -> None:

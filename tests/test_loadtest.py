@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from benchmarks.ghz import (
-    HALF_BUSY, HALF_MAX, Load, Plan, Row, call_data, find_ghz, format_table, parse_rates, parse_report,
-    run_ghz, summary,
+    HALF_BUSY, HALF_MAX, Load, Plan, Row, call_data, find_ghz, format_table, parse_rates,
+    parse_report, run_ghz, summary,
 )
 from benchmarks.loadtest import ECHO, NAIVE, Variant, running, serve_command
 
@@ -290,7 +290,8 @@ def test_the_tail_ratios_are_also_given_at_the_nominally_half_busy_rate():
     assert f["half_busy"]["rps"] == 250 and f["half_busy"]["busy"] == pytest.approx(0.4)
     text = "\n".join(target_lines(rows, PARTS, 50))
     assert ("not a target, the same ratios at the nominally half-busy rate (250/s; "
-            "measured 40 % of 1 CPU busy): p99 2.00 ms, 1.60x echo's 1.25; p50 0.60, 1.20x c=1's") in text
+            "measured 40 % of 1 CPU busy): p99 2.00 ms, 1.60x echo's 1.25; "
+            "p50 0.60, 1.20x c=1's") in text
     # the half-max verdicts are printed as before
     assert "half load (500/s): p99 3.00 ms against echo's 1.00" in text
 
