@@ -37,8 +37,8 @@ MEASURES = (
     ("2 workers ½ max p50 ÷ c=1 p50", lambda f: f["workers2"]["half"]["p50_ratio"], 1.5, True),
     ("2 workers ½ max p99 ÷ echo's", lambda f: f["workers2"]["half"]["p99_ratio"], 2.0, True),
     ("× naive", lambda f: f["naive"]["ratio"], 3.0, False),
-    # how busy the server's CPU is at half its maximum, and the tail ratios at the rate
-    # at the nominally half-busy rate (--rate half-busy; not a target, for comparison)
+    # how busy the server's CPU is at half its maximum, and the tail ratios at the
+    # nominally half-busy rate (--rate half-busy; not a target, for comparison)
     ("core busy at ½ max", lambda f: f["fixed"]["half"]["busy"], None, True),
     ("half-busy p50 ÷ c=1 p50", lambda f: f["half_busy"]["p50_ratio"], 1.5, True),
     ("half-busy p99 ÷ echo's", lambda f: f["half_busy"]["p99_ratio"], 2.0, True),

@@ -230,11 +230,8 @@ class _Embedded:
         starts = np.cumsum(n_real) - n_real
         padded = np.vstack([embedded, np.zeros((1, embedded.shape[1]), embedded.dtype)])
         total = np.add.reduceat(padded, starts, axis=0) * (n_real > 0)[:, np.newaxis]
-        count = np.maximum(n_real[:, np.newaxis].astype(np.float32), np.float32(1.0))
-        if self.pooling == "sum":
-            return total
-        pooled = total / (count if self.pooling == "mean" else np.sqrt(count))
-        return np.tanh(pooled) if self.tanh else pooled
+        return self._pooled(total, np.maximum(n_real[:, np.newaxis].astype(np.float32),
+                                              np.float32(1.0)))
 
     def _pool_rows(self, ids: np.ndarray) -> np.ndarray:
         """``__call__`` of a pooled feature for a few rows: each row's real ids summed
@@ -250,10 +247,15 @@ class _Embedded:
             if row:
                 out[r] = np.add.reduceat(embedded[start : start + len(row)], _FIRST, axis=0)
                 start += len(row)
+        return self._pooled(out, np.array([[max(len(row), 1)] for row in rows],
+                                          dtype=np.float32))
+
+    def _pooled(self, total: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """Each row's sum of embeddings pooled as the layer pools; ``count``: [n, 1]
+        float32, the ids of each row (at least 1)."""
         if self.pooling == "sum":
-            return out
-        count = np.array([[max(len(row), 1)] for row in rows], dtype=np.float32)
-        pooled = out / (count if self.pooling == "mean" else np.sqrt(count))
+            return total
+        pooled = total / (count if self.pooling == "mean" else np.sqrt(count))
         return np.tanh(pooled) if self.tanh else pooled
 
 
